@@ -1,0 +1,31 @@
+# lmforge — quickstart: `make demo` trains a tiny model offline; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pin torch to the CPU build that lies on this machine's disk; an unpinned torch pulls a
+# multi-GB CUDA wheel. Override on a GPU box: make test TORCH_SPEC='torch>=2.4'
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	@$(PY) -c "import torch; print('torch', torch.__version__)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/lmforge pretrain --config configs/demo.yaml
+
+test: venv
+	$(PY) -m pytest tests
+
+bench: venv
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
