@@ -1,0 +1,79 @@
+"""lmforge.model: one set of building blocks, many architectures.
+
+``build(config)`` turns a :class:`ModelConfig` (or a preset name) into a module. Decoders return
+logits ``(B, T, vocab)`` from ``model(input_ids, attention_mask=None)``.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from lmforge.model.bigram import BigramLM
+from lmforge.model.config import PRESETS, ModelConfig
+from lmforge.model.heads import ClassificationHead, MLMHead, ValueHead, pool
+from lmforge.model.layers import KVCache
+from lmforge.model.transformer import DecoderLM, Encoder, Transformer, causal_lm_loss
+
+__all__ = [
+    "ModelConfig", "PRESETS", "build", "DecoderLM", "Encoder", "Transformer", "BigramLM", "KVCache",
+    "ClassificationHead", "MLMHead", "ValueHead", "pool", "causal_lm_loss", "count_parameters",
+    "flops_per_token", "summary",
+]
+
+
+def build(config: ModelConfig | str | dict) -> nn.Module:
+    """A model for ``config``: a ModelConfig, a preset name, or a dict of fields (may name a preset)."""
+    if isinstance(config, str):
+        config = ModelConfig.from_preset(config)
+    elif isinstance(config, dict):
+        d = dict(config)
+        preset = d.pop("preset", None)
+        config = ModelConfig.from_preset(preset, **d) if preset else ModelConfig.from_dict(d)
+    config.validate()
+    return {"decoder": DecoderLM, "encoder": Encoder, "bigram": BigramLM}[config.arch](config)
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Unique parameters (tied weights counted once); optionally without token/position embeddings."""
+    params = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in params.values())
+    if exclude_embeddings:
+        t = getattr(model, "transformer", None)
+        for name in ("tok_emb", "pos_emb", "type_emb"):
+            emb = getattr(t, name, None) if t is not None else None
+            if emb is not None:
+                n -= emb.weight.numel()
+        if t is not None and not model.config.tie_embeddings and hasattr(model, "lm_head"):
+            pass  # an untied LM head is a real matmul: keep it
+    return n
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+    """FLOPs per token: 6N + 12·L·C·T for a training step (forward + backward), a third of it
+    for a forward pass (Kaplan et al. 2020; PaLM appendix B). N counts the matmul weights, the
+    LM head included; embeddings lookups are free."""
+    c = config
+    T = seq_len or c.context_length
+    if c.arch == "bigram":
+        n = 0
+        attn = 0
+    else:
+        qkv = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.n_embd
+        mlp = c.n_embd * c.mlp_hidden * (3 if c.activation == "swiglu" else 2)
+        n = c.n_layer * (qkv + mlp) + c.n_embd * c.vocab_size
+        attn = 2 * c.n_layer * c.n_embd * T  # q·k and att·v, per token, forward
+    fwd = 2 * n + 2 * attn
+    return 3 * fwd if training else fwd
+
+
+def summary(model: nn.Module) -> dict:
+    cfg = model.config
+    return {
+        "arch": cfg.arch,
+        "preset": cfg.name or None,
+        "parameters": count_parameters(model),
+        "non_embedding_parameters": count_parameters(model, exclude_embeddings=True),
+        "flops_per_token_train": flops_per_token(cfg),
+        "flops_per_token_forward": flops_per_token(cfg, training=False),
+        "config": cfg.to_dict(),
+    }

@@ -1,0 +1,137 @@
+"""Self-describing model folders: weights (safetensors) + config (YAML) + tokenizer (JSON).
+
+A folder written by ``save_model`` (or a training checkpoint, which adds its own files) holds::
+
+    model.safetensors   the weights (tied weights stored once)
+    config.yaml         at least a ``model:`` section (a run's checkpoint keeps the whole run config)
+    tokenizer.json      optional, an lmforge tokenizer file
+
+``load_model`` checks that the tokenizer's vocabulary fits the model before returning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from lmforge.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
+                      config: dict[str, Any] | None = None) -> None:
+    """Write weights, config and tokenizer into ``folder`` (which must exist), fsynced.
+
+    Not atomic by itself: callers write into a temporary folder and rename it (see ``save_model``
+    and ``lmforge.train.checkpoint``).
+    """
+    from safetensors.torch import save_model as st_save_model
+
+    folder = Path(folder)
+    cfg = dict(config or {})
+    cfg["model"] = model.config.to_dict()
+    st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "lmforge": "1"})
+    with open(folder / CONFIG, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    if tokenizer is not None:
+        tokenizer.save(folder / TOKENIZER)
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        if (folder / name).exists():
+            _fsync_file(folder / name)
+
+
+def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dict[str, Any] | None = None) -> Path:
+    """Atomically (re)write a model folder: build it beside the target, then rename into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir()
+    write_model_files(model, tmp, tokenizer, config)
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    if old.exists():
+        _rmtree(old)
+    return folder
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; expected an lmforge model folder with {CONFIG} and {WEIGHTS}")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a mapping with a 'model:' section")
+    return cfg
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors file into ``model``; a missing, truncated or mismatched file is a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as st_load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file missing; expected {WEIGHTS}")
+    try:
+        missing, unexpected = st_load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable weights file ({str(e).splitlines()[0][:120]})") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0][:160]})") from None
+    if missing or unexpected:
+        what = f"missing {sorted(missing)[:5]}" if missing else f"unexpected {sorted(unexpected)[:5]}"
+        raise CheckpointError(f"{path}: weights do not match the model config: {what}")
+    return model
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False):
+    """Build the model described by ``folder/config.yaml`` and load its weights (eval mode).
+
+    With ``with_tokenizer`` returns ``(model, tokenizer_or_None)``; a tokenizer whose vocabulary is
+    larger than the model's is a CheckpointError.
+    """
+    from lmforge.model import ModelConfig, build
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; expected an lmforge checkpoint or model folder")
+    cfg = read_config(folder)
+    model = build(ModelConfig.from_dict(cfg["model"]))
+    load_weights(model, folder / WEIGHTS)
+    model.to(device).eval()
+    tok = None
+    if (folder / TOKENIZER).is_file():
+        from lmforge.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder / TOKENIZER)
+        if tok.vocab_size > model.config.vocab_size:
+            raise CheckpointError(f"{folder / TOKENIZER}: tokenizer has {tok.vocab_size} tokens but the model's "
+                                  f"vocab_size is {model.config.vocab_size}")
+    return (model, tok) if with_tokenizer else model

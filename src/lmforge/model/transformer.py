@@ -1,0 +1,155 @@
+"""Transformer = embeddings + blocks + final norm. DecoderLM and Encoder are thin wrappers.
+
+A decoder is causal and ends in a language-model head; an encoder is bidirectional, takes a padding
+mask and token types, and offers an MLM head and a pooled output. Both use the same ``Block``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.errors import InputError
+from lmforge.model.config import ModelConfig
+from lmforge.model.heads import MLMHead, pool
+from lmforge.model.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.positional == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
+        self.emb_norm = make_norm(cfg) if cfg.embedding_norm else None
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.positional == "rope" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None  # post-LN ends normed
+        self.check_inputs = True  # validate ids/lengths; the trainer turns it off once data is checked
+
+    def _check(self, input_ids: torch.Tensor, past: int) -> None:
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids: expected shape (batch, time), got {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        limit_hit = T > cfg.context_length if self.pos_emb is None else past + T > cfg.context_length
+        if limit_hit:
+            raise InputError(f"sequence of {past + T} tokens is longer than the model's context_length "
+                             f"{cfg.context_length}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                bad = hi if hi >= cfg.vocab_size else lo
+                raise InputError(f"token id {bad} is out of range: expected 0 <= id < vocab_size={cfg.vocab_size}")
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> hidden states (B, T, C).
+
+        attention_mask (B, S) marks real tokens with 1 and padding with 0; with a cache it covers
+        the cached positions too (S = past + T). position_ids default to the count of real tokens
+        before each position, so left-padded prompts get the same positions as unpadded ones.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if self.check_inputs and not torch.compiler.is_compiling():
+            self._check(input_ids, past)
+        if position_ids is None:
+            if attention_mask is not None and cfg.causal:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        if self.type_emb is not None:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.type_emb(tt)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        rope = self.rope(position_ids) if self.rope is not None else None
+
+        mask, is_causal = self._mask(attention_mask, B, T, past, x.device)
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x) if self.norm is not None else x
+
+    def _mask(self, attention_mask, B, T, past, device):
+        """The attention mask for SDPA: None + is_causal on the fast path, else bool (B, 1, T, S)."""
+        S = past + T
+        if not self.config.causal:
+            if attention_mask is None:
+                return None, False
+            return attention_mask.bool()[:, None, None, :].expand(B, 1, T, S), False
+        if attention_mask is None and (past == 0 or T == 1):
+            return None, T > 1  # plain causal, or one new token that may see everything
+        q_pos = torch.arange(past, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            keys = attention_mask.bool()[:, None, None, :S]  # (B, 1, 1, S)
+            # a padding query would see no key at all (NaN); let every query see itself
+            allowed = (allowed & keys) | (k_pos == q_pos)[None, None]
+        return allowed.expand(B, 1, T, S), False
+
+
+class DecoderLM(nn.Module):
+    """Causal language model: ``model(input_ids) -> logits (B, T, vocab)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        init_weights(self, cfg)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.tok_emb.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
+        h = self.transformer(input_ids, attention_mask, position_ids, cache=cache)  # (B, T, C)
+        if last_only:  # generation needs only the next-token distribution
+            h = h[:, -1:]
+        return self.lm_head(h)  # (B, T, vocab)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        return self.transformer(input_ids, attention_mask, position_ids)
+
+
+class Encoder(nn.Module):
+    """Bidirectional encoder (BERT style): ``model(input_ids, attention_mask) -> hidden (B, T, C)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.mlm = MLMHead(cfg) if cfg.mlm_head else None
+        init_weights(self, cfg)
+        if self.mlm is not None and cfg.tie_embeddings:
+            self.mlm.decoder.weight = self.transformer.tok_emb.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
+
+    def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        if self.mlm is None:
+            raise InputError("this encoder has no masked-LM head (model.mlm_head: false)")
+        return self.mlm(self(input_ids, attention_mask, token_type_ids))  # (B, T, vocab)
+
+    def pooled(self, input_ids, attention_mask=None, token_type_ids=None, method: str | None = None):
+        h = self(input_ids, attention_mask, token_type_ids)
+        return pool(h, attention_mask, method or self.config.pooling)  # (B, C)
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``targets`` are already shifted (targets[t] = input[t+1])."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=ignore_index)

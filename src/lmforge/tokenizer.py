@@ -1,0 +1,505 @@
+"""Tokenizers: text <-> token ids, behind one interface.
+
+Four implementations share :class:`Tokenizer`:
+
+* :class:`CharTokenizer` (``"char"``): one id per character seen in a corpus; unknown characters
+  map to the unk token.
+* :class:`ByteTokenizer` (``"byte"``): ids 0-255 are the UTF-8 bytes, then the special tokens;
+  lossless on any text.
+* :class:`BPETokenizer` (``"bpe"``): byte-level BPE trained with Hugging Face ``tokenizers``;
+  lossless on any text.
+* :class:`HFTokenizer` (``"hf"``): wraps an existing Hugging Face ``tokenizer.json`` (GPT-2,
+  Llama, BERT WordPiece, ...).
+
+Special tokens in ordinary text: the char and byte tokenizers never parse them, so the literal
+text ``"<|eos|>"`` encodes as plain characters/bytes. BPE and HF tokenizers match their added
+special tokens in the text (Hugging Face behaviour), so ``"<|eos|>"`` there encodes to ``eos_id``.
+Either way ``decode(encode(s), skip_special_tokens=False) == s``.
+
+Every tokenizer saves to one JSON file ``{"lmforge_tokenizer": kind, "version": 1, ...}``;
+:func:`load_tokenizer` reads those files and plain Hugging Face ``tokenizer.json`` files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from lmforge.errors import ConfigError, DataError, InputError, TokenizerError
+
+FORMAT_VERSION = 1
+
+PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+CHAR_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
+DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
+CHAT_ROLES: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+# Known spellings of each special role, first match wins (ours, then Llama/BERT/GPT-2 styles).
+_ROLE_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "bos": (BOS, "<s>", "[CLS]", "<|begin_of_text|>", "<|endoftext|>"),
+    "eos": (EOS, "</s>", "[SEP]", "<|end_of_text|>", "<|endoftext|>"),
+    "pad": (PAD, "<pad>", "[PAD]"),
+    "unk": (UNK, "<unk>", "[UNK]"),
+}
+
+
+class Tokenizer(ABC):
+    """The interface every tokenizer implements.
+
+    Subclasses provide ``_encode``/``_decode`` on plain lists and ``_payload`` for saving; this
+    class adds bos/eos handling, id validation, batching, chat formatting and serialisation.
+    ``encode`` never adds special tokens unless asked (``add_bos``/``add_eos``), for every kind.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, special_tokens: dict[str, int]):
+        self.special_tokens: dict[str, int] = dict(special_tokens)
+        self._special_ids = frozenset(self.special_tokens.values())
+        found = {role: self._first_known(names) for role, names in _ROLE_CANDIDATES.items()}
+        self.bos_id: int | None = found["bos"]
+        self.eos_id: int | None = found["eos"]
+        self.pad_id: int | None = found["pad"]
+        self.unk_id: int | None = found["unk"]
+        self._fingerprint: str | None = None
+
+    # --- what subclasses implement -------------------------------------------------------
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included (largest id + 1)."""
+
+    @abstractmethod
+    def _encode(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str: ...
+
+    @abstractmethod
+    def token_to_id(self, tok: str) -> int | None:
+        """The id of token string ``tok``, or None if it is not in the vocabulary."""
+
+    @abstractmethod
+    def _id_to_token(self, i: int) -> str: ...
+
+    @abstractmethod
+    def _payload(self) -> dict[str, Any]:
+        """The kind-specific part of :meth:`to_dict`."""
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(t) for t in texts]
+
+    def _decode_batch(self, batch: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        return [self._decode(ids, skip_special_tokens) for ids in batch]
+
+    # --- public API ----------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``, optionally wrapped in bos/eos."""
+        self._check_text(text)
+        return self._wrap(self._encode(text), add_bos, add_eos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False,
+                     add_eos: bool = False) -> list[list[int]]:
+        """``[encode(t) for t in texts]``, computed in parallel where the backend can."""
+        texts = list(texts)
+        for t in texts:
+            self._check_text(t)
+        return [self._wrap(ids, add_bos, add_eos) for ids in self._encode_batch(texts)]
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (a list of ints or a 1-D tensor/array); bad UTF-8 becomes U+FFFD."""
+        return self._decode(self._check_ids(ids), skip_special_tokens)
+
+    def decode_batch(self, batch: Any, skip_special_tokens: bool = True) -> list[str]:
+        """Decode each row of ``batch`` (a list of id lists or a 2-D tensor/array)."""
+        rows = batch.tolist() if hasattr(batch, "tolist") else list(batch)
+        return self._decode_batch([self._check_ids(r) for r in rows], skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        """The token string of id ``i``."""
+        self._check_ids([i])
+        return self._id_to_token(int(i))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render ``[{"role": ..., "content": ...}]`` as role-tagged text.
+
+        Each message becomes ``"<|role|>\\n{content}<|end|>\\n"``; ``add_generation_prompt``
+        appends ``"<|assistant|>\\n"`` so a model continues as the assistant.
+        """
+        parts = []
+        for n, msg in enumerate(messages):
+            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+                raise InputError(f"messages[{n}]: expected a dict with a string 'content'")
+            role = msg.get("role")
+            if role not in CHAT_ROLES:
+                raise InputError(f"messages[{n}].role: unknown role {role!r}; "
+                                 f"expected one of {', '.join(CHAT_ROLES)}")
+            parts.append(f"{CHAT_ROLES[role]}\n{msg['content']}{END}\n")
+        if add_generation_prompt:
+            parts.append(f"{ASSISTANT}\n")
+        return "".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable description from which :func:`load_tokenizer` rebuilds this."""
+        return {"lmforge_tokenizer": self.kind, "version": FORMAT_VERSION, **self._payload()}
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the canonical JSON of :meth:`to_dict`: equal iff the same tokenizer."""
+        if self._fingerprint is None:
+            canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"),
+                                   ensure_ascii=False)
+            self._fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return self._fingerprint
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_dict` to one JSON file, atomically (temp file, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+    # --- helpers -------------------------------------------------------------------------
+    def _first_known(self, names: Sequence[str]) -> int | None:
+        for name in names:
+            if (i := self.token_to_id(name)) is not None:
+                return i
+        return None
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            if self.bos_id is None:
+                raise InputError(f"add_bos=True but this {self.kind} tokenizer has no bos token")
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            if self.eos_id is None:
+                raise InputError(f"add_eos=True but this {self.kind} tokenizer has no eos token")
+            ids.append(self.eos_id)
+        return ids
+
+    @staticmethod
+    def _check_text(text: Any) -> None:
+        if not isinstance(text, str):
+            raise InputError(f"encode: expected text as str, got {type(text).__name__}")
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        if hasattr(ids, "tolist"):  # torch tensor / numpy array
+            if getattr(ids, "ndim", 1) != 1:
+                raise InputError(f"decode: expected a 1-D sequence of ids, got shape "
+                                 f"{tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
+            raise InputError(f"token id {bad} out of range for vocab_size {self.vocab_size}")
+        return ids
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: special tokens first (ids 0..), then the sorted characters.
+
+    Characters not seen in training map to the unk token, so encoding never fails.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str], specials: Sequence[str] = CHAR_SPECIAL_TOKENS):
+        specials = list(specials)
+        if UNK not in specials or len(set(specials)) != len(specials):
+            raise TokenizerError(f"char tokenizer specials: expected distinct tokens including "
+                                 f"{UNK}, got {specials}")
+        chars = sorted(set(chars) - set(specials))
+        if any(len(c) != 1 for c in chars):
+            raise TokenizerError("char tokenizer chars: expected single characters")
+        self._itos = specials + chars
+        self._stoi = {s: i for i, s in enumerate(self._itos)}
+        super().__init__({s: i for i, s in enumerate(specials)})
+        # Decoding table with the special tokens blanked out, for skip_special_tokens=True.
+        self._itos_skip = [""] * len(specials) + chars
+
+    @classmethod
+    def train(cls, texts: Iterable[str], specials: Sequence[str] = CHAR_SPECIAL_TOKENS
+              ) -> CharTokenizer:
+        """Build the vocabulary from every character in ``texts``."""
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        return cls(seen, specials)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._itos)
+
+    def _encode(self, text: str) -> list[int]:
+        get, unk = self._stoi.get, self.unk_id
+        return [get(c, unk) for c in text]
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        table = self._itos_skip if skip_special_tokens else self._itos
+        return "".join(map(table.__getitem__, ids))
+
+    def token_to_id(self, tok: str) -> int | None:
+        return self._stoi.get(tok)
+
+    def _id_to_token(self, i: int) -> str:
+        return self._itos[i]
+
+    def _payload(self) -> dict[str, Any]:
+        n = len(self.special_tokens)
+        return {"specials": self._itos[:n], "chars": self._itos[n:]}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> CharTokenizer:
+        return cls(_field(d, "chars", list, where), _field(d, "specials", list, where))
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes as ids 0-255 (id == byte value), then the special tokens.
+
+    Byte tokens are named ``"<0xNN>"``; ``token_to_id`` also accepts a one-byte character.
+    """
+
+    kind = "byte"
+
+    def __init__(self, specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS):
+        specials = list(specials)
+        if len(set(specials)) != len(specials):
+            raise TokenizerError(f"byte tokenizer specials: expected distinct tokens, got {specials}")
+        self._specials = specials
+        super().__init__({s: 256 + i for i, s in enumerate(specials)})
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self._specials)
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise InputError(f"encode: text is not valid unicode ({e.reason} at {e.start})") from e
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if not ids or max(ids) < 256:
+            return bytes(ids).decode("utf-8", errors="replace")
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            parts.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            if not skip_special_tokens:
+                parts.append(self._specials[i - 256])
+        parts.append(run.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+    def token_to_id(self, tok: str) -> int | None:
+        if tok in self.special_tokens:
+            return self.special_tokens[tok]
+        if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            try:
+                return int(tok[3:5], 16)
+            except ValueError:
+                return None
+        return ord(tok) if len(tok) == 1 and ord(tok) < 128 else None
+
+    def _id_to_token(self, i: int) -> str:
+        return f"<0x{i:02X}>" if i < 256 else self._specials[i - 256]
+
+    def _payload(self) -> dict[str, Any]:
+        return {"specials": list(self._specials)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> ByteTokenizer:
+        return cls(_field(d, "specials", list, where))
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers.Tokenizer`` behind the lmforge interface.
+
+    ``encode`` calls the backend with ``add_special_tokens=False`` (no post-processor), so for
+    BERT ``encode(s, add_bos=True, add_eos=True)`` gives the familiar ``[CLS] ... [SEP]``.
+    Added special tokens present in the text are matched as special tokens.
+    """
+
+    kind = "hf"
+
+    def __init__(self, backend: Any):
+        self._tk = backend
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values(), default=-1) + 1
+        added = backend.get_added_tokens_decoder()
+        super().__init__({t.content: i for i, t in sorted(added.items()) if t.special})
+
+    @classmethod
+    def from_str(cls, hf_json: str, where: str = "<string>") -> HFTokenizer:
+        """Build from the text of a Hugging Face ``tokenizer.json``."""
+        from tokenizers import Tokenizer as _Backend
+
+        try:
+            return cls(_Backend.from_str(hf_json))
+        except Exception as e:  # the Rust side raises plain Exception on malformed files
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TokenizerError(f"{where}: not a valid Hugging Face tokenizer.json ({msg})") from e
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def _encode(self, text: str) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _decode_batch(self, batch: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        return self._tk.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, tok: str) -> int | None:
+        return self._tk.token_to_id(tok)
+
+    def _id_to_token(self, i: int) -> str:
+        tok = self._tk.id_to_token(i)
+        if tok is None:
+            raise InputError(f"token id {i} is unused in this tokenizer's vocabulary")
+        return tok
+
+    def _payload(self) -> dict[str, Any]:
+        # Embedded as a nested object so the file stays readable and the fingerprint canonical.
+        return {"hf_tokenizer": json.loads(self._tk.to_str())}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> HFTokenizer:
+        return cls.from_str(json.dumps(_field(d, "hf_tokenizer", dict, where)), where)
+
+
+class BPETokenizer(HFTokenizer):
+    """Byte-level BPE trained with Hugging Face ``tokenizers`` (GPT-2 style).
+
+    All 256 byte symbols are in the initial alphabet and there is no normaliser or prefix space,
+    so ``decode(encode(s)) == s`` for any string, including characters never seen in training.
+    Special tokens take ids 0..len(specials)-1.
+    """
+
+    kind = "bpe"
+
+    @classmethod
+    def train(cls, texts_or_files: Any, vocab_size: int = 8000, min_frequency: int = 2,
+              specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> BPETokenizer:
+        """Train on texts (``str`` items) or files (``Path`` items); uses every CPU core."""
+        from tokenizers import Tokenizer as _Backend
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        specials = list(specials)
+        if vocab_size < 256 + len(specials):
+            raise ConfigError(f"vocab_size: expected at least {256 + len(specials)} for byte-level "
+                              f"BPE (256 bytes + {len(specials)} special tokens), got {vocab_size}")
+        backend = _Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        texts, files = _split_sources(texts_or_files)
+        if files:
+            backend.train([str(p) for p in files], trainer)
+        else:
+            backend.train_from_iterator(texts, trainer)
+        return cls(backend)
+
+
+def _split_sources(texts_or_files: Any) -> tuple[list[str], list[Path]]:
+    """Texts (``str``) or files (``Path``/PathLike), not mixed; files must exist."""
+    items = [texts_or_files] if isinstance(texts_or_files, (str, os.PathLike)) else list(texts_or_files)
+    files = [Path(x) for x in items if isinstance(x, os.PathLike)]
+    if files and len(files) != len(items):
+        raise DataError("training input: expected all texts (str) or all files (Path), not a mix")
+    for p in files:
+        if not p.is_file():
+            raise DataError(f"{p}: training file not found")
+    return ([] if files else items), files
+
+
+def _iter_texts(texts: list[str], files: list[Path]) -> Iterable[str]:
+    yield from texts
+    for p in files:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+
+def _field(d: dict, name: str, typ: type, where: str) -> Any:
+    value = d.get(name)
+    if not isinstance(value, typ) or (typ is list and not all(isinstance(v, str) for v in value)):
+        kind = "list of strings" if typ is list else typ.__name__
+        raise TokenizerError(f"{where}: field {name!r} missing or not a {kind}")
+    return value
+
+
+_KINDS: dict[str, type] = {"char": CharTokenizer, "byte": ByteTokenizer,
+                           "bpe": BPETokenizer, "hf": HFTokenizer}
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load an lmforge tokenizer file, or a plain Hugging Face ``tokenizer.json`` (as ``"hf"``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: tokenizer file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        d = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: expected a JSON tokenizer file ({type(e).__name__})") from e
+    if isinstance(d, dict) and "lmforge_tokenizer" in d:
+        kind = d["lmforge_tokenizer"]
+        if kind not in _KINDS:
+            raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}; "
+                                 f"expected one of {', '.join(_KINDS)}")
+        if d.get("version") != FORMAT_VERSION:
+            raise TokenizerError(f"{path}: tokenizer format version {d.get('version')!r}; "
+                                 f"expected {FORMAT_VERSION}")
+        return _KINDS[kind].from_dict(d, str(path))
+    if isinstance(d, dict) and "model" in d and ("version" in d or "added_tokens" in d):
+        return HFTokenizer.from_str(text, str(path))
+    raise TokenizerError(f"{path}: expected an lmforge tokenizer file (key 'lmforge_tokenizer') "
+                         f"or a Hugging Face tokenizer.json (keys 'model', 'added_tokens')")
+
+
+def train_tokenizer(kind: str, texts_or_files: Any = (), vocab_size: int | None = None, *,
+                    min_frequency: int = 2, specials: Sequence[str] | None = None) -> Tokenizer:
+    """Build a ``"char"``, ``"byte"`` or ``"bpe"`` tokenizer from texts (``str``) or files (``Path``).
+
+    ``vocab_size`` applies to BPE only (default 8000); byte ignores the input.
+    """
+    if kind == "byte":
+        return ByteTokenizer(DEFAULT_SPECIAL_TOKENS if specials is None else specials)
+    if kind == "char":
+        texts, files = _split_sources(texts_or_files)
+        return CharTokenizer.train(_iter_texts(texts, files),
+                                   CHAR_SPECIAL_TOKENS if specials is None else specials)
+    if kind == "bpe":
+        return BPETokenizer.train(texts_or_files, 8000 if vocab_size is None else vocab_size,
+                                  min_frequency,
+                                  DEFAULT_SPECIAL_TOKENS if specials is None else specials)
+    raise ConfigError(f"tokenizer.kind: unknown kind {kind!r}; expected one of char, byte, bpe")
