@@ -62,7 +62,6 @@ class Tokenizer(ABC):
 
     def __init__(self, special_tokens: dict[str, int]):
         self.special_tokens: dict[str, int] = dict(special_tokens)
-        self._special_ids = frozenset(self.special_tokens.values())
         found = {role: self._first_known(names) for role, names in _ROLE_CANDIDATES.items()}
         self.bos_id: int | None = found["bos"]
         self.eos_id: int | None = found["eos"]
@@ -236,11 +235,11 @@ class CharTokenizer(Tokenizer):
         self._itos_skip = [""] * len(specials) + chars
 
     @classmethod
-    def train(cls, texts: Iterable[str], specials: Sequence[str] = CHAR_SPECIAL_TOKENS
+    def train(cls, texts_or_files: Any, specials: Sequence[str] = CHAR_SPECIAL_TOKENS
               ) -> CharTokenizer:
-        """Build the vocabulary from every character in ``texts``."""
+        """Build the vocabulary from every character in texts (``str``) or files (``Path``)."""
         seen: set[str] = set()
-        for t in texts:
+        for t in _iter_texts(*_split_sources(texts_or_files)):
             seen.update(t)
         return cls(seen, specials)
 
@@ -282,7 +281,8 @@ class ByteTokenizer(Tokenizer):
     def __init__(self, specials: Sequence[str] = DEFAULT_SPECIAL_TOKENS):
         specials = list(specials)
         if len(set(specials)) != len(specials):
-            raise TokenizerError(f"byte tokenizer specials: expected distinct tokens, got {specials}")
+            raise TokenizerError(f"byte tokenizer specials: expected distinct tokens, "
+                                 f"got {specials}")
         self._specials = specials
         super().__init__({s: 256 + i for i, s in enumerate(specials)})
 
@@ -315,10 +315,8 @@ class ByteTokenizer(Tokenizer):
         if tok in self.special_tokens:
             return self.special_tokens[tok]
         if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            try:
-                return int(tok[3:5], 16)
-            except ValueError:
-                return None
+            digits = tok[3:5]
+            return int(digits, 16) if all(c in "0123456789abcdefABCDEF" for c in digits) else None
         return ord(tok) if len(tok) == 1 and ord(tok) < 128 else None
 
     def _id_to_token(self, i: int) -> str:
@@ -337,12 +335,15 @@ class HFTokenizer(Tokenizer):
 
     ``encode`` calls the backend with ``add_special_tokens=False`` (no post-processor), so for
     BERT ``encode(s, add_bos=True, add_eos=True)`` gives the familiar ``[CLS] ... [SEP]``.
+    Padding and truncation configured in the file are switched off: lmforge batches itself.
     Added special tokens present in the text are matched as special tokens.
     """
 
     kind = "hf"
 
     def __init__(self, backend: Any):
+        backend.no_padding()  # lmforge pads and truncates batches itself
+        backend.no_truncation()
         self._tk = backend
         vocab = backend.get_vocab(with_added_tokens=True)
         self._vocab_size = max(vocab.values(), default=-1) + 1
@@ -431,7 +432,8 @@ class BPETokenizer(HFTokenizer):
 
 def _split_sources(texts_or_files: Any) -> tuple[list[str], list[Path]]:
     """Texts (``str``) or files (``Path``/PathLike), not mixed; files must exist."""
-    items = [texts_or_files] if isinstance(texts_or_files, (str, os.PathLike)) else list(texts_or_files)
+    single = isinstance(texts_or_files, (str, os.PathLike))
+    items = [texts_or_files] if single else list(texts_or_files)
     files = [Path(x) for x in items if isinstance(x, os.PathLike)]
     if files and len(files) != len(items):
         raise DataError("training input: expected all texts (str) or all files (Path), not a mix")
@@ -488,15 +490,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 def train_tokenizer(kind: str, texts_or_files: Any = (), vocab_size: int | None = None, *,
                     min_frequency: int = 2, specials: Sequence[str] | None = None) -> Tokenizer:
-    """Build a ``"char"``, ``"byte"`` or ``"bpe"`` tokenizer from texts (``str``) or files (``Path``).
+    """Build a ``"char"``, ``"byte"`` or ``"bpe"`` tokenizer from texts (``str``) or files
+    (``Path``); the CLI's ``lmforge tokenizer train`` calls this.
 
     ``vocab_size`` applies to BPE only (default 8000); byte ignores the input.
     """
     if kind == "byte":
         return ByteTokenizer(DEFAULT_SPECIAL_TOKENS if specials is None else specials)
     if kind == "char":
-        texts, files = _split_sources(texts_or_files)
-        return CharTokenizer.train(_iter_texts(texts, files),
+        return CharTokenizer.train(texts_or_files,
                                    CHAR_SPECIAL_TOKENS if specials is None else specials)
     if kind == "bpe":
         return BPETokenizer.train(texts_or_files, 8000 if vocab_size is None else vocab_size,
