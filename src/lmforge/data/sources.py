@@ -1,0 +1,363 @@
+"""Documents from anywhere: built-in corpora, local files, folders, globs, Hugging Face datasets.
+
+A :class:`SourceSpec` says where the text lives; :func:`iter_documents` yields its documents as
+strings, one at a time (a large file is never read whole unless it is plain text with no
+separator, or a JSON array); :func:`source_fingerprint` is a short hash that changes when the
+spec or the files behind it change, which is what the token cache keys on.
+
+Paths:
+
+* ``builtin:stories`` / ``builtin:arithmetic`` -- generated offline (``num_docs``, ``seed``).
+* a local file: ``.txt`` / ``.md`` (plain text; ``doc_separator`` splits it into documents),
+  ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of objects), ``.csv`` / ``.tsv``
+  (header row), ``.parquet``.
+* a folder (every supported file inside, recursively, sorted) or a glob (matches, sorted).
+* ``hf:owner/name`` -- ``datasets.load_dataset(owner/name, name, split=split, streaming=...)``.
+  ``hf:json`` / ``hf:csv`` / ``hf:parquet`` / ``hf:text`` with ``data_files`` use the
+  ``datasets`` packaged loaders on local files (works offline).
+
+Empty documents (only whitespace) are skipped everywhere; ``limit`` counts the documents kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.builtin import BUILTIN_CORPORA, BUILTIN_VERSION, builtin_documents
+from lmforge.errors import DataError
+
+__all__ = [
+    "SourceSpec",
+    "iter_documents",
+    "source_fingerprint",
+    "resolve_files",
+    "SUPPORTED_EXTENSIONS",
+]
+
+TEXT_EXTENSIONS = (".txt", ".md")
+JSON_EXTENSIONS = (".jsonl", ".json")
+CSV_EXTENSIONS = (".csv", ".tsv")
+PARQUET_EXTENSIONS = (".parquet",)
+SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS + CSV_EXTENSIONS + PARQUET_EXTENSIONS
+
+# Bump when the way files are turned into documents changes (invalidates token caches).
+_READER_VERSION = 1
+
+_INSTALL_HINT = "install the data extras: pip install 'lmforge[data]'"
+
+
+@dataclass
+class SourceSpec:
+    """Where documents come from. See the module docstring for the accepted ``path`` forms."""
+
+    path: str
+    text_field: str = "text"  # JSONL / JSON / CSV / Parquet / HF column holding the text
+    split: str = "train"  # HF split
+    name: str | None = None  # HF config name
+    limit: int | None = None  # max documents kept (subset size)
+    streaming: bool = False  # HF streaming
+    num_docs: int = 2000  # size of built-in corpora
+    seed: int = 0  # seed of built-in corpora
+    doc_separator: str | None = None  # plain text: None = whole file is one document
+    data_files: str | list[str] | None = None  # HF packaged loaders ("hf:json") on local files
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise DataError(f"source path: expected a non-empty string, got {self.path!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise DataError(f"{self.path}: text_field must be a non-empty string, "
+                            f"got {self.text_field!r}")
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+            raise DataError(f"{self.path}: limit must be a positive integer or None, "
+                            f"got {self.limit!r}")
+        if not _is_int(self.num_docs) or self.num_docs < 1:
+            raise DataError(f"{self.path}: num_docs must be a positive integer, "
+                            f"got {self.num_docs!r}")
+        if self.doc_separator is not None and (not isinstance(self.doc_separator, str)
+                                               or self.doc_separator == ""):
+            raise DataError(f"{self.path}: doc_separator must be None or a non-empty string, "
+                            f"got {self.doc_separator!r}")
+        if isinstance(self.data_files, tuple):
+            self.data_files = list(self.data_files)
+
+    @property
+    def kind(self) -> str:
+        """``"builtin"``, ``"hf"`` or ``"local"``."""
+        if self.path.startswith("builtin:"):
+            return "builtin"
+        if self.path.startswith("hf:"):
+            return "hf"
+        return "local"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def iter_documents(spec: SourceSpec) -> Iterator[str]:
+    """Yield the non-empty documents of ``spec`` (at most ``spec.limit``).
+
+    Raises :class:`DataError` when the path is missing, a file has an unsupported extension,
+    the text field is absent, or no non-empty document was found.
+    """
+    if spec.kind == "builtin":
+        raw: Iterable[str] = _builtin(spec)
+    elif spec.kind == "hf":
+        raw = _hf(spec)
+    else:
+        raw = _local(spec)
+    count = 0
+    for doc in raw:
+        if not doc.strip():
+            continue
+        yield doc
+        count += 1
+        if spec.limit is not None and count >= spec.limit:
+            return
+    if count == 0:
+        where = "" if spec.kind == "builtin" else f" (text field {spec.text_field!r})"
+        raise DataError(f"{spec.path}: empty corpus, no non-empty documents found{where}")
+
+
+def source_fingerprint(spec: SourceSpec) -> str:
+    """A short hash of the spec and, for local files, each file's (path, size, mtime_ns).
+
+    Built-in corpora hash the spec (and the generator version) only. Hub datasets hash the
+    spec only: a dataset revised on the hub keeps its fingerprint.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"spec": spec.to_dict(), "reader": _READER_VERSION},
+                        sort_keys=True, default=str).encode())
+    if spec.kind == "builtin":
+        h.update(f"builtin-version={BUILTIN_VERSION}".encode())
+    elif spec.kind == "hf":
+        for f in _hf_local_files(spec):
+            h.update(_file_stamp(f).encode())
+    else:
+        for f in resolve_files(spec.path):
+            h.update(_file_stamp(f).encode())
+    return h.hexdigest()[:16]
+
+
+def resolve_files(path: str) -> list[Path]:
+    """The files a local path stands for: the file, a folder's supported files, or a glob's
+    matches, sorted. Raises :class:`DataError` when nothing is there."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        _check_extension(p)
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*")
+                       if f.is_file() and f.suffix.lower() in SUPPORTED_EXTENSIONS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise DataError(f"{path}: folder has no supported files "
+                            f"(expected {', '.join(SUPPORTED_EXTENSIONS)})")
+        return files
+    if glob.has_magic(path):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(path), recursive=True))
+        files = [m for m in matches if m.is_file()]
+        if not files:
+            raise DataError(f"{path}: glob matched no files")
+        for f in files:
+            _check_extension(f)
+        return files
+    raise DataError(f"{path}: no such file or folder")
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in corpora
+# --------------------------------------------------------------------------------------------
+
+
+def _builtin(spec: SourceSpec) -> Iterator[str]:
+    name = spec.path[len("builtin:"):]
+    if name not in BUILTIN_CORPORA:
+        raise DataError(f"{spec.path}: unknown built-in corpus; expected one of "
+                        f"{', '.join('builtin:' + k for k in BUILTIN_CORPORA)}")
+    yield from builtin_documents(name, spec.num_docs, spec.seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------
+
+
+def _check_extension(f: Path) -> None:
+    if f.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise DataError(f"{f}: unsupported file extension {f.suffix or '(none)'!r}; expected "
+                        f"one of {', '.join(SUPPORTED_EXTENSIONS)}")
+
+
+def _file_stamp(f: Path) -> str:
+    st = f.stat()
+    return f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n"
+
+
+def _local(spec: SourceSpec) -> Iterator[str]:
+    for f in resolve_files(spec.path):
+        ext = f.suffix.lower()
+        if ext in TEXT_EXTENSIONS:
+            yield from _read_text(f, spec.doc_separator)
+        elif ext in JSON_EXTENSIONS:
+            yield from _read_json(f, spec.text_field)
+        elif ext in CSV_EXTENSIONS:
+            yield from _read_csv(f, spec.text_field, delimiter="\t" if ext == ".tsv" else ",")
+        else:
+            yield from _read_parquet(f, spec.text_field)
+
+
+def _read_text(f: Path, separator: str | None) -> Iterator[str]:
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not valid UTF-8 text (byte {e.start})") from None
+    if separator is None:
+        yield text
+        return
+    for part in text.split(separator):
+        part = part.strip()
+        if part:
+            yield part
+
+
+def _missing_field(where: str, field: str, present: Iterable[str]) -> DataError:
+    names = ", ".join(repr(str(k)) for k in present) or "(none)"
+    return DataError(f"{where}: no field {field!r}; fields present: {names}")
+
+
+def _text_value(record: Any, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with field {field!r}, "
+                        f"got {type(record).__name__}")
+    if field not in record:
+        raise _missing_field(where, field, record.keys())
+    value = record[field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}; expected a string")
+    return value
+
+
+def _read_json(f: Path, field: str) -> Iterator[str]:
+    with open(f, encoding="utf-8-sig") as fh:
+        head = fh.read(4096).lstrip()
+        fh.seek(0)
+        if head.startswith("["):  # a JSON array of objects
+            try:
+                records = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            for i, rec in enumerate(records):
+                yield _text_value(rec, field, f"{f} record {i}")
+            return
+        for lineno, line in enumerate(fh, start=1):  # JSON lines
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{f}:{lineno}: invalid JSON line: {e.msg}") from None
+            yield _text_value(rec, field, f"{f}:{lineno}")
+
+
+def _read_csv(f: Path, field: str, delimiter: str) -> Iterator[str]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents can be long
+    with open(f, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        header = reader.fieldnames or []
+        if field not in header:
+            raise _missing_field(f"{f} (header row)", field, header)
+        for row in reader:
+            value = row.get(field)
+            yield value or ""
+
+
+def _read_parquet(f: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{f}: reading Parquet needs pyarrow; {_INSTALL_HINT}") from None
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise _missing_field(str(f), field, names)
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise DataError(f"{f}: column {field!r} holds {type(value).__name__}; "
+                                "expected strings")
+            yield value
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_local_files(spec: SourceSpec) -> list[Path]:
+    files = spec.data_files
+    if files is None:
+        return []
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    elif isinstance(files, dict):  # {"train": [...], ...}
+        files = [x for v in files.values() for x in ([v] if isinstance(v, str) else v)]
+    out: list[Path] = []
+    for x in files:
+        matches = sorted(glob.glob(os.path.expanduser(str(x)), recursive=True))
+        out.extend(Path(m) for m in matches if Path(m).is_file())
+    return out
+
+
+def _hf(spec: SourceSpec) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec.path}: Hugging Face datasets need the 'datasets' package; "
+                        f"{_INSTALL_HINT}") from None
+    repo = spec.path[len("hf:"):]
+    if not repo:
+        raise DataError(f"{spec.path}: expected hf:<owner/name> or hf:json with data_files")
+    if spec.data_files is not None and not _hf_local_files(spec):
+        raise DataError(f"{spec.path}: data_files {spec.data_files!r} matched no files")
+    kwargs: dict[str, Any] = {"split": spec.split, "streaming": spec.streaming}
+    if spec.data_files is not None:
+        kwargs["data_files"] = spec.data_files
+    try:
+        ds = datasets.load_dataset(repo, spec.name, **kwargs)
+    except Exception as e:  # hub unreachable, unknown dataset / config / split, bad files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{spec.path}: could not load Hugging Face dataset (config "
+                        f"{spec.name!r}, split {spec.split!r}): {type(e).__name__}: {msg}"
+                        ) from None
+    columns = getattr(ds, "column_names", None)
+    if columns is not None:
+        if spec.text_field not in columns:
+            raise _missing_field(spec.path, spec.text_field, columns)
+        ds = ds.select_columns([spec.text_field])  # skip decoding the other columns
+    # No .take()/.select() for ``limit``: iter_documents stops reading after ``limit`` kept
+    # documents, so a stream is read only as far as needed and empty rows do not count.
+    for i, rec in enumerate(ds):
+        yield _text_value(rec, spec.text_field, f"{spec.path} row {i}")
