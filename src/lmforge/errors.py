@@ -44,3 +44,7 @@ class DataError(LMForgeError):
 
 class InteropError(LMForgeError):
     """A model cannot be converted to or from another framework's format without loss."""
+
+
+class TrainingError(LMForgeError):
+    """Training cannot go on (e.g. too many non-finite losses in a row)."""

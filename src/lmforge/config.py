@@ -1,0 +1,311 @@
+"""Run configuration: typed dataclasses for every section, YAML load/save, dotted overrides.
+
+A recipe is a YAML file with the sections below. ``load_config(path, overrides)`` reads it,
+applies ``section.key=value`` overrides from the command line, and checks every field against its
+type and range *before anything is allocated*; all problems are reported at once in one
+:class:`~lmforge.errors.ConfigError`, each naming its key path (``train.lr: ...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import ConfigError
+from lmforge.model.config import ModelConfig
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs/run"  # checkpoints, metrics.jsonl, config.yaml, training_curves.png
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+
+
+@dataclass
+class TokenizerSection:
+    kind: str = "char"  # char, byte, bpe (trained on the data), file (an existing tokenizer.json)
+    path: str | None = None  # for kind=file
+    vocab_size: int = 8000  # for bpe
+    train_docs: int | None = 20000  # documents used to train char/bpe vocabularies (None: all)
+
+
+@dataclass
+class SourceSection:
+    path: str = "builtin:stories"
+    text_field: str = "text"
+    split: str = "train"
+    name: str | None = None
+    data_files: list[str] | None = None
+    limit: int | None = None
+    streaming: bool = False
+    num_docs: int = 2000
+    seed: int = 0
+    doc_separator: str | None = None
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
+    val_sources: list[SourceSection] | None = None
+    val_fraction: float = 0.1
+    cache_dir: str = ".lmforge_cache"
+
+
+@dataclass
+class ObjectiveSection:
+    name: str = "causal_lm"  # causal_lm, masked_lm
+    mask_prob: float = 0.15  # masked_lm: share of positions predicted (80% [MASK], 10% random, 10% kept)
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000
+    batch_size: int = 16  # micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine, linear, constant (after warmup)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling, GPU only)
+    compile: bool = False
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int | None = 1000
+    checkpoint_every_hours: float | None = None
+    keep_last: int | None = 3
+    best_metric: str | None = "val_loss"
+    best_mode: str = "min"
+    resume: str | None = "auto"  # auto (newest valid checkpoint in out_dir), a checkpoint path, or never
+    max_nonfinite: int = 5  # stop after this many non-finite steps in a row
+    progress: bool = True
+
+
+@dataclass
+class LoggingSection:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "lmforge"
+
+
+@dataclass
+class SampleSection:
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: dict = field(default_factory=lambda: {"preset": "baby"})  # ModelConfig fields (+ preset)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The ModelConfig of the ``model:`` section; ``vocab_size: null`` takes the tokenizer's."""
+        d = dict(self.model)
+        preset = d.pop("preset", None)
+        if d.get("vocab_size") is None:
+            d.pop("vocab_size", None)
+            if vocab_size is not None:
+                d["vocab_size"] = vocab_size
+        return ModelConfig.from_preset(preset, **d) if preset else ModelConfig.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- type checking
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses; collect problems."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], path, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return tp()
+        return _build(tp, value, path, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) and dataclasses.is_dataclass(item_tp):
+            value = [value]  # one source may be written without the list
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return []
+        return [_convert(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            problems.append(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            return None
+        return value
+    return value
+
+
+def _build(cls, data: dict, path: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is SourceSection and isinstance(data, str):
+        data = {"path": data}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            problems.append(f"{path}.{key}: unknown key (expected one of {', '.join(names)})")
+            continue
+        kwargs[key] = _convert(value, hints[key], f"{path}.{key}", problems)
+    return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
+
+
+def _optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    p: list[str] = []
+    t = cfg.train
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            p.append(msg)
+
+    need(t.max_steps > 0, f"train.max_steps: got {t.max_steps}, expected a positive integer")
+    need(t.batch_size > 0, f"train.batch_size: got {t.batch_size}, expected a positive integer")
+    need(t.grad_accum > 0, f"train.grad_accum: got {t.grad_accum}, expected a positive integer")
+    need(t.lr > 0, f"train.lr: got {t.lr}, expected a positive number")
+    need(0 <= t.min_lr <= t.lr, f"train.min_lr: got {t.min_lr}, expected 0 <= min_lr <= lr ({t.lr})")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: got {t.warmup_steps}, expected >= 0")
+    need(t.weight_decay >= 0, f"train.weight_decay: got {t.weight_decay}, expected >= 0")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2: got ({t.beta1}, {t.beta2}), expected values in [0, 1)")
+    need(t.grad_clip >= 0, f"train.grad_clip: got {t.grad_clip}, expected >= 0 (0 disables)")
+    need(t.precision in ("fp32", "bf16", "fp16"), f"train.precision: got {t.precision!r}, expected fp32, bf16 or fp16")
+    need(t.schedule in ("cosine", "linear", "constant"), f"train.schedule: got {t.schedule!r}, expected cosine, linear or constant")
+    need(t.best_mode in ("min", "max"), f"train.best_mode: got {t.best_mode!r}, expected min or max")
+    need(t.eval_every > 0, f"train.eval_every: got {t.eval_every}, expected a positive integer")
+    need(t.eval_batches > 0, f"train.eval_batches: got {t.eval_batches}, expected a positive integer")
+    need(t.log_every > 0, f"train.log_every: got {t.log_every}, expected a positive integer")
+    need(t.max_nonfinite > 0, f"train.max_nonfinite: got {t.max_nonfinite}, expected a positive integer")
+    need(t.checkpoint_every is None or t.checkpoint_every > 0,
+         f"train.checkpoint_every: got {t.checkpoint_every}, expected a positive integer or null")
+    need(t.keep_last is None or t.keep_last > 0, f"train.keep_last: got {t.keep_last}, expected a positive integer or null")
+    tk = cfg.tokenizer
+    need(tk.kind in ("char", "byte", "bpe", "file"), f"tokenizer.kind: got {tk.kind!r}, expected char, byte, bpe or file")
+    need(tk.kind != "file" or bool(tk.path), "tokenizer.path: required when tokenizer.kind is file")
+    need(tk.vocab_size > 0, f"tokenizer.vocab_size: got {tk.vocab_size}, expected a positive integer")
+    d = cfg.data
+    need(0 <= d.val_fraction < 1, f"data.val_fraction: got {d.val_fraction}, expected a number in [0, 1)")
+    need(d.val_fraction > 0 or bool(d.val_sources), "data.val_fraction: 0 needs data.val_sources for evaluation")
+    need(len(d.sources) > 0, "data.sources: expected at least one source")
+    o = cfg.objective
+    need(o.name in ("causal_lm", "masked_lm"), f"objective.name: got {o.name!r}, expected causal_lm or masked_lm")
+    need(0 < o.mask_prob < 1, f"objective.mask_prob: got {o.mask_prob}, expected a number in (0, 1)")
+    need(cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
+         f"run.device: got {cfg.run.device!r}, expected auto, cpu or cuda[:N]")
+    return p
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Build and validate a RunConfig; raises one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "config", problems)
+    problems = [p.removeprefix("config.") for p in problems]
+    if not problems:
+        problems += _range_problems(cfg)
+        try:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
+            cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=3e-4", "model.n_layer=6"]`` -> nested dict; values are parsed as YAML."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is set to a value and used as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path) if path else {}
+    if overrides:
+        data = merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
