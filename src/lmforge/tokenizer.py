@@ -127,23 +127,8 @@ class Tokenizer(ABC):
         return self._id_to_token(int(i))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render ``[{"role": ..., "content": ...}]`` as role-tagged text.
-
-        Each message becomes ``"<|role|>\\n{content}<|end|>\\n"``; ``add_generation_prompt``
-        appends ``"<|assistant|>\\n"`` so a model continues as the assistant.
-        """
-        parts = []
-        for n, msg in enumerate(messages):
-            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
-                raise InputError(f"messages[{n}]: expected a dict with a string 'content'")
-            role = msg.get("role")
-            if role not in CHAT_ROLES:
-                raise InputError(f"messages[{n}].role: unknown role {role!r}; "
-                                 f"expected one of {', '.join(CHAT_ROLES)}")
-            parts.append(f"{CHAT_ROLES[role]}\n{msg['content']}{END}\n")
-        if add_generation_prompt:
-            parts.append(f"{ASSISTANT}\n")
-        return "".join(parts)
+        """Render ``[{"role": ..., "content": ...}]`` as role-tagged text (see :func:`render_chat`)."""
+        return render_chat(messages, add_generation_prompt)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description from which :func:`load_tokenizer` rebuilds this."""
@@ -428,6 +413,23 @@ class BPETokenizer(HFTokenizer):
         else:
             backend.train_from_iterator(texts, trainer)
         return cls(backend)
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The one chat format of lmforge: each message becomes ``"<|role|>\n{content}<|end|>\n"``;
+    ``add_generation_prompt`` appends ``"<|assistant|>\n"`` so a model continues as the assistant."""
+    parts = []
+    for n, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+            raise InputError(f"messages[{n}]: expected a dict with a string 'content'")
+        role = msg.get("role")
+        if role not in CHAT_ROLES:
+            raise InputError(f"messages[{n}].role: unknown role {role!r}; "
+                             f"expected one of {', '.join(CHAT_ROLES)}")
+        parts.append(f"{CHAT_ROLES[role]}\n{msg['content']}{END}\n")
+    if add_generation_prompt:
+        parts.append(f"{ASSISTANT}\n")
+    return "".join(parts)
 
 
 def _split_sources(texts_or_files: Any) -> tuple[list[str], list[Path]]:

@@ -253,6 +253,14 @@ def _text_value(record: Any, field: str, where: str) -> str:
     value = record[field]
     if value is None:
         return ""
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        from lmforge.errors import InputError
+        from lmforge.tokenizer import render_chat
+
+        try:  # a conversation: rendered with lmforge's chat template
+            return render_chat(value)
+        except InputError as e:
+            raise DataError(f"{where}: field {field!r}: {e}") from None
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} is {type(value).__name__}; expected a string")
     return value

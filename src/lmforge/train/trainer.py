@@ -25,7 +25,6 @@ import torch.nn as nn
 
 from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
-from lmforge.model.io import WEIGHTS, load_weights
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, any_across, barrier, mean_across
 from lmforge.train.logging import MetricsLogger, Progress, mfu
@@ -141,7 +140,7 @@ class Trainer:
         if path is None:
             return None
         c = ckpt.load_checkpoint(path)
-        load_weights(self.model, Path(path) / WEIGHTS)
+        c.load_weights_into(self.model)
         self.load_state_dict(c.trainer_state)
         return path
 
@@ -243,13 +242,16 @@ class Trainer:
                         self._plot()
                         if cfg.best_metric and cfg.best_metric in ev and self.policy.is_best(ev):
                             result.best_checkpoint = self.save("best", ev)
+                saved_now = False
                 if self.policy.due(self.step) or last:
-                    result.last_checkpoint = self.save(f"step_{self.step:08d}", {"loss": m["loss"]})
-                    self.policy.mark_saved()
+                    result.last_checkpoint = self.save(ckpt.step_name(self.step), {"loss": m["loss"]})
+                    self.policy.mark_saved(step=self.step)
+                    saved_now = True
                     if self.dist.is_main:
                         self.policy.prune(self.ckpt_root)
                 if any_across(self._stop_requested, self.dist) and not last:
-                    result.last_checkpoint = self.save(f"step_{self.step:08d}", {"loss": m["loss"]})
+                    if not saved_now:
+                        result.last_checkpoint = self.save(ckpt.step_name(self.step), {"loss": m["loss"]})
                     progress.write(f"stop requested: saved {result.last_checkpoint} at step {self.step}")
                     result.stopped_early = True
                     break

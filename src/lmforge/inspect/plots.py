@@ -1,0 +1,210 @@
+"""Training-curve PNGs drawn from a run's ``metrics.jsonl``.
+
+Records are the ones :class:`lmforge.train.logging.MetricsLogger` writes: ``{"step", "split",
+"time", **metrics}``. Keys used: ``loss`` (any split), ``lr`` and ``tokens_per_s`` (train), and
+``ppl`` / ``perplexity`` on evaluation splits (otherwise ``exp(loss)``). Every split other than
+``"train"`` counts as an evaluation split. Records of the same split and step are merged,
+later values winning (a resumed run may log a step twice).
+
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no display, no global
+backend switch) and written atomically: a temporary file beside the target, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from lmforge.errors import DataError
+
+TRAIN = "train"
+_PPL_KEYS = ("ppl", "perplexity")
+_THROUGHPUT_KEY = "tokens_per_s"
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_atomic(fig, out_png: str | os.PathLike) -> Path:
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _latest_per_step(records: Iterable[Mapping]) -> dict[str, list[Mapping]]:
+    """Records grouped by split, one per step (the last logged), sorted by step."""
+    by_split: dict[str, dict[int, dict]] = {}
+    for r in records:
+        if "step" not in r:
+            continue
+        split = str(r.get("split", TRAIN))
+        merged = by_split.setdefault(split, {})
+        step = int(r["step"])
+        # the same step may be logged in several calls (loss, then lr): merge, later values win
+        merged[step] = {**merged.get(step, {}), **r}
+    return {s: [steps[k] for k in sorted(steps)] for s, steps in by_split.items()}
+
+
+def _series(records: Sequence[Mapping], keys: Sequence[str], transform=None):
+    """(steps, values) of the first present key in ``keys``, skipping non-finite values."""
+    xs, ys = [], []
+    for r in records:
+        for key in keys:
+            if key in r:
+                v = _finite(r[key])
+                if v is not None and transform is not None:
+                    v = transform(v)
+                if v is not None:
+                    xs.append(int(r["step"]))
+                    ys.append(v)
+                break
+    return xs, ys
+
+
+def _exp(loss: float) -> float | None:
+    return math.exp(loss) if loss < 700 else None
+
+
+def _minor_log_label(v: float, _pos=None) -> str:
+    """Label minor log ticks at 2x, 3x and 5x a power of ten only (4, 6, ... stay unlabelled)."""
+    if v <= 0:
+        return ""
+    mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
+    return f"{v:g}" if mantissa in (2.0, 3.0, 5.0) else ""
+
+
+def _empty(ax, msg: str) -> None:
+    ax.text(0.5, 0.5, msg, transform=ax.transAxes, ha="center", va="center", color="gray")
+
+
+def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png: str | os.PathLike,
+                         title: str | None = None) -> Path:
+    """Draw loss, validation perplexity (log scale) and lr against step into one PNG.
+
+    ``metrics`` is a list of records as in ``metrics.jsonl``, or a path to that file (or to the
+    run folder). A fourth panel shows training throughput when records carry ``tokens_per_s``.
+    Returns the written path.
+    """
+    if isinstance(metrics, (str, os.PathLike)):
+        from lmforge.train.logging import read_metrics
+
+        metrics = read_metrics(metrics)
+    splits = _latest_per_step(metrics)
+    train = splits.get(TRAIN, [])
+    evals = {s: recs for s, recs in splits.items() if s != TRAIN}
+
+    tput = _series(train, (_THROUGHPUT_KEY,))
+    n_panels = 4 if tput[0] else 3
+    fig = _new_figure(8.0, 2.4 * n_panels + 0.6)
+    axes = fig.subplots(n_panels, 1, sharex=True)
+
+    ax = axes[0]
+    xs, ys = _series(train, ("loss",))
+    if xs:
+        ax.plot(xs, ys, lw=1.0, alpha=0.8, label="train loss")
+    for split, recs in sorted(evals.items()):
+        exs, eys = _series(recs, ("loss",))
+        if exs:
+            ax.plot(exs, eys, marker="o", ms=3, lw=1.5, label=f"{split} loss")
+    if ax.lines:
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        _empty(ax, "no loss logged")
+    ax.set_ylabel("loss")
+
+    ax = axes[1]
+    for split, recs in sorted(evals.items()):
+        pxs, pys = _series(recs, _PPL_KEYS)
+        if not pxs:
+            pxs, pys = _series(recs, ("loss",), transform=_exp)
+        kept = [(x, p) for x, p in zip(pxs, pys) if p > 0]  # log scale
+        pxs, pys = [x for x, _ in kept], [p for _, p in kept]
+        if pxs:
+            ax.plot(pxs, pys, marker="o", ms=3, lw=1.5, label=f"{split} perplexity")
+    if ax.lines:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 20, not 2x10^1
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        _empty(ax, "no validation data")
+    ax.set_ylabel("val perplexity")
+
+    ax = axes[2]
+    xs, ys = _series(train, ("lr",))
+    if xs:
+        ax.plot(xs, ys, lw=1.2, color="tab:green")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    else:
+        _empty(ax, "no learning rate logged")
+    ax.set_ylabel("learning rate")
+
+    if n_panels == 4:
+        ax = axes[3]
+        ax.plot(tput[0], tput[1], lw=1.0, color="tab:purple")
+        ax.set_ylabel("tokens/s")
+
+    axes[-1].set_xlabel("step")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_atomic(fig, out_png)
+
+
+def plot_loss_comparison(curves: Mapping[str, Sequence[tuple[float, float]]], out_png: str | os.PathLike,
+                         xlabel: str = "wall time (s)", ylabel: str = "validation loss",
+                         title: str | None = None) -> Path:
+    """Draw several runs' ``(x, y)`` curves (e.g. wall time vs validation loss) in one PNG.
+
+    ``curves`` maps a run label to its points; points are sorted by x and non-finite ones
+    dropped. Returns the written path.
+    """
+    if not curves:
+        raise DataError("plot_loss_comparison: no curves given; expected {label: [(x, y), ...]}")
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.subplots()
+    for label, points in curves.items():
+        pts = sorted((x, y) for x, y in ((_finite(a), _finite(b)) for a, b in points)
+                     if x is not None and y is not None)
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o" if len(pts) <= 40 else None, ms=3, lw=1.5, label=str(label))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save_atomic(fig, out_png)

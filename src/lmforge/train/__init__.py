@@ -1,0 +1,1 @@
+"""lmforge.train: the one training loop, its optimizer/schedule, checkpoints, logging, torchrun setup."""
