@@ -19,8 +19,10 @@ class BigramLM(nn.Module):
         nn.init.normal_(self.table.weight, 0.0, cfg.init_std)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False):
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise InputError(f"token id out of range: expected 0 <= id < vocab_size={self.config.vocab_size}")
+        if input_ids.numel():
+            lo, hi, V = int(input_ids.min()), int(input_ids.max()), self.config.vocab_size
+            if lo < 0 or hi >= V:
+                raise InputError(f"token id {hi if hi >= V else lo} is out of range: expected 0 <= id < vocab_size={V}")
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if last_only:

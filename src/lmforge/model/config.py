@@ -95,10 +95,10 @@ class ModelConfig:
             return p
         if self.n_embd % self.n_head:
             bad("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}")
-        elif self.n_head % self.n_kv_head:
-            bad("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         elif self.positional == "rope" and self.head_dim % 2:
             bad("n_embd", f"head size n_embd/n_head={self.head_dim} is odd; rope needs an even head size")
+        if self.n_head % self.n_kv_head:
+            bad("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.positional == "rope" and not self.rope_theta > 0:
             bad("rope_theta", f"got {self.rope_theta!r}, expected a positive number")
         if self.arch == "encoder" and self.causal:

@@ -54,10 +54,10 @@ class Transformer(nn.Module):
         before each position, so left-padded prompts get the same positions as unpadded ones.
         """
         cfg = self.config
-        B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if self.check_inputs and not torch.compiler.is_compiling():
             self._check(input_ids, past)
+        B, T = input_ids.shape
         if position_ids is None:
             if attention_mask is not None and cfg.causal:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
