@@ -90,10 +90,14 @@ def cmd_info(args) -> int:
         mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = build(mc)
-    else:
+    elif path.exists():
         from lmforge import from_pretrained
 
         model = from_pretrained(path)
+    else:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(f"{target}: not a preset ({', '.join(sorted(PRESETS))}), a YAML recipe or a model folder")
     s = summary(model)
     if args.json:
         print(json.dumps(s, indent=2))

@@ -1,0 +1,581 @@
+"""Hugging Face interop: import GPT-2, Llama-family and BERT folders; export GPT-2 and Llama style decoders.
+
+A Hugging Face model folder is ``config.json`` plus weights (``model.safetensors``, a sharded
+``model.safetensors.index.json``, or the older ``pytorch_model.bin`` / its index). This module
+reads and writes those files itself, so lmforge never needs ``transformers`` to run a model.
+
+Converting is two small steps, in both directions:
+
+1. **config**: :func:`config_from_hf` turns ``config.json`` into a :class:`ModelConfig`;
+   :func:`config_to_hf` does the reverse. A feature lmforge does not implement (``rope_scaling``,
+   relative positions, a bias lmforge has no place for, ...) is an :class:`InteropError` that
+   names the field: never a silent approximation.
+2. **weights**: one *plan* per family lists, for every lmforge tensor, which Hugging Face
+   tensors it comes from and how: copied, transposed (GPT-2's ``Conv1D`` stores ``(in, out)``,
+   ``nn.Linear`` ``(out, in)``), or concatenated (q/k/v into our fused ``attn.qkv``; gate/up
+   into our fused SwiGLU ``mlp.fc``). :func:`state_dict_from_hf` runs the plan forwards,
+   :func:`state_dict_to_hf` backwards (splitting what was concatenated), so an
+   HF -> lmforge -> HF round trip gives back the same tensors.
+
+Llama checkpoints need no q/k permutation: lmforge's RoPE uses the same "rotate half" layout.
+BERT is post-LN with an embedding LayerNorm; its attention-output LayerNorm becomes our
+``norm1`` and its output LayerNorm our ``norm2``.
+
+Weights are loaded into lmforge's default dtype (float32); cast with ``model.to(dtype)`` after.
+Dropout rates in ``config.json`` are training choices and are not imported (``dropout=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmforge.errors import CheckpointError, ConfigError, InteropError
+from lmforge.model.config import ModelConfig
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# Hugging Face activation names -> lmforge's (gelu_new and gelu_pytorch_tanh are both the tanh form).
+_GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bert": "bert"}
+# Hugging Face base models (no LM head): their logits come from the tied embeddings.
+_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel"}
+# Where each family's backbone tensors live in a model with a head ("transformer.wte.weight").
+_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
+_HEAD_PREFIXES = ("lm_head.", "cls.")
+# Tensors in Hugging Face files that carry nothing lmforge needs.
+_IGNORED = {
+    # causal-mask buffers saved by older GPT-2 checkpoints
+    "gpt2": re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$"),
+    # rotary inverse frequencies saved by older Llama checkpoints (lmforge recomputes them)
+    "llama": re.compile(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"),
+    # BERT: the position-id buffer; the pooler (CLS -> dense -> tanh, trained for next-sentence
+    # prediction) and the next-sentence head, neither of which lmforge uses
+    "bert": re.compile(r"embeddings\.position_ids$|pooler\..*|cls\.seq_relationship\..*"),
+}
+
+
+# ============================================================================ reading files
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a Hugging Face model folder."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; expected a Hugging Face model folder with {CONFIG} and weights")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}); expected a Hugging Face config") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder by name, from the first weights file found in the
+    order of ``WEIGHT_FILES`` (safetensors first; sharded index files are followed)."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        read = _read_safetensors if ".safetensors" in name else _read_torch_bin
+        return _read_index(path, read) if name.endswith(".index.json") else read(path)
+    raise CheckpointError(f"{folder}: no weights file; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({_first_line(e)})") from None
+
+
+def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises anything from KeyError to RuntimeError on bad bytes
+        raise CheckpointError(f"{path}: corrupt or unreadable PyTorch weights file ({_first_line(e)})") from None
+    if not isinstance(d, dict) or not all(isinstance(v, torch.Tensor) for v in d.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return d
+
+
+def _read_index(path: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: expected a JSON index with a 'weight_map' object "
+                              f"({type(e).__name__})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        if not (path.parent / shard).is_file():
+            raise CheckpointError(f"{path.parent / shard}: shard named in {path.name} is missing")
+        tensors.update(read(path.parent / shard))
+    return tensors
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0][:160] if s else type(e).__name__)
+
+
+# ================================================================= config: HF -> lmforge
+def _family_of_hf(hf: dict[str, Any]) -> str:
+    mt = hf.get("model_type")
+    if mt not in _MODEL_TYPES:
+        raise InteropError(f"config.json: model_type: got {mt!r}, expected one of {', '.join(_MODEL_TYPES)}")
+    return _MODEL_TYPES[mt]
+
+
+def _require(problems: list[str], hf: dict[str, Any], key: str, default: Any, allowed: tuple, why: str) -> Any:
+    """Record a problem when ``hf[key]`` (or its Hugging Face default) is not one of ``allowed``."""
+    value = hf.get(key, default)
+    if value not in allowed:
+        problems.append(f"{key}: got {value!r}, expected {' or '.join(repr(a) for a in allowed)} ({why})")
+    return value
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The lmforge config of a Hugging Face ``config.json`` (GPT-2, Llama/Mistral or BERT).
+
+    Missing keys take Hugging Face's defaults. Every feature lmforge does not implement is
+    listed in one :class:`InteropError`, each naming its ``config.json`` field. For BERT the
+    masked-LM head is on when ``architectures`` names one (``load_hf`` decides from the weights).
+    """
+    family = _family_of_hf(hf)
+    problems: list[str] = []
+    fields = {"gpt2": _gpt2_fields, "llama": _llama_fields, "bert": _bert_fields}[family](hf, problems)
+    if problems:
+        raise InteropError("config.json: " + "; ".join(problems))
+    try:
+        return ModelConfig(**fields, dropout=0.0, init_std=hf.get("initializer_range", 0.02),
+                           name=f"hf-{hf['model_type']}")
+    except ConfigError as e:
+        raise InteropError(f"config.json: does not describe a valid lmforge model ({e})") from None
+
+
+def _gpt2_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    act = _require(problems, hf, "activation_function", "gelu_new", tuple(_GPT2_ACTS), "lmforge's MLP activations")
+    _require(problems, hf, "scale_attn_weights", True, (True,), "lmforge always scales attention by 1/sqrt(head size)")
+    _require(problems, hf, "scale_attn_by_inverse_layer_idx", False, (False,), "not implemented")
+    _require(problems, hf, "add_cross_attention", False, (False,), "lmforge decoders have no cross-attention")
+    n_embd = hf.get("n_embd", 768)
+    return dict(arch="decoder", vocab_size=hf.get("vocab_size", 50257),
+                context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=n_embd,
+                mlp_hidden=hf.get("n_inner") or 4 * n_embd, activation=_GPT2_ACTS.get(act, "gelu_tanh"),
+                norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), positional="learned",
+                bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    _require(problems, hf, "hidden_act", "silu", ("silu",), "lmforge's SwiGLU uses silu")
+    _require(problems, hf, "attention_bias", False, (False,), "Llama-style lmforge models have no biases")
+    _require(problems, hf, "mlp_bias", False, (False,), "Llama-style lmforge models have no biases")
+    scaling = hf.get("rope_scaling")
+    if scaling is not None and not (isinstance(scaling, dict) and
+                                    scaling.get("rope_type", scaling.get("type")) == "default"):
+        problems.append(f"rope_scaling: got {scaling!r}, expected null (lmforge implements plain RoPE only)")
+    if hf.get("model_type") == "mistral":
+        _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window attention")
+    rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
+    if not isinstance(rope, dict):
+        problems.append(f"rope_parameters: got {rope!r}, expected an object")
+        rope = {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_parameters.rope_type: got {rope['rope_type']!r}, expected 'default' "
+                        f"(lmforge implements plain RoPE only)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"rope_parameters.partial_rotary_factor: got {rope['partial_rotary_factor']!r}, "
+                        f"expected 1.0 (lmforge rotates the whole head)")
+    n_embd, n_head = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and isinstance(n_embd, int) and isinstance(n_head, int) and n_head \
+            and head_dim != n_embd // n_head:
+        problems.append(f"head_dim: got {head_dim!r}, expected hidden_size/num_attention_heads = "
+                        f"{n_embd // n_head} (lmforge derives the head size)")
+    return dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
+                context_length=hf.get("max_position_embeddings", 2048), n_layer=hf.get("num_hidden_layers", 32),
+                n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                mlp_hidden=hf.get("intermediate_size", 11008), activation="swiglu", norm="rmsnorm",
+                norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope",
+                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), bias=False,
+                tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def _bert_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    act = _require(problems, hf, "hidden_act", "gelu", tuple(_BERT_ACTS), "lmforge's BERT activations")
+    _require(problems, hf, "position_embedding_type", "absolute", ("absolute",),
+             "lmforge has learned absolute positions")
+    _require(problems, hf, "is_decoder", False, (False,), "a BERT decoder is not implemented")
+    _require(problems, hf, "add_cross_attention", False, (False,), "lmforge encoders have no cross-attention")
+    archs = hf.get("architectures") or []
+    mlm = any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in archs if isinstance(a, str))
+    return dict(arch="encoder", vocab_size=hf.get("vocab_size", 30522),
+                context_length=hf.get("max_position_embeddings", 512), n_layer=hf.get("num_hidden_layers", 12),
+                n_head=hf.get("num_attention_heads", 12), n_embd=hf.get("hidden_size", 768),
+                mlp_hidden=hf.get("intermediate_size", 3072), activation=_BERT_ACTS.get(act, "gelu"),
+                norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post",
+                embedding_norm=True, positional="learned", bias=True,
+                tie_embeddings=hf.get("tie_word_embeddings", True), type_vocab_size=hf.get("type_vocab_size", 2),
+                mlm_head=mlm, pooling="cls")
+
+
+# ================================================================= weights: the plans
+# One entry per lmforge tensor: (lmforge name, op, Hugging Face names without the backbone
+# prefix, split sizes along dim 0 for "cat"). op: "copy", "t" (transpose), "cat" (concatenate).
+Plan = list[tuple[str, str, list[str], list[int] | None]]
+
+
+def _family_of(cfg: ModelConfig) -> str:
+    if cfg.arch == "encoder":
+        return "bert"
+    if cfg.arch == "decoder":
+        return "llama" if cfg.positional == "rope" else "gpt2"
+    raise InteropError(f"model.arch: got {cfg.arch!r}; Hugging Face conversion covers decoders and encoders")
+
+
+def _plan(cfg: ModelConfig, family: str) -> Plan:
+    plan: Plan = []
+
+    def add(ours: str, hf: str | list[str], op: str = "copy", sizes: list[int] | None = None) -> None:
+        plan.append((ours, op, [hf] if isinstance(hf, str) else hf, sizes))
+
+    def add_wb(ours: str, hf: str, op: str = "copy") -> None:  # a weight and its bias
+        add(f"{ours}.weight", f"{hf}.weight", op)
+        add(f"{ours}.bias", f"{hf}.bias")
+
+    C, hd = cfg.n_embd, cfg.head_dim
+    qkv_sizes = [cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd]
+    for i in range(cfg.n_layer):
+        b = f"transformer.blocks.{i}."
+        if family == "gpt2":
+            h = f"h.{i}."
+            add_wb(b + "norm1", h + "ln_1")
+            add_wb(b + "attn.qkv", h + "attn.c_attn", "t")  # Conv1D: (in, out)
+            add_wb(b + "attn.proj", h + "attn.c_proj", "t")
+            add_wb(b + "norm2", h + "ln_2")
+            add_wb(b + "mlp.fc", h + "mlp.c_fc", "t")
+            add_wb(b + "mlp.proj", h + "mlp.c_proj", "t")
+        elif family == "llama":
+            h = f"layers.{i}."
+            add(b + "norm1.weight", h + "input_layernorm.weight")
+            add(b + "attn.qkv.weight", [h + f"self_attn.{p}_proj.weight" for p in "qkv"], "cat", qkv_sizes)
+            add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
+            add(b + "norm2.weight", h + "post_attention_layernorm.weight")
+            add(b + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], "cat",
+                [cfg.mlp_hidden, cfg.mlp_hidden])
+            add(b + "mlp.proj.weight", h + "mlp.down_proj.weight")
+        else:  # bert
+            h = f"encoder.layer.{i}."
+            for kind in ("weight", "bias"):
+                add(b + f"attn.qkv.{kind}", [h + f"attention.self.{p}.{kind}" for p in ("query", "key", "value")],
+                    "cat", qkv_sizes)
+            add_wb(b + "attn.proj", h + "attention.output.dense")
+            add_wb(b + "norm1", h + "attention.output.LayerNorm")
+            add_wb(b + "mlp.fc", h + "intermediate.dense")
+            add_wb(b + "mlp.proj", h + "output.dense")
+            add_wb(b + "norm2", h + "output.LayerNorm")
+
+    if family == "gpt2":
+        add("transformer.tok_emb.weight", "wte.weight")
+        add("transformer.pos_emb.weight", "wpe.weight")
+        add_wb("transformer.norm", "ln_f")
+    elif family == "llama":
+        add("transformer.tok_emb.weight", "embed_tokens.weight")
+        add("transformer.norm.weight", "norm.weight")
+    else:
+        add("transformer.tok_emb.weight", "embeddings.word_embeddings.weight")
+        add("transformer.pos_emb.weight", "embeddings.position_embeddings.weight")
+        if cfg.type_vocab_size:
+            add("transformer.type_emb.weight", "embeddings.token_type_embeddings.weight")
+        add_wb("transformer.emb_norm", "embeddings.LayerNorm")
+        if cfg.mlm_head:
+            add_wb("mlm.dense", "cls.predictions.transform.dense")
+            add_wb("mlm.norm", "cls.predictions.transform.LayerNorm")
+            add("mlm.bias", "cls.predictions.bias")
+            if not cfg.tie_embeddings:
+                add("mlm.decoder.weight", "cls.predictions.decoder.weight")
+    if family != "bert" and not cfg.tie_embeddings:
+        add("lm_head.weight", "lm_head.weight")
+    return plan
+
+
+def _tied_keys(cfg: ModelConfig) -> list[str]:
+    """lmforge tensors that are the token embedding itself when weights are tied."""
+    if not cfg.tie_embeddings:
+        return []
+    return ["mlm.decoder.weight"] if cfg.arch == "encoder" and cfg.mlm_head else \
+        ["lm_head.weight"] if cfg.arch == "decoder" else []
+
+
+def _normalise(hf_state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Hugging Face names without the backbone prefix, old BERT spellings made current."""
+    prefix = _PREFIX[family]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in hf_state.items():
+        if k.startswith(prefix):
+            k = k[len(prefix):]
+        if family == "bert":  # very old BERT files: LayerNorm.gamma/beta
+            k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
+        out[k] = v
+    if family == "bert" and "cls.predictions.bias" not in out and "cls.predictions.decoder.bias" in out:
+        out["cls.predictions.bias"] = out.pop("cls.predictions.decoder.bias")
+    return out
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmforge tensors (every key of ``build(config).state_dict()``) from Hugging Face tensors.
+
+    Tensors the config needs but the file lacks are a :class:`CheckpointError`; tensors lmforge
+    has no place for (a classifier, a bias, ...) an :class:`InteropError`. Buffers, BERT's pooler
+    and next-sentence head, and an LM head tied to the embeddings are ignored.
+    """
+    family = _family_of(config)
+    src = _normalise(hf_state, family)
+    plan = _plan(config, family)
+    needed = [n for _, _, names, _ in plan for n in names]
+    missing = [n for n in needed if n not in src]
+    if missing:
+        raise CheckpointError(f"Hugging Face weights: {len(missing)} tensor(s) the config needs are missing: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    skip = {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    leftover = sorted(k for k in set(src) - set(needed) if k not in skip and not _IGNORED[family].match(k))
+    if leftover:
+        raise InteropError(f"Hugging Face weights: {len(leftover)} tensor(s) lmforge has no place for: "
+                           f"{', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
+    out: dict[str, torch.Tensor] = {}
+    for ours, op, names, _ in plan:
+        ts = [src[n] for n in names]
+        try:
+            out[ours] = ts[0].t() if op == "t" else torch.cat(ts, dim=0) if op == "cat" else ts[0]
+        except RuntimeError as e:
+            raise CheckpointError(f"Hugging Face weights: {', '.join(names)}: shapes do not fit together "
+                                  f"({_first_line(e)})") from None
+    for key in _tied_keys(config):
+        out[key] = out["transformer.tok_emb.weight"]
+    return out
+
+
+def _fit_config_to_weights(cfg: ModelConfig, hf: dict[str, Any], hf_state: dict[str, torch.Tensor],
+                           folder: Path) -> ModelConfig:
+    """What only the files can tell: whether a BERT file holds an MLM head, whether a base model
+    (no LM head in the file) must tie its head, and a sentence-transformers pooling mode."""
+    family = _family_of(cfg)
+    names = _normalise(hf_state, family)
+    changes: dict[str, Any] = {}
+    if family == "bert":
+        changes["mlm_head"] = "cls.predictions.transform.dense.weight" in names
+        pooling = folder / "1_Pooling" / CONFIG
+        if pooling.is_file():
+            try:
+                p = json.loads(pooling.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                p = {}
+            if isinstance(p, dict) and p.get("pooling_mode_mean_tokens"):
+                changes["pooling"] = "mean"
+            elif isinstance(p, dict) and p.get("pooling_mode_cls_token"):
+                changes["pooling"] = "cls"
+    elif not cfg.tie_embeddings and "lm_head.weight" not in names \
+            and any(a in _BASE_MODELS for a in hf.get("architectures") or []):
+        # A base model has no LM head: its product is the hidden states, and logits come from
+        # the embeddings (as GPT-2 ties them).
+        changes["tie_embeddings"] = True
+    return ModelConfig.from_dict({**cfg.to_dict(), **changes}) if changes else cfg
+
+
+# ================================================================= import
+def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False):
+    """Build the lmforge model of a Hugging Face folder and load its weights (eval mode).
+
+    Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama-family (``LlamaForCausalLM``,
+    ``LlamaModel``, plain Mistral; GQA, tied or untied head), BERT (``BertModel``,
+    ``BertForMaskedLM``, ``BertForPreTraining``). A BERT masked-LM head (``cls.predictions.*``)
+    is loaded when the file has one (``mlm_head`` is False otherwise). ``BertModel``'s pooler
+    (CLS -> dense -> tanh) and BERT's next-sentence head are not used by lmforge and are
+    ignored; lmforge pools with ``pooling`` (mean when a sentence-transformers
+    ``1_Pooling/config.json`` says so, else CLS). A base decoder without LM head weights gets a
+    head tied to its embeddings.
+
+    With ``with_tokenizer`` returns ``(model, tokenizer)``: the folder's ``tokenizer.json``
+    loaded with :func:`lmforge.tokenizer.load_tokenizer`, or None when absent.
+    """
+    from lmforge.model import build
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder; expected a Hugging Face model folder with {CONFIG}")
+    hf = read_hf_config(folder)
+    cfg = config_from_hf(hf)
+    hf_state = read_hf_weights(folder)
+    cfg = _fit_config_to_weights(cfg, hf, hf_state, folder)
+    state = state_dict_from_hf(hf_state, cfg)
+    model = build(cfg)
+    expected = model.state_dict()
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{folder}: {key}: shape {tuple(t.shape)} in the weights, expected "
+                                  f"{tuple(expected[key].shape)} from {CONFIG}")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    if not with_tokenizer:
+        return model
+    tok = None
+    if (folder / TOKENIZER).is_file():
+        from lmforge.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder / TOKENIZER)
+        if tok.vocab_size > cfg.vocab_size:
+            raise CheckpointError(f"{folder / TOKENIZER}: tokenizer has {tok.vocab_size} tokens but the model's "
+                                  f"vocab_size is {cfg.vocab_size}")
+    return model, tok
+
+
+# ================================================================= export
+def _export_problems(cfg: ModelConfig) -> list[str]:
+    """Why ``cfg`` has no exact Hugging Face equivalent (empty when it has one)."""
+    p: list[str] = []
+    if cfg.arch != "decoder":
+        return [f"model.arch: got {cfg.arch!r}; export writes decoders only (GPT2LMHeadModel or LlamaForCausalLM)"]
+    if cfg.norm_position != "pre":
+        p.append(f"model.norm_position: got {cfg.norm_position!r}; GPT-2 and Llama are pre-LN (expected 'pre')")
+    if cfg.embedding_norm:
+        p.append("model.embedding_norm: got true; GPT-2 and Llama have no embedding norm (expected false)")
+    if cfg.type_vocab_size:
+        p.append(f"model.type_vocab_size: got {cfg.type_vocab_size}; GPT-2 and Llama have no token types (expected 0)")
+    if cfg.positional == "learned":  # GPT2LMHeadModel
+        if cfg.norm != "layernorm":
+            p.append(f"model.norm: got {cfg.norm!r} with learned positions; GPT-2 uses 'layernorm'")
+        if cfg.activation not in ("gelu_tanh", "gelu", "relu"):
+            p.append(f"model.activation: got {cfg.activation!r} with learned positions; GPT-2 supports "
+                     f"gelu_tanh, gelu or relu")
+        if not cfg.bias:
+            p.append("model.bias: got false with learned positions; GPT-2 has biases (expected true)")
+        if cfg.n_kv_head != cfg.n_head:
+            p.append(f"model.n_kv_head: got {cfg.n_kv_head} with learned positions; GPT-2 has no grouped-query "
+                     f"attention (expected n_head={cfg.n_head})")
+    elif cfg.positional == "rope":  # LlamaForCausalLM
+        if cfg.norm != "rmsnorm":
+            p.append(f"model.norm: got {cfg.norm!r} with rope positions; Llama uses 'rmsnorm'")
+        if cfg.activation != "swiglu":
+            p.append(f"model.activation: got {cfg.activation!r} with rope positions; Llama uses 'swiglu'")
+        if cfg.bias:
+            p.append("model.bias: got true with rope positions; Llama has no biases (expected false)")
+    else:
+        p.append(f"model.positional: got {cfg.positional!r}; GPT-2 needs 'learned', Llama 'rope'")
+    return p
+
+
+def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` of an lmforge decoder: GPT-2 (learned positions) or Llama (RoPE).
+
+    Raises :class:`InteropError` listing every field with no Hugging Face equivalent.
+    """
+    problems = _export_problems(config)
+    if problems:
+        raise InteropError("cannot export to Hugging Face format: " + "; ".join(problems))
+    c = config
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_id", None) for role in ("bos", "eos", "pad")}
+    common = {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
+              **ids, "use_cache": True, "dtype": str(dtype).removeprefix("torch.")}
+    if c.positional == "learned":
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation]
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": c.context_length,
+                "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.mlp_hidden,
+                "activation_function": act, "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout,
+                "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, **common}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.n_embd,
+            "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+            "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "attention_bias": False, "attention_dropout": c.dropout, "mlp_bias": False, **common}
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors (full names, fresh contiguous CPU memory) from lmforge's: the plan run
+    backwards. A tied head is left out, as ``save_pretrained`` does; an lmforge tensor with no
+    Hugging Face place (e.g. an extra head) is an :class:`InteropError`."""
+    family = _family_of(config)
+    plan = _plan(config, family)
+    extra = sorted(set(state) - {ours for ours, _, _, _ in plan} - set(_tied_keys(config)))
+    if extra:
+        raise InteropError(f"model weights with no Hugging Face place: {', '.join(extra[:5])}")
+    prefix = _PREFIX[family]
+    out: dict[str, torch.Tensor] = {}
+    for ours, op, names, sizes in plan:
+        t = state[ours].detach().cpu()
+        pieces = t.split(sizes, dim=0) if op == "cat" else [t.t() if op == "t" else t]
+        for name, piece in zip(names, pieces):
+            full = name if name.startswith(_HEAD_PREFIXES) else prefix + name
+            out[full] = piece.contiguous().clone()  # no shared memory: safetensors refuses it
+    return out
+
+
+def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) that
+    ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads with the same logits.
+
+    GPT-2 style decoders (learned positions, pre-LN LayerNorm, gelu_tanh/gelu/relu, biases, MHA)
+    become ``GPT2LMHeadModel``; Llama style (RoPE, RMSNorm, SwiGLU, no biases, GQA allowed)
+    ``LlamaForCausalLM``; the head is tied or not as in lmforge. Anything else is an
+    :class:`InteropError` naming the fields. The tokenizer is written as its Hugging Face JSON
+    when it wraps one (``hf``/``bpe`` kinds), else as the lmforge tokenizer file.
+    """
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise InteropError(f"model: got {type(model).__name__} without an lmforge ModelConfig; "
+                           f"expected an lmforge model")
+    params = list(model.parameters())
+    dtype = params[0].dtype if params else torch.float32
+    hf_cfg = config_to_hf(cfg, tokenizer, dtype)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise InteropError(f"tokenizer: has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
+    hf_state = state_dict_to_hf(model.state_dict(), cfg)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8"))
+    if tokenizer is not None:
+        d = tokenizer.to_dict()
+        if "hf_tokenizer" in d:  # a Hugging Face tokenizer: its own JSON, which transformers reads
+            text = json.dumps(d["hf_tokenizer"], ensure_ascii=False, indent=2)
+            _atomic_write(out / TOKENIZER, lambda p: p.write_text(text, encoding="utf-8"))
+        else:
+            tokenizer.save(out / TOKENIZER)
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through ``write(tmp)`` beside ``path``, fsync, then rename into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
