@@ -178,11 +178,15 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         mean_loss = mean_across(total_loss / cfg.grad_accum, self.dist)
-        finite = bool(torch.isfinite(mean_loss)) and bool(torch.isfinite(grad_norm))
+        loss_ok, grad_ok = bool(torch.isfinite(mean_loss)), bool(torch.isfinite(grad_norm))
+        finite = loss_ok and grad_ok
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.scaler.step(self.optimizer)
             self.nonfinite_in_row = 0
+        elif loss_ok and self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # fp16 overflow: the scaler skips the step and lowers its scale
+            self.skipped += 1
         else:
             self.nonfinite_in_row += 1
             self.skipped += 1
