@@ -9,6 +9,7 @@ type and range *before anything is allocated*; all problems are reported at once
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _convert(value, non_none[0], path, problems)
     if dataclasses.is_dataclass(tp):
+        if tp is SourceSection and isinstance(value, str):
+            value = {"path": value}  # a source may be written as its path alone
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
             return tp()
@@ -246,15 +249,30 @@ def config_from_dict(data: dict) -> RunConfig:
     problems: list[str] = []
     cfg = _build(RunConfig, data, "config", problems)
     problems = [p.removeprefix("config.") for p in problems]
-    if not problems:
-        problems += _range_problems(cfg)
-        try:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
-            cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
-        except ConfigError as e:
-            problems += e.problems
+    # Range checks run even after type problems (a field of the wrong type kept its default, so
+    # it is not reported twice): every problem of the config is reported at once.
+    typed = {p.split(":", 1)[0] for p in problems}
+    problems += [p for p in _range_problems(cfg) if p.split(":", 1)[0] not in typed]
+    try:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
+        cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
+    except ConfigError as e:
+        problems += e.problems
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float: PyYAML follows YAML 1.1, where an exponent
+    without a dot is a string, so ``train.lr=3e-4`` would otherwise fail the float check."""
+
+
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -268,7 +286,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = out
@@ -292,7 +310,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

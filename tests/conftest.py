@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny run config (1 layer, width 32, context 32) on the built-in stories,
+with a token cache shared by the whole session so each corpus is tokenized once."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+# One thread per process: the test models are tiny, and on a small shared CPU several OpenMP
+# threads spin against each other (100x slower). Subprocesses (CLI, torchrun) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def tiny_run_dict(out_dir: Path, cache_dir: Path) -> dict:
+    """A run small enough to train a few steps on a shared 2-core CPU in about a second."""
+    return {
+        "run": {"name": "tiny", "out_dir": str(out_dir), "seed": 0, "device": "cpu"},
+        "model": {"arch": "decoder", "n_layer": 1, "n_head": 2, "n_embd": 32, "context_length": 32,
+                  "vocab_size": None, "dropout": 0.0},
+        "tokenizer": {"kind": "char"},
+        "data": {"sources": [{"path": "builtin:stories", "num_docs": 200, "seed": 0}],
+                 "val_fraction": 0.1, "cache_dir": str(cache_dir)},
+        "train": {"max_steps": 6, "batch_size": 8, "grad_accum": 1, "lr": 3e-3, "min_lr": 3e-4,
+                  "warmup_steps": 2, "eval_every": 1000, "eval_batches": 2, "log_every": 1,
+                  "checkpoint_every": None, "resume": "auto", "progress": False},
+        "sample": {"max_new_tokens": 0},
+    }
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lmforge_cache")
+
+
+@pytest.fixture(scope="session")
+def run_dict(token_cache):
+    """``run_dict(out_dir, **sections)``: the tiny run as a dict with its run folder anywhere
+    (for module-scoped fixtures, which cannot use ``tmp_path``)."""
+
+    def make(out_dir: Path, **sections) -> dict:
+        return deep_merge(tiny_run_dict(out_dir, token_cache), sections)
+
+    return make
+
+
+@pytest.fixture
+def tiny_dict(tmp_path, token_cache):
+    """``tiny_dict(name="run", **sections)``: the tiny run as a dict, run folder ``tmp_path/name``,
+    with ``sections`` deep-merged in (``train={"max_steps": 3}``)."""
+
+    def make(name: str = "run", **sections) -> dict:
+        return deep_merge(tiny_run_dict(tmp_path / name, token_cache), sections)
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(tiny_dict):
+    """``tiny_config(name="run", **sections)``: a validated RunConfig of the tiny run."""
+    from lmforge.config import config_from_dict
+
+    def make(name: str = "run", **sections):
+        return config_from_dict(tiny_dict(name, **sections))
+
+    return make
+
+
+@pytest.fixture
+def tiny_yaml(tiny_dict, tmp_path):
+    """``tiny_yaml(name="run", **sections)``: the tiny run written to ``tmp_path/<name>.yaml``."""
+
+    def make(name: str = "run", **sections) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_dict(name, **sections), sort_keys=False))
+        return path
+
+    return make

@@ -1,0 +1,339 @@
+"""RunConfig: dotted overrides, validation that names every field, YAML round trips, every shipped
+recipe, the learning-rate schedule and AdamW parameter groups."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lmforge.config import (RunConfig, SourceSection, config_from_dict, load_config, parse_overrides,
+                            save_config)
+from lmforge.errors import ConfigError
+from lmforge.model import build
+from lmforge.train.optim import lr_at, param_groups
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+# ----------------------------------------------------------------------------- overrides
+def test_override_values_are_parsed_as_yaml():
+    out = parse_overrides(["train.lr=3e-4", "model.n_layer=6", "train.compile=true", "run.name=my run",
+                           "data.sources=[{path: a.txt}, {path: b.txt, limit: 3}]",
+                           "model.dropout=0", "tokenizer.path=null", "sample.prompt="])
+    assert out["train"]["lr"] == 3e-4 and isinstance(out["train"]["lr"], float)
+    assert out["model"]["n_layer"] == 6 and isinstance(out["model"]["n_layer"], int)
+    assert out["train"]["compile"] is True
+    assert out["run"]["name"] == "my run"
+    assert out["data"]["sources"] == [{"path": "a.txt"}, {"path": "b.txt", "limit": 3}]
+    assert out["model"]["dropout"] == 0
+    assert out["tokenizer"]["path"] is None
+    assert out["sample"]["prompt"] == ""
+
+
+def test_override_lists_and_mappings_reach_the_config():
+    cfg = load_config(None, ["data.sources=[{path: builtin:stories, num_docs: 50}, builtin:arithmetic]",
+                             "model={preset: baby, n_layer: 2}", "train.lr=3e-4"])
+    assert [s.path for s in cfg.data.sources] == ["builtin:stories", "builtin:arithmetic"]
+    assert cfg.data.sources[0].num_docs == 50
+    assert isinstance(cfg.data.sources[1], SourceSection)
+    assert cfg.model == {"preset": "baby", "n_layer": 2}
+    assert cfg.train.lr == 3e-4
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    # PyYAML (YAML 1.1) reads 3e-4 as a string; lmforge reads it as the float everyone means
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 3e-4\n  min_lr: 1E-5\n")
+    cfg = load_config(f, ["train.weight_decay=1e-2"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (3e-4, 1e-5, 1e-2)
+    assert parse_overrides(["run.name=v1e5"])["run"]["name"] == "v1e5"
+
+
+def test_override_int_where_float_expected_is_accepted():
+    cfg = load_config(None, ["train.lr=1", "train.min_lr=0"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("bad", ["a.b", "train.lr", "=3", "train..lr=3", ".lr=1"])
+def test_malformed_override_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_overrides([bad])
+
+
+def test_override_later_wins_and_merges_with_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.01\n  max_steps: 7\nmodel:\n  preset: baby\n")
+    cfg = load_config(f, ["train.lr=0.002", "train.lr=0.003", "model.n_layer=2"])
+    assert cfg.train.lr == 0.003 and cfg.train.max_steps == 7
+    assert cfg.model == {"preset": "baby", "n_layer": 2}
+
+
+# ----------------------------------------------------------------------------- validation
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.foo=1"])
+    assert any(p.startswith("train.foo:") for p in e.value.problems)
+    assert "unknown key" in str(e.value) and "max_steps" in str(e.value)  # lists what is expected
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match="trian"):
+        config_from_dict({"trian": {"lr": 1e-3}})
+
+
+def test_wrong_type_names_path_and_expected_type():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.max_steps=abc"])
+    (p,) = e.value.problems
+    assert p.startswith("train.max_steps:") and "int" in p and "abc" in p
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(None, ["train.batch_size=true"])
+
+
+@pytest.mark.parametrize("override, path", [
+    ("train.lr=-1", "train.lr"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.schedule=exp", "train.schedule"),
+    ("train.precision=fp8", "train.precision"),
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("objective.mask_prob=0", "objective.mask_prob"),
+    ("tokenizer.kind=words", "tokenizer.kind"),
+    ("run.device=tpu", "run.device"),
+])
+def test_out_of_range_values_are_named(override, path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert any(p.startswith(path + ":") for p in e.value.problems), e.value.problems
+
+
+def test_several_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.lr=-1", "train.batch_size=0", "train.nonsense=1", "train.max_steps=abc",
+                           "tokenizer.kind=words", "model.n_embd=33"])
+    paths = {p.split(":")[0] for p in e.value.problems}
+    assert {"train.lr", "train.batch_size", "train.nonsense", "train.max_steps", "tokenizer.kind",
+            "model.n_embd"} <= paths
+    for p in e.value.problems:  # every problem is also in the one-line message
+        assert p in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_model_section_problems_before_anything_is_allocated(monkeypatch):
+    import lmforge.model as model_pkg
+    from lmforge.model import transformer
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built while validating the config")
+
+    monkeypatch.setattr(model_pkg, "build", no_build)
+    monkeypatch.setattr(transformer.DecoderLM, "__init__", no_build)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model={arch: decoder, n_embd: 30, n_head: 4, n_layer: -1}"])
+    paths = [p.split(":")[0] for p in e.value.problems]
+    assert "model.n_layer" in paths
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model={arch: decoder, n_embd: 30, n_head: 4}"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["model.n_embd"]
+    assert "divisible" in str(e.value)
+    with pytest.raises(ConfigError, match="model.bogus"):
+        load_config(None, ["model.bogus=1"])
+    with pytest.raises(ConfigError, match="model.preset"):
+        load_config(None, ["model.preset=gpt5"])
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        load_config(None, ["train.lr=-1"])
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+# ----------------------------------------------------------------------------- YAML round trip
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "train.max_steps=17", "model={preset: baby, n_layer: 2}",
+                             'data.sources=[{path: builtin:stories, num_docs: 10}, {path: x.txt, doc_separator: "\\n\\n"}]',
+                             "data.val_sources=[builtin:arithmetic]", "train.checkpoint_every=null",
+                             "sample.top_p=0.9", "run.name=round trip"])
+    path = tmp_path / "cfg.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.to_dict() == cfg.to_dict()
+    assert again.data.sources[1].doc_separator == "\n\n"
+    assert again.train.checkpoint_every is None
+
+
+def test_defaults_round_trip(tmp_path):
+    save_config(RunConfig(), tmp_path / "d.yaml")
+    assert load_config(tmp_path / "d.yaml") == RunConfig()
+
+
+# ----------------------------------------------------------------------------- shipped recipes
+def test_there_are_shipped_configs():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_validates_and_builds(path, tmp_path):
+    cfg = load_config(path)
+    vocab = cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size or 8000
+    mc = cfg.model_config(vocab_size=vocab)
+    assert mc.vocab_size == vocab
+    with torch.device("meta"):
+        model = build(mc)
+    n = sum(p.numel() for p in model.parameters())
+    assert n > 0
+    # a recipe survives its own save/load
+    save_config(cfg, tmp_path / "again.yaml")
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+def test_small_shipped_config_builds_for_real():
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    if not demo.is_file():
+        pytest.skip("configs/demo.yaml not present")
+    cfg = load_config(demo, ["model.n_layer=1"])
+    model = build(cfg.model_config(vocab_size=40))
+    x = torch.randint(0, 40, (1, 8))
+    assert model(x).shape == (1, 8, 40)
+
+
+# ----------------------------------------------------------------------------- schedule
+def _lr(step, **kw):
+    base = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110, schedule="cosine")
+    base.update(kw)
+    return lr_at(step, **base)
+
+
+def test_warmup_is_linear_from_lr_over_warmup():
+    assert _lr(0) == pytest.approx(1e-3 / 10)
+    assert _lr(4) == pytest.approx(5e-4)
+    steps = [_lr(s) for s in range(10)]
+    diffs = [b - a for a, b in zip(steps, steps[1:])]
+    assert all(d == pytest.approx(1e-4) for d in diffs)
+
+
+def test_peak_at_warmup_end_and_cosine_to_min():
+    assert _lr(9) == pytest.approx(1e-3)  # last warmup step reaches the peak
+    assert _lr(10) == pytest.approx(1e-3)  # decay starts from the peak
+    assert _lr(60) == pytest.approx((1e-3 + 1e-4) / 2)  # half way through the decay
+    assert _lr(110) == pytest.approx(1e-4)
+    assert _lr(500) == pytest.approx(1e-4)  # stays at min_lr after max_steps
+    values = [_lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    # the cosine shape at a quarter of the decay
+    assert _lr(35) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 4)))
+
+
+def test_linear_and_constant_schedules():
+    assert _lr(60, schedule="linear") == pytest.approx((1e-3 + 1e-4) / 2)
+    assert _lr(35, schedule="linear") == pytest.approx(1e-3 - 0.25 * 9e-4)
+    assert _lr(110, schedule="linear") == pytest.approx(1e-4)
+    assert _lr(0, schedule="constant") == pytest.approx(1e-4)  # warmup still applies
+    for s in (10, 60, 110, 1000):
+        assert _lr(s, schedule="constant") == pytest.approx(1e-3)
+
+
+def test_no_warmup_starts_at_peak():
+    assert _lr(0, warmup_steps=0) == pytest.approx(1e-3)
+    assert _lr(100, warmup_steps=0, max_steps=100) == pytest.approx(1e-4)
+
+
+def test_scheduler_follows_lr_at():
+    from lmforge.train.optim import make_optimizer, make_scheduler
+
+    model = nn.Linear(2, 2)
+    opt = make_optimizer(model, 1e-3, 0.1)
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=3, max_steps=12, schedule="cosine")
+    sched = make_scheduler(opt, **kw)
+    for step in range(14):
+        assert sched.get_last_lr()[0] == pytest.approx(lr_at(step, **kw))
+        opt.step()
+        sched.step()
+
+
+# ----------------------------------------------------------------------------- param groups
+def _groups(model, wd=0.1):
+    decay, no_decay = param_groups(model, wd)
+    assert decay["weight_decay"] == wd and no_decay["weight_decay"] == 0.0
+    return decay["params"], no_decay["params"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_param_groups_decay_only_linear_weights(tied):
+    model = build({"arch": "decoder", "vocab_size": 20, "context_length": 8, "n_layer": 2, "n_head": 2,
+                   "n_embd": 16, "tie_embeddings": tied})
+    decay, no_decay = _groups(model)
+    ids_decay, ids_no = {id(p) for p in decay}, {id(p) for p in no_decay}
+    assert len(ids_decay) == len(decay) and len(ids_no) == len(no_decay)  # nothing twice
+    assert not ids_decay & ids_no
+    unique = {id(p) for p in model.parameters()}
+    assert ids_decay | ids_no == unique  # every parameter once (tied weights included)
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            assert id(m.weight) in ids_no, name
+        elif isinstance(m, nn.Linear):
+            if tied and m.weight is model.transformer.tok_emb.weight:
+                assert id(m.weight) in ids_no  # the tied head is the embedding: not decayed
+            else:
+                assert id(m.weight) in ids_decay, name
+            if m.bias is not None:
+                assert id(m.bias) in ids_no, name
+        elif isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower():
+            for p in m.parameters(recurse=False):
+                assert id(p) in ids_no, name
+    for p in no_decay:
+        if p.dim() >= 2:
+            assert any(p is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+
+
+def test_param_groups_tied_weight_counted_once():
+    model = build({"arch": "decoder", "vocab_size": 20, "context_length": 8, "n_layer": 1, "n_head": 2,
+                   "n_embd": 16, "tie_embeddings": True})
+    assert model.lm_head.weight is model.transformer.tok_emb.weight
+    decay, no_decay = _groups(model)
+    everything = decay + no_decay
+    assert sum(p is model.lm_head.weight for p in everything) == 1
+    assert sum(p.numel() for p in everything) == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def test_param_groups_rmsnorm_and_encoder_heads():
+    model = build({"arch": "encoder", "vocab_size": 20, "context_length": 8, "n_layer": 1, "n_head": 2,
+                   "n_embd": 16, "mlm_head": True, "type_vocab_size": 2})
+    decay, no_decay = _groups(model)
+    assert all(p.dim() == 2 for p in decay)
+    assert all(p.dim() < 2 or any(p is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+               for p in no_decay)
+    llama = build({"arch": "decoder", "vocab_size": 20, "context_length": 8, "n_layer": 1, "n_head": 2,
+                   "n_embd": 16, "norm": "rmsnorm", "bias": False, "positional": "rope", "activation": "swiglu"})
+    decay, no_decay = _groups(llama)
+    assert all(p.dim() == 1 or p is llama.transformer.tok_emb.weight for p in no_decay)
+    assert len(decay) == 4  # qkv, proj, mlp fc, mlp proj (head tied)
+
+
+def test_frozen_parameters_are_left_out():
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    model[0].weight.requires_grad_(False)
+    decay, no_decay = _groups(model)
+    assert decay == []
+    assert {id(p) for p in no_decay} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
