@@ -376,7 +376,7 @@ def _problem_reach(rng: random.Random, A: _Char, B: _Char, place: dict, ctx: dic
     ending = rng.choice([
         [f"They shared the {fruit}, and it was sweet and juicy."],
         [f"{A} gave half of the {fruit} to {B}.", "Working together made it easy."],
-        [f"\"We did it!\" they shouted.", f"It was the best {fruit} {A} had ever eaten."],
+        ["\"We did it!\" they shouted.", f"It was the best {fruit} {A} had ever eaten."],
     ])
     return {"setup": setup, "feeling": feeling, "dialogue": dialogue,
             "resolution": resolution, "ending": ending}
@@ -483,7 +483,7 @@ def _problem_bird(rng: random.Random, A: _Char, B: _Char, place: dict, ctx: dict
     ending = rng.choice([
         [f"The {baby} was safe again.", f"{A} and {B} felt proud and happy."],
         [f"Everyone was happy, and {A} smiled all day."],
-        [f"It felt good to help.", f"{A} and {B} went home with happy hearts."],
+        ["It felt good to help.", f"{A} and {B} went home with happy hearts."],
     ])
     return {"setup": setup, "feeling": feeling, "dialogue": dialogue,
             "resolution": resolution, "ending": ending}
@@ -527,7 +527,7 @@ def _problem_picnic(rng: random.Random, A: _Char, B: _Char, place: dict, ctx: di
     ]
     resolution = [rng.choice([
         f"They put a blanket on the floor and ate the {food} inside.",
-        f"They built a tent from chairs and blankets, and they had the picnic in it.",
+        "They built a tent from chairs and blankets, and they had the picnic in it.",
     ])]
     ending = rng.choice([
         [f"Listening to the rain, they ate all the {food}.", "It was the best picnic ever."],

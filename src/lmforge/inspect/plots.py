@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lmforge.errors import DataError
+from lmforge.fsutil import atomic_write
 
 TRAIN = "train"
 _PPL_KEYS = ("ppl", "perplexity")
@@ -35,19 +35,7 @@ def _new_figure(width: float, height: float):
 
 
 def _save_atomic(fig, out_png: str | os.PathLike) -> Path:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out_png, lambda p: fig.savefig(p, format="png"))
 
 
 def _finite(x: Any) -> float | None:

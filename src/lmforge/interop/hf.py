@@ -28,9 +28,7 @@ Dropout rates in ``config.json`` are training choices and are not imported (``dr
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
+from lmforge.fsutil import atomic_write
 from lmforge.model.config import ModelConfig
 
 CONFIG = "config.json"
@@ -261,7 +260,7 @@ def _plan(cfg: ModelConfig, family: str) -> Plan:
         add(f"{ours}.weight", f"{hf}.weight", op)
         add(f"{ours}.bias", f"{hf}.bias")
 
-    C, hd = cfg.n_embd, cfg.head_dim
+    hd = cfg.head_dim
     qkv_sizes = [cfg.n_head * hd, cfg.n_kv_head * hd, cfg.n_kv_head * hd]
     for i in range(cfg.n_layer):
         b = f"transformer.blocks.{i}."
@@ -555,27 +554,13 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8"))
     if tokenizer is not None:
         d = tokenizer.to_dict()
         if "hf_tokenizer" in d:  # a Hugging Face tokenizer: its own JSON, which transformers reads
             text = json.dumps(d["hf_tokenizer"], ensure_ascii=False, indent=2)
-            _atomic_write(out / TOKENIZER, lambda p: p.write_text(text, encoding="utf-8"))
+            atomic_write(out / TOKENIZER, lambda p: p.write_text(text, encoding="utf-8"))
         else:
             tokenizer.save(out / TOKENIZER)
     return out
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through ``write(tmp)`` beside ``path``, fsync, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -25,7 +25,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,6 +33,7 @@ import torch
 import yaml
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.fsutil import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -417,19 +417,6 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _device_summary() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
@@ -452,7 +439,7 @@ def save_run_info(run_dir: str | os.PathLike, config: dict) -> None:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False))
+    atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False))
 
     repo = Path(__file__).resolve().parent
     commit = git_commit(repo)
@@ -473,7 +460,7 @@ def save_run_info(run_dir: str | os.PathLike, config: dict) -> None:
     previous = _previous_starts(run_dir / RUN_INFO_FILE)
     if previous:
         info["previous_starts"] = previous
-    _write_atomic(run_dir / RUN_INFO_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write(run_dir / RUN_INFO_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def _previous_starts(path: Path) -> list[dict]:

@@ -1,0 +1,34 @@
+"""Atomic file writes: a temporary file beside the target, fsync, then rename into place.
+
+A crash at any instant leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path], object]) -> Path:
+    """Write ``content`` (text, bytes, or a function that writes to the path it is given) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        if isinstance(content, str):
+            tmp_path.write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes):
+            tmp_path.write_bytes(content)
+        else:
+            content(tmp_path)
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
