@@ -63,8 +63,9 @@ def test_two_processes_match_one(tiny_yaml, tmp_path):
     for a, b in zip(train_one, train_two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), a["step"]
         assert a["lr"] == pytest.approx(b["lr"])
-    # (validation losses are not compared: eval_batches counts micro-batches of train.batch_size,
-    # so the 2-process run scores half as many validation windows)
+    val_one = [r["loss"] for r in rec_one if r["split"] == "val"]
+    val_two = [r["loss"] for r in rec_two if r["split"] == "val"]
+    assert val_two == pytest.approx(val_one, abs=1e-5)  # same validation windows (train.eval_batch_size)
 
     last_one = ckpt.latest_checkpoint(run_one / "checkpoints")
     last_two = ckpt.latest_checkpoint(run_two / "checkpoints")

@@ -84,6 +84,7 @@ class TrainSection:
     compile: bool = False
     eval_every: int = 200
     eval_batches: int = 20
+    eval_batch_size: int = 16  # fixed, so validation losses compare across batch sizes and process counts
     log_every: int = 10
     checkpoint_every: int | None = 1000
     checkpoint_every_hours: float | None = None
@@ -221,6 +222,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(t.best_mode in ("min", "max"), f"train.best_mode: got {t.best_mode!r}, expected min or max")
     need(t.eval_every > 0, f"train.eval_every: got {t.eval_every}, expected a positive integer")
     need(t.eval_batches > 0, f"train.eval_batches: got {t.eval_batches}, expected a positive integer")
+    need(t.eval_batch_size > 0, f"train.eval_batch_size: got {t.eval_batch_size}, expected a positive integer")
     need(t.log_every > 0, f"train.log_every: got {t.log_every}, expected a positive integer")
     need(t.max_nonfinite > 0, f"train.max_nonfinite: got {t.max_nonfinite}, expected a positive integer")
     need(t.checkpoint_every is None or t.checkpoint_every > 0,

@@ -177,7 +177,7 @@ def _pretrain(cfg: RunConfig, dist: DistInfo, progress: bool, say) -> dict:
     t = cfg.train
     train_data = WindowBatches(store.train, context, t.batch_size, t.grad_accum, objective, cfg.run.seed,
                                dist.rank, dist.world_size)
-    val_data = eval_batches(store.val, context, t.batch_size, t.eval_batches, objective, cfg.run.seed)
+    val_data = eval_batches(store.val, context, t.eval_batch_size, t.eval_batches, objective, cfg.run.seed)
     fpt = flops_per_token(mcfg, context)
     say(f"model: {mcfg.arch} {mcfg.name or ''} {count_parameters(model):,} parameters "
         f"({count_parameters(model, exclude_embeddings=True):,} without embeddings), {fpt / 1e6:.2f} MFLOPs/token "

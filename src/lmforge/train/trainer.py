@@ -241,7 +241,7 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         result.evals.append({"step": self.step, **ev})
-                        self.logger.log(self.step, ev, split="val")
+                        self.logger.log(self.step, {k.removeprefix("val_"): v for k, v in ev.items()}, split="val")
                         progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                         self._plot()
                         if cfg.best_metric and cfg.best_metric in ev and self.policy.is_best(ev):
