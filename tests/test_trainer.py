@@ -297,7 +297,8 @@ def test_evaluation_metrics_and_run_files(golden_run):
     assert [r["step"] for r in val] == [10, 20]
     assert [r["loss"] for r in train] == pytest.approx(losses(summary))
     assert all({"lr", "grad_norm", "tokens_per_s"} <= r.keys() for r in train)
-    assert val[-1]["val_loss"] == pytest.approx(summary["final_eval"]["val_loss"])
+    assert val[-1]["loss"] == pytest.approx(summary["final_eval"]["val_loss"])
+    assert val[-1]["ppl"] == pytest.approx(summary["final_eval"]["val_ppl"])
 
     best = Path(summary["best_checkpoint"])
     assert best.name == "best"
