@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.skipped = 0
         self._stop_requested = False
+        self._plot_thread: threading.Thread | None = None
+        self._plot_pending = False
         self.train_model = self._wrap(model)
 
     # ------------------------------------------------------------------------------- setup
@@ -260,6 +263,7 @@ class Trainer:
                     result.stopped_early = True
                     break
         finally:
+            self._wait_for_plot()
             progress.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -269,16 +273,30 @@ class Trainer:
         return result
 
     def _plot(self) -> None:
-        if not self.dist.is_main:
+        """Redraw training_curves.png in a background thread, so training does not wait for it."""
+        if not self.dist.is_main or not (self.run_dir / "metrics.jsonl").exists():
             return
-        from lmforge.inspect.plots import plot_training_curves
+        if self._plot_thread is not None and self._plot_thread.is_alive():
+            self._plot_pending = True  # still drawing the previous one: redraw later
+            return
+        self._plot_pending = False
+        self._plot_thread = threading.Thread(target=_plot_curves, args=(self.run_dir,), daemon=True)
+        self._plot_thread.start()
 
-        metrics_file = self.run_dir / "metrics.jsonl"
-        if metrics_file.exists():
-            try:
-                plot_training_curves(metrics_file, self.run_dir / "training_curves.png")
-            except Exception as e:  # a plot must never stop training
-                print(f"warning: could not plot training curves: {e}")
+    def _wait_for_plot(self) -> None:
+        if self._plot_thread is not None:
+            self._plot_thread.join()
+            if self._plot_pending:  # the last evaluation's points are not drawn yet
+                _plot_curves(self.run_dir)
+
+
+def _plot_curves(run_dir: Path) -> None:
+    from lmforge.inspect.plots import plot_training_curves
+
+    try:
+        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+    except Exception as e:  # a plot must never stop training
+        print(f"warning: could not plot training curves: {e}")
 
 
 def seed_everything(seed: int) -> None:
