@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.heads import MLMHead, pool
-from lmforge.model.layers import Block, KVCache, RotaryEmbedding, init_weights, make_norm
+from lmforge.model.layers import Block, KVCache, RotaryEmbedding, dropout, init_weights, make_norm
 
 
 class Transformer(nn.Module):
@@ -40,7 +40,7 @@ class Transformer(nn.Module):
             raise InputError(f"sequence of {past + T} tokens is longer than the model's context_length "
                              f"{cfg.context_length}")
         if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one pass, not two
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = hi if hi >= cfg.vocab_size else lo
                 raise InputError(f"token id {bad} is out of range: expected 0 <= id < vocab_size={cfg.vocab_size}")
@@ -72,7 +72,7 @@ class Transformer(nn.Module):
             x = x + self.type_emb(tt)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
-        x = self.drop(x)
+        x = dropout(self.drop, x)
         rope = self.rope(position_ids) if self.rope is not None else None
 
         mask, is_causal = self._mask(attention_mask, B, T, past, x.device)
