@@ -268,12 +268,12 @@ def run_reference(text: str, steps: int, eval_every: int, eval_batches: int, see
         if step % eval_every == 0 or step == steps:
             e0 = time.perf_counter()
             val = evaluate()
-            eval_seconds.append(e1 - e0)
             if val < best_val:  # like nanoGPT's train.py: save model + optimizer when val improves
                 best_val = val
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": step,
                             "best_val_loss": val}, ckpt_path)
             e1 = time.perf_counter()
+            eval_seconds.append(e1 - e0)
             evals.append({"step": step, "val_loss": val, "wall_s": e1 - t_loop})
             print(f"[reference] step {step}: val_loss {val:.4f}", flush=True)
     loop_seconds = time.perf_counter() - t_loop

@@ -136,13 +136,20 @@ class Encoder(nn.Module):
         if self.mlm is not None and cfg.tie_embeddings:
             self.mlm.decoder.weight = self.transformer.tok_emb.weight
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        return self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
-
-    def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, head: str | None = None) -> torch.Tensor:
+        """Hidden states (B, T, C); ``head="mlm"`` returns masked-LM logits (B, T, vocab) instead.
+        (Objectives call heads through forward, so DDP and torch.compile wrappers see the call.)"""
+        h = self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
+        if head is None:
+            return h
+        if head != "mlm":
+            raise InputError(f"head: got {head!r}, expected None or 'mlm'")
         if self.mlm is None:
             raise InputError("this encoder has no masked-LM head (model.mlm_head: false)")
-        return self.mlm(self(input_ids, attention_mask, token_type_ids))  # (B, T, vocab)
+        return self.mlm(h)
+
+    def mlm_logits(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self(input_ids, attention_mask, token_type_ids, head="mlm")  # (B, T, vocab)
 
     def pooled(self, input_ids, attention_mask=None, token_type_ids=None, method: str | None = None):
         h = self(input_ids, attention_mask, token_type_ids)

@@ -37,7 +37,7 @@ class MaskedLM(Objective):
         return {"input_ids": ids, "targets": targets}
 
     def loss(self, model, batch):
-        logits = model.mlm_logits(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+        logits = model(batch["input_ids"], batch.get("attention_mask"), head="mlm")  # (B, T, V)
         if not (batch["targets"] != -100).any():  # nothing was masked: no signal, but a valid graph
             return logits.sum() * 0.0, {"mlm_acc": 0.0}
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
