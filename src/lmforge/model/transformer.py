@@ -61,8 +61,8 @@ class Transformer(nn.Module):
         if position_ids is None:
             if attention_mask is not None and cfg.causal:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            else:  # (1, T): broadcast over the batch, no per-row copies
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
 
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:

@@ -200,6 +200,7 @@ def _pretrain(cfg: RunConfig, dist: DistInfo, progress: bool, say) -> dict:
     if resumed is not None:
         say(f"resumed from {resumed} at step {trainer.step}")
     result: FitResult = trainer.fit()
+    trainer.plot_curves()
     summary = {
         "steps": result.step, "stopped_early": result.stopped_early, "skipped_steps": result.skipped_steps,
         "final_loss": result.history[-1]["loss"] if result.history else None,

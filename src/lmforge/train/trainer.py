@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +86,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.skipped = 0
         self._stop_requested = False
-        self._plot_thread: threading.Thread | None = None
-        self._plot_pending = False
+        self._plotter: subprocess.Popen | None = None
         self.train_model = self._wrap(model)
 
     # ------------------------------------------------------------------------------- setup
@@ -263,7 +264,7 @@ class Trainer:
                     result.stopped_early = True
                     break
         finally:
-            self._wait_for_plot()
+            self._stop_plotter()
             progress.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
@@ -273,21 +274,34 @@ class Trainer:
         return result
 
     def _plot(self) -> None:
-        """Redraw training_curves.png in a background thread, so training does not wait for it."""
+        """Redraw training_curves.png in a low-priority child process, so training neither waits
+        for matplotlib nor shares its cores with it; the last redraw at the end is synchronous."""
         if not self.dist.is_main or not (self.run_dir / "metrics.jsonl").exists():
             return
-        if self._plot_thread is not None and self._plot_thread.is_alive():
-            self._plot_pending = True  # still drawing the previous one: redraw later
-            return
-        self._plot_pending = False
-        self._plot_thread = threading.Thread(target=_plot_curves, args=(self.run_dir,), daemon=True)
-        self._plot_thread.start()
+        if self._plotter is not None and self._plotter.poll() is None:
+            return  # still drawing the previous one; a later evaluation (or plot_curves) redraws
+        code = "import sys; from lmforge.inspect.plots import plot_training_curves as p; p(sys.argv[1], sys.argv[2])"
+        try:
+            self._plotter = subprocess.Popen(
+                [sys.executable, "-c", code, str(self.run_dir / "metrics.jsonl"),
+                 str(self.run_dir / "training_curves.png")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if hasattr(os, "setpriority"):
+                os.setpriority(os.PRIO_PROCESS, self._plotter.pid, 19)
+        except OSError:
+            self._plotter = None
+            _plot_curves(self.run_dir)
 
-    def _wait_for_plot(self) -> None:
-        if self._plot_thread is not None:
-            self._plot_thread.join()
-            if self._plot_pending:  # the last evaluation's points are not drawn yet
-                _plot_curves(self.run_dir)
+    def _stop_plotter(self) -> None:
+        if self._plotter is not None and self._plotter.poll() is None:
+            self._plotter.kill()
+            self._plotter.wait()
+        self._plotter = None
+
+    def plot_curves(self) -> None:
+        """Draw training_curves.png from everything logged so far (call after ``fit``: the
+        redraws during training run in the background and the last one may not be done)."""
+        if self.dist.is_main and (self.run_dir / "metrics.jsonl").exists():
+            _plot_curves(self.run_dir)
 
 
 def _plot_curves(run_dir: Path) -> None:
