@@ -17,6 +17,7 @@ from lmforge.data.tokens import TokenStore, check_fits, random_windows, sequenti
 from lmforge.errors import ConfigError
 from lmforge.model import build, count_parameters, flops_per_token
 from lmforge.objectives import make_objective
+from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, barrier, setup, teardown
 from lmforge.train.logging import MetricsLogger, save_run_info
 from lmforge.train.trainer import FitResult, Trainer, seed_everything
@@ -186,8 +187,13 @@ def _pretrain(cfg: RunConfig, dist: DistInfo, progress: bool, say) -> dict:
         f"{t.batch_size * t.grad_accum * dist.world_size * context:,} tokens/step on {dist.device}")
 
     run_config = cfg.to_dict()
+    resume_from = ckpt.resolve_resume(t.resume, run_dir)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:  # a fresh run: keep an earlier run's metrics aside, do not mix curves
+            old = run_dir / "metrics.jsonl"
+            if old.exists():
+                old.rename(run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         save_config(cfg, run_dir / "config.yaml")
         save_run_info(run_dir, run_config)
     logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -196,7 +202,7 @@ def _pretrain(cfg: RunConfig, dist: DistInfo, progress: bool, say) -> dict:
     trainer = Trainer(model, objective, train_data, t, run_dir=run_dir, eval_data=val_data, dist_info=dist,
                       tokenizer=tokenizer, run_config=run_config, flops_per_token=fpt, logger=logger,
                       seed=cfg.run.seed)
-    resumed = trainer.resume(t.resume)
+    resumed = trainer.resume(str(resume_from)) if resume_from is not None else None
     if resumed is not None:
         say(f"resumed from {resumed} at step {trainer.step}")
     result: FitResult = trainer.fit()

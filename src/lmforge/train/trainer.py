@@ -263,6 +263,7 @@ class Trainer:
                     progress.write(f"stop requested: saved {result.last_checkpoint} at step {self.step}")
                     result.stopped_early = True
                     break
+                t_last = time.perf_counter()  # throughput counts training steps, not evals and saves
         finally:
             self._stop_plotter()
             progress.close()
