@@ -34,17 +34,14 @@ def build(config: ModelConfig | str | dict) -> nn.Module:
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Unique parameters (tied weights counted once); optionally without token/position embeddings."""
-    params = {id(p): p for p in model.parameters()}
-    n = sum(p.numel() for p in params.values())
-    if exclude_embeddings:
-        t = getattr(model, "transformer", None)
-        for name in ("tok_emb", "pos_emb", "type_emb"):
-            emb = getattr(t, name, None) if t is not None else None
+    """Unique parameters (tied weights counted once); optionally without the embedding tables
+    (token, position, token type). An untied LM head is a real matmul and stays counted."""
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    t = getattr(model, "transformer", None)
+    if exclude_embeddings and t is not None:
+        for emb in (t.tok_emb, t.pos_emb, t.type_emb):
             if emb is not None:
                 n -= emb.weight.numel()
-        if t is not None and not model.config.tie_embeddings and hasattr(model, "lm_head"):
-            pass  # an untied LM head is a real matmul: keep it
     return n
 
 

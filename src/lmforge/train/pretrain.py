@@ -200,8 +200,7 @@ def _pretrain(cfg: RunConfig, dist: DistInfo, progress: bool, say) -> dict:
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name, config=run_config,
                            is_main=dist.is_main)
     trainer = Trainer(model, objective, train_data, t, run_dir=run_dir, eval_data=val_data, dist_info=dist,
-                      tokenizer=tokenizer, run_config=run_config, flops_per_token=fpt, logger=logger,
-                      seed=cfg.run.seed)
+                      tokenizer=tokenizer, run_config=run_config, flops_per_token=fpt, logger=logger)
     resumed = trainer.resume(str(resume_from)) if resume_from is not None else None
     if resumed is not None:
         say(f"resumed from {resumed} at step {trainer.step}")

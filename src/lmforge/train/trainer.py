@@ -57,8 +57,7 @@ class Trainer:
     def __init__(self, model: nn.Module, objective, train_data: BatchSource, cfg: TrainSection, *,
                  run_dir: str | Path, eval_data: Callable[[], Iterable[dict]] | None = None,
                  dist_info: DistInfo | None = None, tokenizer=None, run_config: dict | None = None,
-                 flops_per_token: float | None = None, logger: MetricsLogger | None = None,
-                 seed: int = 0):
+                 flops_per_token: float | None = None, logger: MetricsLogger | None = None):
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         self.device = self.dist.device
@@ -71,7 +70,6 @@ class Trainer:
         self.tokenizer = tokenizer
         self.run_config = run_config or {}
         self.flops_per_token = flops_per_token
-        self.seed = seed
         self.logger = logger or MetricsLogger(self.run_dir, is_main=self.dist.is_main)
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.precision: fp16 with loss scaling needs a CUDA device; use fp32 or bf16")
