@@ -86,6 +86,7 @@ class Trainer:
         self._stop_requested = False
         self._plotter: subprocess.Popen | None = None
         self.train_model = self._wrap(model)
+        self._params = [p for p in model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -163,25 +164,25 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
         cfg = self.cfg
         self.train_model.train()
-        total_loss = torch.zeros((), device=self.device)
+        accum = cfg.grad_accum
+        total_loss = None
         tokens = 0
         extra: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             batch = _to(self.train_data.batch(self.step, micro), self.device)
             tokens += self.objective.tokens_in(batch)
-            with self._no_sync(micro == cfg.grad_accum - 1), self._autocast():
+            with self._no_sync(micro == accum - 1), self._autocast():
                 loss, metrics = self.objective.loss(self.train_model, batch)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
-            total_loss += loss.detach()
+            self.scaler.scale(loss / accum if accum > 1 else loss).backward()
+            total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
             for k, v in metrics.items():
-                extra[k] = extra.get(k, 0.0) + v / cfg.grad_accum
+                extra[k] = extra.get(k, 0.0) + v / accum
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        mean_loss = mean_across(total_loss / cfg.grad_accum, self.dist)
-        loss_ok, grad_ok = bool(torch.isfinite(mean_loss)), bool(torch.isfinite(grad_norm))
-        finite = loss_ok and grad_ok
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        mean_loss = mean_across(total_loss / accum if accum > 1 else total_loss, self.dist)
+        finite = bool(torch.isfinite(mean_loss + grad_norm))  # one check (and one sync) for both
+        loss_ok = finite or bool(torch.isfinite(mean_loss))
         lr = self.scheduler.get_last_lr()[0]
         if finite:
             self.scaler.step(self.optimizer)
