@@ -196,3 +196,23 @@ def plot_loss_comparison(curves: Mapping[str, Sequence[tuple[float, float]]], ou
         ax.set_title(title)
     fig.tight_layout()
     return _save_atomic(fig, out_png)
+
+
+def _serve(metrics: str, out_png: str) -> None:
+    """Redraw ``out_png`` from ``metrics`` once per line read on stdin, until stdin closes.
+
+    The trainer runs this as a low-priority child process (``python -m lmforge.inspect.plots``)
+    so matplotlib is imported once and never runs on the training process's cores first."""
+    import sys
+
+    for _ in sys.stdin:
+        try:
+            plot_training_curves(metrics, out_png)
+        except Exception as e:  # a plot must never stop anything
+            print(f"could not plot {metrics}: {e}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve(sys.argv[1], sys.argv[2])

@@ -274,25 +274,37 @@ class Trainer:
         return result
 
     def _plot(self) -> None:
-        """Redraw training_curves.png in a low-priority child process, so training neither waits
-        for matplotlib nor shares its cores with it; the last redraw at the end is synchronous."""
+        """Ask a low-priority plotting process to redraw training_curves.png, so training neither
+        waits for matplotlib nor shares its cores with it. The process starts once (matplotlib is
+        imported once) and draws on each request; ``plot_curves`` draws the final version."""
         if not self.dist.is_main or not (self.run_dir / "metrics.jsonl").exists():
             return
-        if self._plotter is not None and self._plotter.poll() is None:
-            return  # still drawing the previous one; a later evaluation (or plot_curves) redraws
-        code = "import sys; from lmforge.inspect.plots import plot_training_curves as p; p(sys.argv[1], sys.argv[2])"
+        if self._plotter is None or self._plotter.poll() is not None:
+            try:
+                self._plotter = subprocess.Popen(
+                    [sys.executable, "-m", "lmforge.inspect.plots", str(self.run_dir / "metrics.jsonl"),
+                     str(self.run_dir / "training_curves.png")],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if hasattr(os, "setpriority"):
+                    os.setpriority(os.PRIO_PROCESS, self._plotter.pid, 19)
+            except OSError:
+                self._plotter = None
+                _plot_curves(self.run_dir)
+                return
         try:
-            self._plotter = subprocess.Popen(
-                [sys.executable, "-c", code, str(self.run_dir / "metrics.jsonl"),
-                 str(self.run_dir / "training_curves.png")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if hasattr(os, "setpriority"):
-                os.setpriority(os.PRIO_PROCESS, self._plotter.pid, 19)
-        except OSError:
+            self._plotter.stdin.write(b"redraw\n")
+            self._plotter.stdin.flush()
+        except OSError:  # the plotter died: the next evaluation starts another
             self._plotter = None
-            _plot_curves(self.run_dir)
 
     def _stop_plotter(self) -> None:
-        if self._plotter is not None and self._plotter.poll() is None:
+        """Let the plotter finish the drawing in hand (its writes are atomic) and exit."""
+        if self._plotter is None:
+            return
+        try:
+            self._plotter.stdin.close()
+            self._plotter.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
             self._plotter.kill()
             self._plotter.wait()
         self._plotter = None
