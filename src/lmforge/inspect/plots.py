@@ -203,9 +203,20 @@ def _serve(metrics: str, out_png: str) -> None:
 
     The trainer runs this as a low-priority child process (``python -m lmforge.inspect.plots``)
     so matplotlib is imported once and never runs on the training process's cores first."""
+    import select
+    import signal
     import sys
 
-    for _ in sys.stdin:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exits cleanly: no half-written temp file
+    fd = sys.stdin.fileno()
+    eof = False
+    while not eof:
+        if not os.read(fd, 4096):  # wait for a request
+            return
+        while select.select([fd], [], [], 0)[0]:  # requests that piled up meanwhile: one drawing serves all
+            if not os.read(fd, 4096):
+                eof = True
+                break
         try:
             plot_training_curves(metrics, out_png)
         except Exception as e:  # a plot must never stop anything

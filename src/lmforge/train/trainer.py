@@ -298,15 +298,19 @@ class Trainer:
             self._plotter = None
 
     def _stop_plotter(self) -> None:
-        """Let the plotter finish the drawing in hand (its writes are atomic) and exit."""
+        """End the plotter without waiting for queued redraws (SIGTERM: it removes any temporary
+        file); ``plot_curves`` draws the final figure."""
         if self._plotter is None:
             return
         try:
-            self._plotter.stdin.close()
-            self._plotter.wait(timeout=30)
+            self._plotter.terminate()
+            self._plotter.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             self._plotter.kill()
             self._plotter.wait()
+        finally:
+            if self._plotter.stdin:
+                self._plotter.stdin.close()
         self._plotter = None
 
     def plot_curves(self) -> None:
