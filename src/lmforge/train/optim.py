@@ -25,9 +25,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8,
                    device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW, fused on GPU (one kernel for all parameters); PyTorch's default on CPU (the foreach
-    variant measured 35% slower per step there for small models)."""
-    fused = device_type == "cuda"
+    """AdamW, fused (one kernel for all parameters) on CPU and GPU. On the 2-core CPU the fused
+    step of an 800k-parameter model took 0.53 ms against 1.66 ms (default) and 2.2 ms (foreach),
+    with updates equal to the default's within 2e-7."""
+    fused = device_type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
