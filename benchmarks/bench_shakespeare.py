@@ -75,6 +75,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _common import prepare
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -501,11 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra override for the modern recipe (repeatable), for tuning experiments")
     args = p.parse_args(argv)
 
-    out_dir = Path(args.out_dir).resolve()
-    work_dir = Path(args.work_dir).resolve() if os.path.isabs(args.work_dir) else (REPO / args.work_dir)
-    os.chdir(REPO)
-    torch.set_num_threads(args.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, work_dir = prepare(args.out_dir, args.work_dir, args.threads)
     if (work_dir / "cache").exists():  # every run builds its token store: end-to-end times compare
         shutil.rmtree(work_dir / "cache")
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from _common import prepare
+
 REPO = Path(__file__).resolve().parents[1]
 try:
     import lmforge  # noqa: F401
@@ -99,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="runs/bench", help="run folder and token cache (git-ignored)")
     args = p.parse_args(argv)
 
-    out_dir = Path(args.out_dir).resolve()
-    work_dir = Path(args.work_dir).resolve() if os.path.isabs(args.work_dir) else (REPO / args.work_dir)
-    os.chdir(REPO)
-    torch.set_num_threads(args.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, work_dir = prepare(args.out_dir, args.work_dir, args.threads)
     run_dir = work_dir / "tinystories"
     if run_dir.exists():  # a fresh run: metrics.jsonl appends, tokenizer.json would be reused
         shutil.rmtree(run_dir)
