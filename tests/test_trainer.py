@@ -368,3 +368,16 @@ def test_disk_full_while_saving_keeps_the_earlier_checkpoint(tiny_config, monkey
     assert [p.name for p in found] == ["step_00000002"]
     assert ckpt.verify_checkpoint(found[0])["step"] == 2
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_bf16_autocast_on_cpu_in_a_subprocess(tiny_yaml, tmp_path):
+    """bf16 autocast on CPU trains. Run in a child process with ONEDNN_MAX_CPU_ISA set: on VMs that
+    advertise AMX without enabling it, a bf16 matmul otherwise dies with SIGILL."""
+    cfg = tiny_yaml(train={"max_steps": 3, "precision": "bf16", "eval_every": 3})
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "pretrain", "-c", str(cfg), "--quiet"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == -signal.SIGILL:
+        pytest.skip("this CPU cannot run bf16 matmuls even with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final: val_loss" in proc.stdout
