@@ -528,3 +528,18 @@ def test_window_shapes_property(n, context, batch, stride, seed):
     for bx, by in seq:
         assert bx.shape[1] == by.shape[1] == context and 1 <= len(bx) <= batch
         assert torch.equal(by, bx + 1)
+
+
+def test_messages_field_is_rendered_with_the_chat_template(tmp_path):
+    from lmforge.tokenizer import render_chat
+
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello!"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": msgs}) + "\n")
+    docs = list(iter_documents(SourceSpec(str(f), text_field="messages")))
+    assert docs == [render_chat(msgs)]
+    assert docs[0] == "<|system|>\nBe kind.<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\nhello!<|end|>\n"
+    f.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match="wizard"):
+        list(iter_documents(SourceSpec(str(f), text_field="messages")))
