@@ -25,8 +25,7 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
             tmp_path.write_bytes(content)
         else:
             content(tmp_path)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp_path, path)
     except BaseException:
@@ -39,3 +38,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes its renames and new entries durable)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if path.is_dir():  # some platforms cannot open folders; nothing more we can do there
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ A folder written by ``save_model`` (or a training checkpoint, which adds its own
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,11 @@ import torch.nn as nn
 import yaml
 
 from lmforge.errors import CheckpointError
+from lmforge.fsutil import fsync_path
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
@@ -50,7 +47,7 @@ def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
         tokenizer.save(folder / TOKENIZER)
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if (folder / name).exists():
-            _fsync_file(folder / name)
+            fsync_path(folder / name)
 
 
 def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dict[str, Any] | None = None) -> Path:
@@ -59,7 +56,7 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dic
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_model_files(model, tmp, tokenizer, config)
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -67,14 +64,8 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dic
         os.rename(folder, old)
     os.rename(tmp, folder)
     if old.exists():
-        _rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

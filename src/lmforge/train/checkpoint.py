@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.fsutil import fsync_path
 from lmforge.model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_config, write_model_files
 
 __all__ = [
@@ -67,24 +68,6 @@ def step_name(step: int) -> str:
 
 
 # --- filesystem helpers --------------------------------------------------------------------------
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes its renames and new entries durable)."""
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if path.is_dir():  # some platforms cannot open folders; nothing more we can do there
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not path.is_dir():
-            raise
-    finally:
-        os.close(fd)
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -205,7 +188,7 @@ def _recover(root: Path) -> None:
         try:
             verify_checkpoint(p, checksums=False)
             os.rename(p, target)
-            _fsync_path(root)
+            fsync_path(root)
             warnings.warn(f"restored checkpoint {target} from {p.name} (a save was interrupted mid-swap)",
                           stacklevel=3)
         except (CheckpointError, OSError):
@@ -269,7 +252,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if os.path.lexists(final):
             old = _side_path(root, "old", name)
             os.rename(final, old)
@@ -294,7 +277,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
         raise CheckpointError(f"could not save checkpoint {final}: {_one_line(e)}; "
                               f"the previous checkpoints are untouched") from e
     try:
-        _fsync_path(root)
+        fsync_path(root)
     except OSError:
         pass
     if old is not None:
