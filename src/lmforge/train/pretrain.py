@@ -149,7 +149,9 @@ def pretrain(cfg: RunConfig, *, progress: bool = True, print_fn=print) -> dict:
     """Train as ``cfg`` says; returns a summary (steps, last losses, checkpoint paths, sample)."""
     dist = setup(cfg.run.device)
     try:
-        return _pretrain(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None))
+        summary = _pretrain(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None))
+        barrier(dist)  # rank 0 still plots and samples: leave the process group together (gloo aborts otherwise)
+        return summary
     finally:
         teardown()
 
