@@ -190,7 +190,7 @@ def test_nonfinite_every_step_stops_training(tiny_config, monkeypatch):
 
 # ----------------------------------------------------------------------------- masked LM
 def test_masked_lm_trains_an_encoder(tiny_config):
-    cfg = tiny_config(model={"arch": "encoder", "mlm_head": True}, objective={"name": "masked_lm"},
+    cfg = tiny_config(model={"arch": "encoder", "mlm_head": True}, task="mlm",
                       train={"max_steps": 8, "lr": 1e-2, "min_lr": 1e-3, "eval_every": 8})
     summary = run(cfg)
     ls = losses(summary)
@@ -202,8 +202,13 @@ def test_masked_lm_trains_an_encoder(tiny_config):
 
 
 def test_encoder_needs_masked_lm(tiny_config):
-    with pytest.raises(ConfigError, match="objective.name"):
+    with pytest.raises(ConfigError, match="task: mlm"):
         run(tiny_config(model={"arch": "encoder"}))
+
+
+def test_legacy_objective_name_points_to_task(tiny_config):
+    with pytest.raises(ConfigError, match="objective.name: .*task: mlm"):
+        tiny_config(model={"arch": "encoder", "mlm_head": True}, objective={"name": "masked_lm"})
 
 
 def test_mlm_collate_masks_15_percent_with_80_10_10():

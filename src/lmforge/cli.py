@@ -14,28 +14,58 @@ from typing import Callable
 
 
 # ----------------------------------------------------------------------------------- verbs
-def cmd_pretrain(args) -> int:
+def cmd_train(args) -> int:
     from lmforge.config import load_config
-    from lmforge.train.pretrain import pretrain
+    from lmforge.train.run import run
 
     cfg = load_config(args.config, args.overrides)
-    summary = pretrain(cfg, progress=not args.quiet)
+    summary = run(cfg, progress=not args.quiet)
     if summary.get("stopped_early"):
-        print(f"stopped at step {summary['steps']}; resume with the same command (train.resume=auto)")
+        how = "the same command" + ("" if cfg.train.resume == "auto" else " plus train.resume=auto")
+        print(f"stopped at step {summary['steps']}; resume with {how}")
+    for split, r in (summary.get("reports") or {}).items():
+        print(json.dumps({"split": split, "accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4),
+                          "examples": r["examples"]}))
     return 0
 
 
-def cmd_eval(args) -> int:
+def _load_for_inference(path: str, device: str):
+    """Model + tokenizer (+ the run config it was trained with, {} for other folders)."""
     from lmforge import from_pretrained
-    from lmforge.data.sources import SourceSpec
-    from lmforge.data.tokens import TokenStore, sequential_windows
     from lmforge.errors import CheckpointError
+    from lmforge.tasks.common import resolve_init_path
+
+    p = resolve_init_path(path) if Path(path).is_dir() else Path(path)
+    model, tok = from_pretrained(p, device=device, with_tokenizer=True)
+    if tok is None:
+        raise CheckpointError(f"{path}: no tokenizer.json beside the weights; the model's tokenizer is needed")
+    run_config = {}
+    if (p / "config.yaml").is_file():
+        from lmforge.model.io import read_config
+
+        run_config = read_config(p)
+    return model, tok, run_config
+
+
+def _positive(name: str, value) -> None:
+    from lmforge.errors import InputError
+
+    if value is not None and value < 1:
+        raise InputError(f"{name}: got {value}, expected a positive integer")
+
+
+def cmd_eval(args) -> int:
+    from lmforge.data.sources import SourceSpec
+
+    for name in ("context", "max_batches", "batch_size", "limit"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    model, tok, run_config = _load_for_inference(args.model, args.device)
+    if model.config.num_classes:
+        return _eval_classifier(args, model, tok, run_config)
+    from lmforge.data.tokens import TokenStore, sequential_windows
     from lmforge.objectives import CausalLM
 
-    model, tok = from_pretrained(args.model, device=args.device, with_tokenizer=True)
-    if tok is None:
-        raise CheckpointError(f"{args.model}: no tokenizer.json beside the weights; eval needs the model's tokenizer")
-    spec = SourceSpec(path=args.data, text_field=args.text_field, limit=args.limit, split=args.split,
+    spec = SourceSpec(path=args.data, text_field=args.text_field or "text", limit=args.limit, split=args.split,
                       doc_separator=args.doc_separator)
     store = TokenStore.build([spec], tok, args.cache_dir, val_fraction=0.0, progress=not args.quiet)
     context = args.context or model.config.context_length
@@ -49,6 +79,57 @@ def cmd_eval(args) -> int:
 
     m = objective.evaluate(model, batches())
     print(json.dumps({"model": str(args.model), "data": args.data, "tokens": int(len(store.train)), **m}))
+    return 0
+
+
+def _eval_classifier(args, model, tok, run_config: dict) -> int:
+    """A classifier on labelled records: the fields default to the ones it was trained with."""
+    from lmforge.data.sources import SourceSpec, iter_records
+    from lmforge.tasks.classify import evaluate_records, saved_options
+
+    opts = saved_options(run_config)
+    src = {}
+    sources = (run_config.get("data") or {}).get("sources") or []
+    if sources and isinstance(sources[0], dict):  # the training file's layout (columns, quoting, format)
+        src = {k: sources[0][k] for k in ("columns", "quoting", "format") if k in sources[0]}
+    if args.columns:
+        src["columns"] = args.columns.split(",")
+    spec = SourceSpec(path=args.data, limit=args.limit, split=args.split, **src)
+    records = list(iter_records(spec))
+    r = evaluate_records(model, tok, records, args.text_field or opts.text_field, args.label_field or opts.label_field,
+                         opts.max_length, args.batch_size)
+    out = {"model": str(args.model), "data": args.data, "examples": r["examples"], "loss": round(r["loss"], 6),
+           "accuracy": round(r["accuracy"], 6), "macro_f1": round(r["macro_f1"], 6),
+           "per_class": {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in d.items()}
+                         for k, d in r["per_class"].items()},
+           "labels": r["labels"], "confusion_matrix": r["confusion_matrix"], "truncated": r["truncated"]}
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from lmforge.errors import InputError
+    from lmforge.tasks.classify import classify_texts, saved_options
+
+    if (args.text is None) == (args.input is None):
+        raise InputError("classify: give --text TEXT or --input FILE (one text per line), not both or neither")
+    model, tok, run_config = _load_for_inference(args.model, args.device)
+    if not model.config.num_classes:
+        raise InputError(f"{args.model}: this model has no classification head (model.num_classes is 0); "
+                         f"train one with task: classify")
+    if args.text is not None:
+        texts = [args.text]
+    else:
+        try:
+            texts = [line.rstrip("\n") for line in Path(args.input).read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as e:
+            raise InputError(f"{args.input}: not valid UTF-8 text (byte {e.start})") from None
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise InputError(f"{args.input}: no text lines; expected one text per line")
+    max_length = args.max_length or saved_options(run_config).max_length
+    for text, r in zip(texts, classify_texts(model, tok, texts, max_length)):
+        print(json.dumps({"text": text, **r}, ensure_ascii=False))
     return 0
 
 
@@ -140,16 +221,21 @@ def cmd_export(args) -> int:
 
 
 # ----------------------------------------------------------------------------------- table
-def _pretrain_args(p):
-    p.add_argument("--config", "-c", required=True, help="YAML recipe (see configs/)")
+def _train_args(p):
+    p.add_argument("--config", "-c", required=True, help="YAML recipe (see configs/); its task: picks what is trained")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _eval_args(p):
-    p.add_argument("--model", required=True, help="checkpoint or model folder")
+    p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
     p.add_argument("--data", required=True, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default=None, help="record field with the text (default: text, or the "
+                                                      "classifier's training field)")
+    p.add_argument("--label-field", default=None, help="classifiers: record field with the label (default: the "
+                                                       "training field)")
+    p.add_argument("--columns", default=None, help="classifiers: column names of a CSV/TSV without a header, "
+                                                   "comma-separated (default: the training source's)")
     p.add_argument("--split", default="train")
     p.add_argument("--doc-separator", default=None)
     p.add_argument("--limit", type=int, default=None, help="at most this many documents")
@@ -159,6 +245,14 @@ def _eval_args(p):
     p.add_argument("--cache-dir", default=".lmforge_cache")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
+
+
+def _classify_args(p):
+    p.add_argument("--model", required=True, help="a classifier checkpoint or run folder (its best checkpoint)")
+    p.add_argument("--text", default=None, help="one text to classify")
+    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the training max_length)")
+    p.add_argument("--device", default="cpu")
 
 
 def _generate_args(p):
@@ -199,8 +293,10 @@ def _export_args(p):
 
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
-    "pretrain": (cmd_pretrain, _pretrain_args, "train a language model from a YAML recipe"),
-    "eval": (cmd_eval, _eval_args, "loss and perplexity of a model on a data source"),
+    "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
+    "pretrain": (cmd_train, _train_args, "alias of train"),
+    "eval": (cmd_eval, _eval_args, "a model's metrics on a data source (LM: loss/ppl; classifier: accuracy, F1)"),
+    "classify": (cmd_classify, _classify_args, "label texts with a classifier, with class probabilities"),
     "generate": (cmd_generate, _generate_args, "generate text from a model (streams to the terminal)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),

@@ -50,6 +50,13 @@ class SourceSection:
     num_docs: int = 2000
     seed: int = 0
     doc_separator: str | None = None
+    format: str | None = None  # file kind when the name has no usable extension: txt, jsonl, json, csv, tsv, parquet
+    columns: list[str] | None = None  # CSV/TSV without a header row: the name of each column
+    quoting: bool = True  # CSV/TSV cells may be "quoted"; false takes each line as it is
+    part: str | None = None  # train, val or test: one part of a seeded split of this source's records
+    part_split: list[float] | None = None  # [val, test] fractions of that split
+    part_seed: int = 0  # its seed (equal to a classifier's run.seed: the same split as that run makes)
+    part_stratify: str | None = None  # the field it stratifies by (a label field)
 
 
 @dataclass
@@ -57,13 +64,11 @@ class DataSection:
     sources: list[SourceSection] = field(default_factory=lambda: [SourceSection()])
     val_sources: list[SourceSection] | None = None
     val_fraction: float = 0.1
+    test_sources: list[SourceSection] | None = None  # example tasks: evaluated once, after training
+    test_fraction: float = 0.0  # example tasks: share of the training records held out as a test split
+    stratify: bool = True  # example tasks: split train/val/test per label, keeping label proportions
+    balance: bool = False  # classification: undersample every label to the rarest one's count first
     cache_dir: str = ".lmforge_cache"
-
-
-@dataclass
-class ObjectiveSection:
-    name: str = "causal_lm"  # causal_lm, masked_lm
-    mask_prob: float = 0.15  # masked_lm: share of positions predicted (80% [MASK], 10% random, 10% kept)
 
 
 @dataclass
@@ -94,6 +99,7 @@ class TrainSection:
     resume: str | None = "auto"  # auto (newest valid checkpoint in out_dir), a checkpoint path, or never
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
+    trainable: str = "all"  # all, head (classifier/LM head only), last_blocks:N (+ final norm and heads)
 
 
 @dataclass
@@ -115,21 +121,39 @@ class SampleSection:
 
 @dataclass
 class RunConfig:
+    task: str = "pretrain"  # what the run trains: a name in lmforge.tasks.TASKS (pretrain, mlm, classify)
     run: RunSection = field(default_factory=RunSection)
-    model: dict = field(default_factory=lambda: {"preset": "baby"})  # ModelConfig fields (+ preset)
+    model: dict = field(default_factory=lambda: {"preset": "baby"})  # ModelConfig fields (+ preset, init_from)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    objective: Any = field(default_factory=dict)  # the task's own options dataclass (validated by the task)
     train: TrainSection = field(default_factory=TrainSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     sample: SampleSection = field(default_factory=SampleSection)
 
+    def __post_init__(self):
+        if isinstance(self.objective, dict) and not self.objective:  # the task's default options
+            from lmforge.tasks import TASKS, get_task
+
+            if self.task in TASKS:
+                self.objective = get_task(self.task).options()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def init_from(self) -> str | None:
+        """``model.init_from``: the checkpoint or Hugging Face folder a run starts from (None: fresh)."""
+        return self.model.get("init_from")
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The ``model:`` keys other than preset/init_from (with init_from: changes to the loaded config)."""
+        return {k: v for k, v in self.model.items() if k not in ("preset", "init_from")}
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of the ``model:`` section; ``vocab_size: null`` takes the tokenizer's."""
         d = dict(self.model)
+        d.pop("init_from", None)
         preset = d.pop("preset", None)
         if d.get("vocab_size") is None:
             d.pop("vocab_size", None)
@@ -190,7 +214,7 @@ def _build(cls, data: dict, path: str, problems: list[str]):
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            problems.append(f"{path}.{key}: unknown key (expected one of {', '.join(names)})")
+            problems.append(f"{path}.{key}: unknown key (expected one of {', '.join(names) or '(none)'})")
             continue
         kwargs[key] = _convert(value, hints[key], f"{path}.{key}", problems)
     return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
@@ -212,6 +236,10 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(t.batch_size > 0, f"train.batch_size: got {t.batch_size}, expected a positive integer")
     need(t.grad_accum > 0, f"train.grad_accum: got {t.grad_accum}, expected a positive integer")
     need(t.lr > 0, f"train.lr: got {t.lr}, expected a positive number")
+    need(t.eps > 0, f"train.eps: got {t.eps}, expected a positive number (e.g. 1e-8)")
+    need(t.checkpoint_every_hours is None or t.checkpoint_every_hours > 0,
+         f"train.checkpoint_every_hours: got {t.checkpoint_every_hours}, expected a positive number or null")
+    need(_trainable_ok(t.trainable), f"train.trainable: got {t.trainable!r}, expected all, head or last_blocks:N (N >= 1)")
     need(0 <= t.min_lr <= t.lr, f"train.min_lr: got {t.min_lr}, expected 0 <= min_lr <= lr ({t.lr})")
     need(t.warmup_steps >= 0, f"train.warmup_steps: got {t.warmup_steps}, expected >= 0")
     need(t.weight_decay >= 0, f"train.weight_decay: got {t.weight_decay}, expected >= 0")
@@ -236,12 +264,87 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(0 <= d.val_fraction < 1, f"data.val_fraction: got {d.val_fraction}, expected a number in [0, 1)")
     need(d.val_fraction > 0 or bool(d.val_sources), "data.val_fraction: 0 needs data.val_sources for evaluation")
     need(len(d.sources) > 0, "data.sources: expected at least one source")
-    o = cfg.objective
-    need(o.name in ("causal_lm", "masked_lm"), f"objective.name: got {o.name!r}, expected causal_lm or masked_lm")
-    need(0 < o.mask_prob < 1, f"objective.mask_prob: got {o.mask_prob}, expected a number in (0, 1)")
-    need(cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda"),
-         f"run.device: got {cfg.run.device!r}, expected auto, cpu or cuda[:N]")
+    need(0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+         f"data.test_fraction: got {d.test_fraction}, expected a number in [0, 1) with val_fraction + test_fraction < 1")
+    s = cfg.sample
+    need(s.max_new_tokens >= 0, f"sample.max_new_tokens: got {s.max_new_tokens}, expected an integer >= 0")
+    need(s.temperature >= 0, f"sample.temperature: got {s.temperature}, expected a number >= 0 (0: greedy)")
+    need(s.top_k is None or s.top_k >= 1, f"sample.top_k: got {s.top_k}, expected a positive integer or null")
+    need(s.top_p is None or 0 < s.top_p <= 1, f"sample.top_p: got {s.top_p}, expected a number in (0, 1] or null")
+    p += _device_problems(cfg.run.device)
+    out = Path(cfg.run.out_dir)
+    need(not out.exists() or out.is_dir(), f"run.out_dir: {out} exists and is not a folder; expected a folder path")
+    p += _init_from_problems(cfg.model.get("init_from"))
     return p
+
+
+def _init_from_problems(init) -> list[str]:
+    if init is None:
+        return []
+    if not isinstance(init, str) or not init.strip():
+        return [f"model.init_from: got {init!r}, expected a path"]
+    from lmforge.tasks.common import package_path
+
+    try:
+        path = package_path(init)
+    except ConfigError as e:
+        return e.problems
+    if not path.exists():
+        return [f"model.init_from: {init} does not exist; expected an lmforge checkpoint, model or run folder, "
+                f"or a Hugging Face model folder"]
+    return []
+
+
+def _trainable_ok(spec: str) -> bool:
+    if spec in ("all", "head"):
+        return True
+    name, _, n = spec.partition(":")
+    return name == "last_blocks" and n.isdigit() and int(n) >= 1
+
+
+def _device_problems(device: str) -> list[str]:
+    """run.device must name a device this machine has: checked before anything is allocated."""
+    if device in ("auto", "cpu"):
+        return []
+    if not device.startswith("cuda") or not (device == "cuda" or device[5:].isdigit() and device[4] == ":"):
+        return [f"run.device: got {device!r}, expected auto, cpu, cuda or cuda:N"]
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"run.device: got {device!r} but no CUDA device is available here; expected cpu or auto"]
+    if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+        return [f"run.device: got {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"]
+    return []
+
+
+def _task_problems(cfg: RunConfig, problems: list[str]) -> None:
+    """Validate ``task`` and turn the ``objective:`` mapping into the task's options dataclass."""
+    from lmforge.tasks import TASKS, get_task
+
+    if cfg.task not in TASKS:
+        problems.append(f"task: got {cfg.task!r}, expected one of {', '.join(TASKS)}")
+        cfg.objective = None
+        return
+    task = get_task(cfg.task)
+    raw = cfg.objective if cfg.objective is not None else {}
+    if dataclasses.is_dataclass(raw):
+        raw = dataclasses.asdict(raw)
+    if not isinstance(raw, dict):
+        problems.append(f"objective: expected a mapping of {cfg.task} options, got {type(raw).__name__}")
+        raw = {}
+    if "name" in raw and "name" not in task.options.__dataclass_fields__:  # recipes from before tasks
+        legacy = {"causal_lm": "pretrain", "masked_lm": "mlm"}.get(raw["name"], raw["name"])
+        problems.append(f"objective.name: the method is chosen by the top-level task key now; "
+                        f"expected task: {legacy} and no objective.name")
+        raw = {k: v for k, v in raw.items() if k != "name"}
+    sub: list[str] = []
+    cfg.objective = _build(task.options, raw, "objective", sub)
+    problems += [q.replace(" (expected one of", f" for task {cfg.task} (expected one of") for q in sub]
+    if not sub:
+        try:
+            problems += task.check(cfg)
+        except ConfigError:
+            pass  # the model section's own problems are reported by the model check below
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -255,10 +358,12 @@ def config_from_dict(data: dict) -> RunConfig:
     # it is not reported twice): every problem of the config is reported at once.
     typed = {p.split(":", 1)[0] for p in problems}
     problems += [p for p in _range_problems(cfg) if p.split(":", 1)[0] not in typed]
-    try:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
-        cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
-    except ConfigError as e:
-        problems += e.problems
+    _task_problems(cfg, problems)
+    if not cfg.init_from:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
+        try:
+            cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -328,4 +433,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from lmforge.fsutil import atomic_write
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(Path(path), lambda p: p.write_text(text))

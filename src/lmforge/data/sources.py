@@ -1,6 +1,8 @@
 """Documents from anywhere: built-in corpora, local files, folders, globs, Hugging Face datasets.
 
-A :class:`SourceSpec` says where the text lives; :func:`iter_documents` yields its documents as
+A :class:`SourceSpec` says where the data lives. :func:`iter_records` yields its records (dicts:
+a JSON object, a CSV/TSV row, a Parquet row, a dataset row; plain text and built-in corpora give
+``{"text": ...}``), and :func:`iter_documents` is its projection onto the text field: documents as
 strings, one at a time (a large file is never read whole unless it is plain text with no
 separator, or a JSON array); :func:`source_fingerprint` is a short hash that changes when the
 spec or the files behind it change, which is what the token cache keys on.
@@ -38,6 +40,7 @@ from lmforge.errors import DataError
 
 __all__ = [
     "SourceSpec",
+    "iter_records",
     "iter_documents",
     "source_fingerprint",
     "resolve_files",
@@ -51,7 +54,7 @@ PARQUET_EXTENSIONS = (".parquet",)
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS + CSV_EXTENSIONS + PARQUET_EXTENSIONS
 
 # Bump when the way files are turned into documents changes (invalidates token caches).
-_READER_VERSION = 1
+_READER_VERSION = 2
 
 _INSTALL_HINT = "install the data extras: pip install 'lmforge[data]'"
 
@@ -70,6 +73,15 @@ class SourceSpec:
     seed: int = 0  # seed of built-in corpora
     doc_separator: str | None = None  # plain text: None = whole file is one document
     data_files: str | list[str] | None = None  # HF packaged loaders ("hf:json") on local files
+    format: str | None = None  # file kind when the extension does not tell: txt, jsonl, json, csv, tsv, parquet
+    columns: list[str] | None = None  # CSV/TSV without a header row: one name per column
+    quoting: bool = True  # CSV/TSV cells may be "quoted"; false takes every line as it is (quotes are text)
+    # One part of a seeded split of this source's records (e.g. pretrain on the texts a classifier
+    # trains on, never on its test set): part train/val/test, fractions [val, test], stratified by a field.
+    part: str | None = None
+    part_split: list[float] | None = None
+    part_seed: int = 0
+    part_stratify: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -89,6 +101,17 @@ class SourceSpec:
                             f"got {self.doc_separator!r}")
         if isinstance(self.data_files, tuple):
             self.data_files = list(self.data_files)
+        if self.format is not None and ("." + str(self.format).lower()) not in SUPPORTED_EXTENSIONS:
+            raise DataError(f"{self.path}: format must be one of "
+                            f"{', '.join(e[1:] for e in SUPPORTED_EXTENSIONS)}, got {self.format!r}")
+        if self.part is not None and (self.part not in ("train", "val", "test") or not self.part_split
+                                      or len(self.part_split) != 2 or sum(self.part_split) >= 1
+                                      or min(self.part_split) < 0):
+            raise DataError(f"{self.path}: part must be train, val or test with part_split [val, test] fractions "
+                            f"summing below 1; got part={self.part!r}, part_split={self.part_split!r}")
+        if self.columns is not None and (not isinstance(self.columns, (list, tuple)) or not self.columns
+                                         or not all(isinstance(c, str) and c for c in self.columns)):
+            raise DataError(f"{self.path}: columns must be a non-empty list of column names, got {self.columns!r}")
 
     @property
     def kind(self) -> str:
@@ -112,26 +135,64 @@ def _is_int(x: object) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def iter_documents(spec: SourceSpec) -> Iterator[str]:
-    """Yield the non-empty documents of ``spec`` (at most ``spec.limit``).
+def iter_records(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    """Yield the records of ``spec`` (at most ``spec.limit``) as dicts, each with a ``"_where"``
+    key naming its file and line/row (for error messages).
 
-    Raises :class:`DataError` when the path is missing, a file has an unsupported extension,
-    the text field is absent, or no non-empty document was found.
+    Raises :class:`DataError` when the path is missing, a file has an unsupported extension or
+    holds no record (empty, or a header row only).
     """
-    if spec.kind == "builtin":
-        raw: Iterable[str] = _builtin(spec)
+    if spec.part is not None:
+        raw: Iterable[dict] = _part(spec)
+    elif spec.kind == "builtin":
+        raw = ({"text": d, "_where": f"{spec.path} doc {i}"} for i, d in enumerate(_builtin(spec)))
     elif spec.kind == "hf":
         raw = _hf(spec)
     else:
         raw = _local(spec)
     count = 0
-    for doc in raw:
-        if not doc.strip():
-            continue
-        yield doc
+    for rec in raw:
+        yield rec
         count += 1
         if spec.limit is not None and count >= spec.limit:
             return
+    if count == 0:
+        raise DataError(f"{spec.path}: no records found (empty file, or a header row only)")
+
+
+def _part(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    """The records of one part of a seeded (stratified) split: the same split a classification
+    run makes with run.seed = part_seed and data.val_fraction/test_fraction = part_split."""
+    from lmforge.data.formats import record_label, split_records
+
+    whole = dataclasses.replace(spec, part=None, limit=None)
+    records = list(iter_records(whole))
+    key = (lambda r: record_label(r, spec.part_stratify)) if spec.part_stratify else None
+    train, val, test = split_records(records, tuple(spec.part_split), spec.part_seed, key)
+    yield from {"train": train, "val": val, "test": test}[spec.part]
+
+
+def iter_documents(spec: SourceSpec) -> Iterator[str]:
+    """Yield the non-empty documents of ``spec`` (at most ``spec.limit``): the text field of
+    each record (a chat ``messages`` list is rendered with lmforge's chat template).
+
+    Raises :class:`DataError` when the path is missing, a file has an unsupported extension,
+    the text field is absent, or no non-empty document was found.
+    """
+    count = 0
+    unlimited = dataclasses.replace(spec, limit=None)  # ``limit`` counts kept documents, not records
+    try:
+        for rec in iter_records(unlimited):
+            doc = _text_value(rec, spec.text_field, rec.get("_where", spec.path))
+            if not doc.strip():
+                continue
+            yield doc
+            count += 1
+            if spec.limit is not None and count >= spec.limit:
+                return
+    except DataError as e:
+        if "no records found" not in str(e):
+            raise
     if count == 0:
         where = "" if spec.kind == "builtin" else f" (text field {spec.text_field!r})"
         raise DataError(f"{spec.path}: empty corpus, no non-empty documents found{where}")
@@ -152,9 +213,16 @@ def source_fingerprint(spec: SourceSpec) -> str:
         for f in _hf_local_files(spec):
             h.update(_file_stamp(f).encode())
     else:
-        for f in resolve_files(spec.path):
+        for f in _local_files(spec):
             h.update(_file_stamp(f).encode())
     return h.hexdigest()[:16]
+
+
+def _local_files(spec: SourceSpec) -> list[Path]:
+    """A file named with ``format`` is taken whatever its extension; otherwise resolve_files."""
+    if spec.format and Path(spec.path).expanduser().is_file():
+        return [Path(spec.path).expanduser()]
+    return resolve_files(spec.path)
 
 
 def resolve_files(path: str) -> list[Path]:
@@ -212,17 +280,19 @@ def _file_stamp(f: Path) -> str:
     return f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n"
 
 
-def _local(spec: SourceSpec) -> Iterator[str]:
-    for f in resolve_files(spec.path):
-        ext = f.suffix.lower()
+def _local(spec: SourceSpec) -> Iterator[dict[str, Any]]:
+    for f in _local_files(spec):
+        ext = "." + spec.format.lower() if spec.format else f.suffix.lower()
         if ext in TEXT_EXTENSIONS:
-            yield from _read_text(f, spec.doc_separator)
+            for i, part in enumerate(_read_text(f, spec.doc_separator)):
+                yield {spec.text_field: part, "_where": f"{f} doc {i}"}
         elif ext in JSON_EXTENSIONS:
-            yield from _read_json(f, spec.text_field)
+            yield from _read_json(f)
         elif ext in CSV_EXTENSIONS:
-            yield from _read_csv(f, spec.text_field, delimiter="\t" if ext == ".tsv" else ",")
+            yield from _read_csv(f, delimiter="\t" if ext == ".tsv" else ",", columns=spec.columns,
+                                 quoting=spec.quoting)
         else:
-            yield from _read_parquet(f, spec.text_field)
+            yield from _read_parquet(f)
 
 
 def _read_text(f: Path, separator: str | None) -> Iterator[str]:
@@ -231,7 +301,8 @@ def _read_text(f: Path, separator: str | None) -> Iterator[str]:
     except UnicodeDecodeError as e:
         raise DataError(f"{f}: not valid UTF-8 text (byte {e.start})") from None
     if separator is None:
-        yield text
+        if text.strip():
+            yield text
         return
     for part in text.split(separator):
         part = part.strip()
@@ -249,7 +320,7 @@ def _text_value(record: Any, field: str, where: str) -> str:
         raise DataError(f"{where}: expected a JSON object with field {field!r}, "
                         f"got {type(record).__name__}")
     if field not in record:
-        raise _missing_field(where, field, record.keys())
+        raise _missing_field(where, field, [k for k in record if k != "_where"])
     value = record[field]
     if value is None:
         return ""
@@ -266,57 +337,69 @@ def _text_value(record: Any, field: str, where: str) -> str:
     return value
 
 
-def _read_json(f: Path, field: str) -> Iterator[str]:
-    with open(f, encoding="utf-8-sig") as fh:
-        head = fh.read(4096).lstrip()
-        fh.seek(0)
-        if head.startswith("["):  # a JSON array of objects
-            try:
-                records = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
-            for i, rec in enumerate(records):
-                yield _text_value(rec, field, f"{f} record {i}")
-            return
-        for lineno, line in enumerate(fh, start=1):  # JSON lines
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{lineno}: invalid JSON line: {e.msg}") from None
-            yield _text_value(rec, field, f"{f}:{lineno}")
+def _record(rec: Any, where: str) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object (a record), got {type(rec).__name__}")
+    return {**rec, "_where": where}
 
 
-def _read_csv(f: Path, field: str, delimiter: str) -> Iterator[str]:
+def _read_json(f: Path) -> Iterator[dict[str, Any]]:
+    try:
+        with open(f, encoding="utf-8-sig") as fh:
+            head = fh.read(4096).lstrip()
+            fh.seek(0)
+            if head.startswith("["):  # a JSON array of objects
+                try:
+                    records = json.load(fh)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+                for i, rec in enumerate(records):
+                    yield _record(rec, f"{f} record {i}")
+                return
+            for lineno, line in enumerate(fh, start=1):  # JSON lines
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{lineno}: invalid JSON line: {e.msg}") from None
+                yield _record(rec, f"{f}:{lineno}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not valid UTF-8 text (byte {e.start})") from None
+
+
+def _read_csv(f: Path, delimiter: str, columns: list[str] | None = None,
+              quoting: bool = True) -> Iterator[dict[str, Any]]:
+    """Rows as dicts: keyed by the header row, or by ``columns`` for a file without one. With
+    ``quoting=False`` a line is split on the delimiter as it is (quotes are part of the text)."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # documents can be long
-    with open(f, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        header = reader.fieldnames or []
-        if field not in header:
-            raise _missing_field(f"{f} (header row)", field, header)
-        for row in reader:
-            value = row.get(field)
-            yield value or ""
+    mode = csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE
+    try:
+        with open(f, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh, fieldnames=columns, delimiter=delimiter, quoting=mode)
+            header = reader.fieldnames or []
+            if not header:
+                return
+            for i, row in enumerate(reader, start=1 if columns else 2):
+                if None in row:  # more cells than names
+                    raise DataError(f"{f}:{i}: {len(header) + len(row[None])} cells, expected {len(header)} "
+                                    f"({', '.join(header)})")
+                yield {**{k: ("" if v is None else v) for k, v in row.items()}, "_where": f"{f}:{i}"}
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not valid UTF-8 text (byte {e.start})") from None
 
 
-def _read_parquet(f: Path, field: str) -> Iterator[str]:
+def _read_parquet(f: Path) -> Iterator[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{f}: reading Parquet needs pyarrow; {_INSTALL_HINT}") from None
     pf = pq.ParquetFile(f)
-    names = pf.schema_arrow.names
-    if field not in names:
-        raise _missing_field(str(f), field, names)
-    for batch in pf.iter_batches(columns=[field], batch_size=4096):
-        for value in batch.column(0).to_pylist():
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{f}: column {field!r} holds {type(value).__name__}; "
-                                "expected strings")
-            yield value
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for rec in batch.to_pylist():
+            yield {**rec, "_where": f"{f} row {row}"}
+            row += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +422,7 @@ def _hf_local_files(spec: SourceSpec) -> list[Path]:
     return out
 
 
-def _hf(spec: SourceSpec) -> Iterator[str]:
+def _hf(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     try:
         import datasets
     except ImportError:
@@ -360,12 +443,7 @@ def _hf(spec: SourceSpec) -> Iterator[str]:
         raise DataError(f"{spec.path}: could not load Hugging Face dataset (config "
                         f"{spec.name!r}, split {spec.split!r}): {type(e).__name__}: {msg}"
                         ) from None
-    columns = getattr(ds, "column_names", None)
-    if columns is not None:
-        if spec.text_field not in columns:
-            raise _missing_field(spec.path, spec.text_field, columns)
-        ds = ds.select_columns([spec.text_field])  # skip decoding the other columns
-    # No .take()/.select() for ``limit``: iter_documents stops reading after ``limit`` kept
-    # documents, so a stream is read only as far as needed and empty rows do not count.
+    # No .take()/.select() for ``limit``: the readers stop after ``limit`` records, so a stream
+    # is read only as far as needed.
     for i, rec in enumerate(ds):
-        yield _text_value(rec, spec.text_field, f"{spec.path} row {i}")
+        yield {**rec, "_where": f"{spec.path} row {i}"}

@@ -92,13 +92,37 @@ def _empty(ax, msg: str) -> None:
     ax.text(0.5, 0.5, msg, transform=ax.transAxes, ha="center", va="center", color="gray")
 
 
+def _eval_metric_names(evals: Mapping[str, Sequence[Mapping]]) -> list[str]:
+    """Every metric the evaluations logged, in first-seen order (loss and step bookkeeping aside)."""
+    names: list[str] = []
+    for recs in evals.values():
+        for r in recs:
+            for k in r:
+                if k not in ("step", "split", "time", "loss", "perplexity") and k not in names \
+                        and _finite(r[k]) is not None:
+                    names.append(k)
+    return names
+
+
+def _set_scale(ax, values: Sequence[float], log: bool) -> None:
+    """Log scale only when the values span more than a decade; a narrower log axis would get no
+    major tick and so no label (a perplexity between 8.9 and 9.8, say)."""
+    from matplotlib.ticker import FuncFormatter
+
+    pos = [v for v in values if v > 0]
+    if log and pos and max(pos) / min(pos) > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 20, not 2x10^1
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
+
+
 def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png: str | os.PathLike,
                          title: str | None = None) -> Path:
-    """Draw loss, validation perplexity (log scale) and lr against step into one PNG.
+    """Draw the loss (train and validation), one panel per evaluation metric (perplexity,
+    accuracy, F1, reward, ...), the learning rate and, when logged, throughput, against step.
 
     ``metrics`` is a list of records as in ``metrics.jsonl``, or a path to that file (or to the
-    run folder). A fourth panel shows training throughput when records carry ``tokens_per_s``.
-    Returns the written path.
+    run folder). Returns the written path.
     """
     if isinstance(metrics, (str, os.PathLike)):
         from lmforge.train.logging import read_metrics
@@ -107,10 +131,15 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png
     splits = _latest_per_step(metrics)
     train = splits.get(TRAIN, [])
     evals = {s: recs for s, recs in splits.items() if s != TRAIN}
+    metric_names = _eval_metric_names(evals)
+    if evals and not any(k in _PPL_KEYS for k in metric_names):
+        has_loss = any("loss" in r for recs in evals.values() for r in recs)
+        if has_loss and all(k not in metric_names for k in ("accuracy", "macro_f1")):
+            metric_names.insert(0, "ppl")  # LM runs without a logged perplexity: exp(loss)
 
     tput = _series(train, (_THROUGHPUT_KEY,))
-    n_panels = 4 if tput[0] else 3
-    fig = _new_figure(8.0, 2.4 * n_panels + 0.6)
+    n_panels = 1 + max(len(metric_names), 1) + 1 + (1 if tput[0] else 0)
+    fig = _new_figure(8.0, 2.2 * n_panels + 0.6)
     axes = fig.subplots(n_panels, 1, sharex=True)
 
     ax = axes[0]
@@ -127,27 +156,25 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png
         _empty(ax, "no loss logged")
     ax.set_ylabel("loss")
 
-    ax = axes[1]
-    for split, recs in sorted(evals.items()):
-        pxs, pys = _series(recs, _PPL_KEYS)
-        if not pxs:
-            pxs, pys = _series(recs, ("loss",), transform=_exp)
-        kept = [(x, p) for x, p in zip(pxs, pys) if p > 0]  # log scale
-        pxs, pys = [x for x, _ in kept], [p for _, p in kept]
-        if pxs:
-            ax.plot(pxs, pys, marker="o", ms=3, lw=1.5, label=f"{split} perplexity")
-    if ax.lines:
-        from matplotlib.ticker import FuncFormatter
+    for i, name in enumerate(metric_names or ["ppl"]):
+        ax = axes[1 + i]
+        is_ppl = name in _PPL_KEYS
+        seen: list[float] = []
+        for split, recs in sorted(evals.items()):
+            pxs, pys = _series(recs, _PPL_KEYS if is_ppl else (name,))
+            if is_ppl and not pxs:
+                pxs, pys = _series(recs, ("loss",), transform=_exp)
+            if pxs:
+                ax.plot(pxs, pys, marker="o", ms=3, lw=1.5, label=f"{split} {name}")
+                seen += pys
+        if ax.lines:
+            _set_scale(ax, seen, log=is_ppl)
+            ax.legend(loc="best", fontsize=8)
+        else:
+            _empty(ax, "no validation data")
+        ax.set_ylabel(f"val {'perplexity' if is_ppl else name}")
 
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 20, not 2x10^1
-        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
-        ax.legend(loc="upper right", fontsize=8)
-    else:
-        _empty(ax, "no validation data")
-    ax.set_ylabel("val perplexity")
-
-    ax = axes[2]
+    ax = axes[-2] if tput[0] else axes[-1]
     xs, ys = _series(train, ("lr",))
     if xs:
         ax.plot(xs, ys, lw=1.2, color="tab:green")
@@ -156,8 +183,8 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png
         _empty(ax, "no learning rate logged")
     ax.set_ylabel("learning rate")
 
-    if n_panels == 4:
-        ax = axes[3]
+    if tput[0]:
+        ax = axes[-1]
         ax.plot(tput[0], tput[1], lw=1.0, color="tab:purple")
         ax.set_ylabel("tokens/s")
 
@@ -198,8 +225,9 @@ def plot_loss_comparison(curves: Mapping[str, Sequence[tuple[float, float]]], ou
     return _save_atomic(fig, out_png)
 
 
-def _serve(metrics: str, out_png: str) -> None:
-    """Redraw ``out_png`` from ``metrics`` once per line read on stdin, until stdin closes.
+def _serve(metrics: str, out_png: str, title: str | None = None) -> None:
+    """Redraw ``out_png`` from ``metrics`` once per line read on stdin, until stdin closes or
+    the parent process is gone (checked every second: a SIGKILLed trainer leaves no plotter).
 
     The trainer runs this as a low-priority child process (``python -m lmforge.inspect.plots``)
     so matplotlib is imported once and never runs on the training process's cores first."""
@@ -208,17 +236,23 @@ def _serve(metrics: str, out_png: str) -> None:
     import sys
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exits cleanly: no half-written temp file
+    parent = os.getppid()
     fd = sys.stdin.fileno()
     eof = False
     while not eof:
-        if not os.read(fd, 4096):  # wait for a request
+        while not select.select([fd], [], [], 1.0)[0]:  # wait for a request, watching the parent
+            if os.getppid() != parent:
+                return
+        if not os.read(fd, 4096):
             return
         while select.select([fd], [], [], 0)[0]:  # requests that piled up meanwhile: one drawing serves all
             if not os.read(fd, 4096):
                 eof = True
                 break
+        if os.getppid() != parent:
+            return
         try:
-            plot_training_curves(metrics, out_png)
+            plot_training_curves(metrics, out_png, title=title)
         except Exception as e:  # a plot must never stop anything
             print(f"could not plot {metrics}: {e}", file=sys.stderr)
 
@@ -226,4 +260,6 @@ def _serve(metrics: str, out_png: str) -> None:
 if __name__ == "__main__":
     import sys
 
-    _serve(sys.argv[1], sys.argv[2])
+    args = sys.argv[1:]
+    title = args[args.index("--title") + 1] if "--title" in args else None
+    _serve(args[0], args[1], title or None)

@@ -46,7 +46,9 @@ class ModelConfig:
     init_std: float = 0.02
     type_vocab_size: int = 0  # token-type (segment) embeddings, BERT uses 2
     mlm_head: bool = False  # BERT masked-LM head (dense + act + norm + tied decoder)
-    pooling: str = "mean"  # pooled output of an encoder: mean over real tokens, or CLS
+    pooling: str = "mean"  # pooled output: mean over real tokens, CLS (first token), last real token
+    num_classes: int = 0  # > 0 adds a classification head over the pooled output (part of the model)
+    labels: list[str] | None = None  # the classifier's label names, index = class id (saved with the model)
     name: str = ""  # free-form label (the preset it came from)
 
     def __post_init__(self):
@@ -89,6 +91,11 @@ class ModelConfig:
             bad("norm_eps", f"got {self.norm_eps!r}, expected a positive number")
         if not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             bad("init_std", f"got {self.init_std!r}, expected a positive number")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
+            bad("num_classes", f"got {self.num_classes!r}, expected an integer >= 0 (0: no classification head)")
+        elif self.labels is not None and (not isinstance(self.labels, list) or len(self.labels) != self.num_classes
+                                          or not all(isinstance(x, str) for x in self.labels)):
+            bad("labels", f"got {self.labels!r}, expected a list of {self.num_classes} label names (one per class)")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             bad("type_vocab_size", f"got {self.type_vocab_size!r}, expected an integer >= 0")
         if p:  # divisibility checks need valid integers
@@ -107,6 +114,11 @@ class ModelConfig:
             bad("causal", "a decoder LM is causal; expected causal: true (use arch: encoder)")
         if self.mlm_head and self.arch != "encoder":
             bad("mlm_head", "only an encoder has a masked-LM head")
+        if self.num_classes and self.arch == "bigram":
+            bad("num_classes", "a bigram model has no hidden states to classify; expected a decoder or encoder")
+        if self.num_classes and self.causal and self.pooling == "cls":
+            bad("pooling", "'cls' on a causal decoder pools the first token, which sees nothing else; "
+                           "expected 'last' (or 'mean')")
         return p
 
     def validate(self) -> "ModelConfig":

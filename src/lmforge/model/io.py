@@ -40,6 +40,8 @@ def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
     folder = Path(folder)
     cfg = dict(config or {})
     cfg["model"] = model.config.to_dict()
+    if tokenizer is not None:  # ties the tokenizer to these weights: a swapped one is refused on load
+        cfg["tokenizer_fingerprint"] = tokenizer.fingerprint()
     st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "lmforge": "1"})
     with open(folder / CONFIG, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
@@ -113,6 +115,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", with_toke
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; expected an lmforge checkpoint or model folder")
+    if (folder / "meta.json").is_file():  # a training checkpoint: its files must match their checksums
+        from lmforge.train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(folder)
     cfg = read_config(folder)
     model = build(ModelConfig.from_dict(cfg["model"]))
     load_weights(model, folder / WEIGHTS)
@@ -122,7 +128,15 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", with_toke
         from lmforge.tokenizer import load_tokenizer
 
         tok = load_tokenizer(folder / TOKENIZER)
-        if tok.vocab_size > model.config.vocab_size:
-            raise CheckpointError(f"{folder / TOKENIZER}: tokenizer has {tok.vocab_size} tokens but the model's "
-                                  f"vocab_size is {model.config.vocab_size}")
+        check_tokenizer(tok, model.config.vocab_size, cfg.get("tokenizer_fingerprint"), folder / TOKENIZER)
     return (model, tok) if with_tokenizer else model
+
+
+def check_tokenizer(tok, vocab_size: int, fingerprint: str | None, where) -> None:
+    """The tokenizer must be the model's: its ids fit the embedding table, and when the model
+    folder recorded the tokenizer's fingerprint, the two agree."""
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{where}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    if fingerprint and tok.fingerprint() != fingerprint:
+        raise CheckpointError(f"{where}: this tokenizer is not the one the model was trained with (fingerprint "
+                              f"{tok.fingerprint()} != {fingerprint}); restore the model's own tokenizer.json")

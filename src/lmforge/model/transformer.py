@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
-from lmforge.model.heads import MLMHead, pool
+from lmforge.model.heads import ClassificationHead, MLMHead, pool
 from lmforge.model.layers import Block, KVCache, RotaryEmbedding, dropout, init_weights, make_norm
 
 
@@ -109,13 +109,17 @@ class DecoderLM(nn.Module):
         self.config = cfg
         self.transformer = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.classifier = ClassificationHead(cfg.n_embd, cfg.num_classes, cfg.pooling) if cfg.num_classes else None
         init_weights(self, cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.tok_emb.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, head: str | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab); ``head="cls"`` returns class logits (B, num_classes)."""
         h = self.transformer(input_ids, attention_mask, position_ids, cache=cache)  # (B, T, C)
+        if head is not None:
+            return _classify(self, h, attention_mask, head)
         if last_only:  # generation needs only the next-token distribution
             h = h[:, -1:]
         return self.lm_head(h)  # (B, T, vocab)
@@ -132,18 +136,22 @@ class Encoder(nn.Module):
         self.config = cfg
         self.transformer = Transformer(cfg)
         self.mlm = MLMHead(cfg) if cfg.mlm_head else None
+        self.classifier = ClassificationHead(cfg.n_embd, cfg.num_classes, cfg.pooling) if cfg.num_classes else None
         init_weights(self, cfg)
         if self.mlm is not None and cfg.tie_embeddings:
             self.mlm.decoder.weight = self.transformer.tok_emb.weight
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, head: str | None = None) -> torch.Tensor:
-        """Hidden states (B, T, C); ``head="mlm"`` returns masked-LM logits (B, T, vocab) instead.
-        (Objectives call heads through forward, so DDP and torch.compile wrappers see the call.)"""
+        """Hidden states (B, T, C); ``head="mlm"`` returns masked-LM logits (B, T, vocab) instead,
+        ``head="cls"`` class logits (B, num_classes). (Objectives call heads through forward, so
+        DDP and torch.compile wrappers see the call.)"""
         h = self.transformer(input_ids, attention_mask, token_type_ids=token_type_ids)
         if head is None:
             return h
+        if head == "cls":
+            return _classify(self, h, attention_mask, head)
         if head != "mlm":
-            raise InputError(f"head: got {head!r}, expected None or 'mlm'")
+            raise InputError(f"head: got {head!r}, expected None, 'mlm' or 'cls'")
         if self.mlm is None:
             raise InputError("this encoder has no masked-LM head (model.mlm_head: false)")
         return self.mlm(h)
@@ -154,6 +162,15 @@ class Encoder(nn.Module):
     def pooled(self, input_ids, attention_mask=None, token_type_ids=None, method: str | None = None):
         h = self(input_ids, attention_mask, token_type_ids)
         return pool(h, attention_mask, method or self.config.pooling)  # (B, C)
+
+
+def _classify(model: nn.Module, h: torch.Tensor, attention_mask, head: str) -> torch.Tensor:
+    """Class logits (B, num_classes) from hidden states (B, T, C) through the model's classifier."""
+    if head != "cls":
+        raise InputError(f"head: got {head!r}, expected None or 'cls'")
+    if model.classifier is None:
+        raise InputError("this model has no classification head (model.num_classes: 0)")
+    return model.classifier(h, attention_mask)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -1,4 +1,16 @@
-"""The Objective base: averaging a loss over validation batches is shared by all objectives."""
+"""The Objective base: the contract between the trainer and a method.
+
+The trainer calls, per optimizer step and micro-batch::
+
+    objective.loss(model, batch) -> (loss, metrics)   # loss: the MEAN over the batch's targets
+    objective.targets_in(batch) -> int|float          # how many targets that mean is over
+
+and weights each micro-batch's mean by its share of the targets of the whole step (all
+micro-batches, all ranks), so that the step's loss is the mean over the global batch however the
+examples fall into micro-batches (padding and masked labels make them unequal). Around it:
+``setup(model, device)`` once before training (objectives with state, e.g. a frozen reference
+model, build it there) and ``evaluate(model, batches)`` for validation metrics.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +22,9 @@ import torch
 
 class Objective:
     name = "objective"
+
+    def setup(self, model, device: torch.device) -> None:
+        """Called once by the trainer after the model is on ``device`` (default: nothing to do)."""
 
     def collate(self, windows: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         raise NotImplementedError
@@ -39,4 +54,5 @@ class Objective:
         return {"loss": mean, "ppl": math.exp(min(mean, 50.0))}
 
     def targets_in(self, batch: dict) -> int:
+        """The number of targets ``loss`` averages over (tokens that are not -100 by default)."""
         return int((batch["targets"] != -100).sum())

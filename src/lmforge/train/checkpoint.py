@@ -384,10 +384,12 @@ def _load_state(path: Path, map_location) -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Verify then load a checkpoint: config, meta, trainer state and tokenizer (or None)."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    verified: bool = False) -> Checkpoint:
+    """Verify then load a checkpoint: config, meta, trainer state and tokenizer (or None).
+    ``verified=True`` skips the checksums when the caller has just checked them (resume)."""
     path = Path(path)
-    meta = verify_checkpoint(path)
+    meta = verify_checkpoint(path, checksums=not verified)
     config = read_config(path)
     state = _load_state(path / TRAINER_STATE, map_location)
     tok = None

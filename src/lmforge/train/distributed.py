@@ -62,6 +62,14 @@ def mean_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def sum_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of ``value`` over all ranks (itself when not distributed)."""
+    if info.enabled:
+        value = value.to(info.device).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def any_across(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any rank (stop signals must be agreed)."""
     if not info.enabled:

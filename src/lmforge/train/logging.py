@@ -148,6 +148,28 @@ class MetricsLogger:
         self.close()
 
 
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Drop the rows logged after ``step`` (a resumed run re-runs those steps), atomically, so
+    every curve stays single-valued. Returns how many rows were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash we resume from
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        atomic_write(path, "".join(k + "\n" for k in kept))
+    return dropped
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Parse a ``metrics.jsonl`` file (or a run folder holding one) into a list of dicts.
 

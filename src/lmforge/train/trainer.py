@@ -1,9 +1,12 @@
 """The one training loop. It knows nothing about which objective it runs.
 
-Per optimizer step: ``grad_accum`` micro-batches (each ``objective.loss(model, batch)``, scaled by
-1/grad_accum so the sum equals the mean over the larger batch), gradient clipping, a skipped step
-when the loss or gradient is not finite, AdamW, the schedule. Around it: evaluation, best and
-periodic checkpoints, exact resume, SIGINT/SIGTERM handling, metrics and progress.
+Per optimizer step: ``grad_accum`` micro-batches, each ``objective.loss(model, batch)`` (the mean
+over that micro-batch's targets) weighted by its share of the step's targets across all
+micro-batches and ranks, so the step's loss is the mean over the global batch however padding or
+masked labels fall; gradient clipping, a skipped step when the loss or gradient is not finite,
+AdamW, the schedule. Around it: evaluation, best and periodic checkpoints, exact resume,
+SIGINT/SIGTERM handling, metrics and progress; callbacks (``lmforge.train.callbacks``) for the
+rest (curve plots, timers).
 
 Data comes from a *batch source*: ``source.batch(step, micro) -> dict``, a pure function of the
 step, so resuming at step N sees exactly the batches a straight run would.
@@ -13,10 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch.nn as nn
 from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import DistInfo, any_across, barrier, mean_across
+from lmforge.train.distributed import DistInfo, any_across, barrier, sum_across
 from lmforge.train.logging import MetricsLogger, Progress, mfu
 from lmforge.train.optim import make_optimizer, make_scheduler
 
@@ -57,12 +57,15 @@ class Trainer:
     def __init__(self, model: nn.Module, objective, train_data: BatchSource, cfg: TrainSection, *,
                  run_dir: str | Path, eval_data: Callable[[], Iterable[dict]] | None = None,
                  dist_info: DistInfo | None = None, tokenizer=None, run_config: dict | None = None,
-                 flops_per_token: float | None = None, logger: MetricsLogger | None = None):
+                 flops_per_token: float | None = None, logger: MetricsLogger | None = None,
+                 callbacks: list | None = None):
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         self.device = self.dist.device
         self.model = model.to(self.device)
         self.objective = objective
+        self.objective.setup(self.model, self.device)
+        self.callbacks = list(callbacks or [])
         self.train_data = train_data
         self.eval_data = eval_data
         self.run_dir = Path(run_dir)
@@ -84,7 +87,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.skipped = 0
         self._stop_requested = False
-        self._plotter: subprocess.Popen | None = None
+        self._best_checked = False
         self.train_model = self._wrap(model)
         self._params = [p for p in model.parameters() if p.requires_grad]
 
@@ -139,13 +142,19 @@ class Trainer:
 
     def resume(self, resume: str | None) -> Path | None:
         """Load the checkpoint ``resume`` names ("auto": newest valid one in the run folder)."""
-        path = ckpt.resolve_resume(resume, self.run_dir)
+        path = ckpt.resolve_resume(resume, self.run_dir)  # verifies the checksums
         if path is None:
             return None
-        c = ckpt.load_checkpoint(path)
+        c = ckpt.load_checkpoint(path, verified=True)
         c.load_weights_into(self.model)
         self.load_state_dict(c.trainer_state)
         return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Load weights and trainer state from a checkpoint whose checksums were just verified."""
+        c = ckpt.load_checkpoint(path, verified=True)
+        c.load_weights_into(self.model)
+        self.load_state_dict(c.trainer_state)
 
     def save(self, name: str, metrics: dict | None = None) -> Path | None:
         path = None
@@ -157,30 +166,49 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------- loop
-    def _request_stop(self, signum, frame):
+    def request_stop(self) -> None:
+        """End the run at the next step boundary, with a checkpoint (what SIGINT/SIGTERM do)."""
         self._stop_requested = True
 
+    def _request_stop(self, signum, frame):
+        self.request_stop()
+
+    def _callback(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns the step's metrics."""
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics.
+
+        Each micro-batch's mean loss is weighted by n_micro / N, where N counts the targets of the
+        whole step on every rank, so the gradient is that of the mean over the global batch (DDP
+        averages gradients over ranks, hence the factor world_size).
+        """
         cfg = self.cfg
         self.train_model.train()
         accum = cfg.grad_accum
-        total_loss = None
+        batches = [_to(self.train_data.batch(self.step, micro), self.device) for micro in range(accum)]
+        counts = [float(self.objective.targets_in(b)) for b in batches]
+        total_targets = float(sum_across(torch.tensor(sum(counts), dtype=torch.float64), self.dist))
+        world = self.dist.world_size
+        total_loss = torch.zeros((), device=self.device)
         tokens = 0
         extra: dict[str, float] = {}
-        for micro in range(accum):
-            batch = _to(self.train_data.batch(self.step, micro), self.device)
+        for micro, batch in enumerate(batches):
             tokens += self.objective.tokens_in(batch)
+            share = counts[micro] / total_targets if total_targets > 0 else 0.0  # this micro-batch's weight
             with self._no_sync(micro == accum - 1), self._autocast():
                 loss, metrics = self.objective.loss(self.train_model, batch)
-            self.scaler.scale(loss / accum if accum > 1 else loss).backward()
-            total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+            self.scaler.scale(loss * (share * world)).backward()
+            total_loss = total_loss + loss.detach().float() * share
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + v / accum
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
-        mean_loss = mean_across(total_loss / accum if accum > 1 else total_loss, self.dist)
+        mean_loss = sum_across(total_loss, self.dist)  # the shares of all ranks add up to 1
         finite = bool(torch.isfinite(mean_loss + grad_norm))  # one check (and one sync) for both
         loss_ok = finite or bool(torch.isfinite(mean_loss))
         lr = self.scheduler.get_last_lr()[0]
@@ -209,7 +237,19 @@ class Trainer:
             return {}
         with self._autocast():
             m = self.objective.evaluate(self.model, (_to(b, self.device) for b in self.eval_data()))
-        return {f"val_{k}": v for k, v in m.items()}
+        ev = {f"val_{k}": v for k, v in m.items()}
+        self._check_best_metric(ev)
+        return ev
+
+    def _check_best_metric(self, ev: dict) -> None:
+        """``train.best_metric`` must name a metric the evaluation returns (checked on the first one)."""
+        if self._best_checked or not ev:
+            return
+        self._best_checked = True
+        name = self.cfg.best_metric
+        if name and name not in ev:
+            raise ConfigError(f"train.best_metric: got {name!r}, but the evaluation returns "
+                              f"{', '.join(sorted(ev))}; expected one of those (or null)")
 
     def fit(self) -> FitResult:
         cfg = self.cfg
@@ -222,10 +262,13 @@ class Trainer:
             except ValueError:  # not the main thread
                 pass
         self.policy.mark_saved()
+        self._callback("on_fit_start")
         tok_window, time_window, t_last = 0, 0.0, time.perf_counter()
         try:
             while self.step < cfg.max_steps:
+                self._callback("on_step_start")
                 m = self.train_step()
+                self._callback("on_step_end", m)
                 now = time.perf_counter()
                 tok_window += m["tokens"]
                 time_window += now - t_last
@@ -246,7 +289,7 @@ class Trainer:
                         result.evals.append({"step": self.step, **ev})
                         self.logger.log(self.step, {k.removeprefix("val_"): v for k, v in ev.items()}, split="val")
                         progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                        self._plot()
+                        self._callback("on_evaluate", ev)
                         if cfg.best_metric and cfg.best_metric in ev and self.policy.is_best(ev):
                             result.best_checkpoint = self.save("best", ev)
                 saved_now = False
@@ -264,69 +307,14 @@ class Trainer:
                     break
                 t_last = time.perf_counter()  # throughput counts training steps, not evals and saves
         finally:
-            self._stop_plotter()
             progress.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self.logger.close()
-        result.step = self.step
-        result.skipped_steps = self.skipped
+            result.step = self.step
+            result.skipped_steps = self.skipped
+            self._callback("on_fit_end", result)
         return result
-
-    def _plot(self) -> None:
-        """Ask a low-priority plotting process to redraw training_curves.png, so training neither
-        waits for matplotlib nor shares its cores with it. The process starts once (matplotlib is
-        imported once) and draws on each request; ``plot_curves`` draws the final version."""
-        if not self.dist.is_main or not (self.run_dir / "metrics.jsonl").exists():
-            return
-        if self._plotter is None or self._plotter.poll() is not None:
-            try:
-                self._plotter = subprocess.Popen(
-                    [sys.executable, "-m", "lmforge.inspect.plots", str(self.run_dir / "metrics.jsonl"),
-                     str(self.run_dir / "training_curves.png")],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                if hasattr(os, "setpriority"):
-                    os.setpriority(os.PRIO_PROCESS, self._plotter.pid, 19)
-            except OSError:
-                self._plotter = None
-                _plot_curves(self.run_dir)
-                return
-        try:
-            self._plotter.stdin.write(b"redraw\n")
-            self._plotter.stdin.flush()
-        except OSError:  # the plotter died: the next evaluation starts another
-            self._plotter = None
-
-    def _stop_plotter(self) -> None:
-        """End the plotter without waiting for queued redraws (SIGTERM: it removes any temporary
-        file); ``plot_curves`` draws the final figure."""
-        if self._plotter is None:
-            return
-        try:
-            self._plotter.terminate()
-            self._plotter.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            self._plotter.kill()
-            self._plotter.wait()
-        finally:
-            if self._plotter.stdin:
-                self._plotter.stdin.close()
-        self._plotter = None
-
-    def plot_curves(self) -> None:
-        """Draw training_curves.png from everything logged so far (call after ``fit``: the
-        redraws during training run in the background and the last one may not be done)."""
-        if self.dist.is_main and (self.run_dir / "metrics.jsonl").exists():
-            _plot_curves(self.run_dir)
-
-
-def _plot_curves(run_dir: Path) -> None:
-    from lmforge.inspect.plots import plot_training_curves
-
-    try:
-        plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
-    except Exception as e:  # a plot must never stop training
-        print(f"warning: could not plot training curves: {e}")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,225 @@
+"""``task: classify``: text classification on a pretrained (or fresh) decoder or encoder.
+
+Records carry a text field and a label field; the label set becomes the model's ``labels`` and
+a classification head over the pooled hidden states (``model.num_classes``). Validation reports
+loss, accuracy and macro-F1 during training; after training the best checkpoint is scored on the
+validation and test splits with per-class precision/recall and the confusion matrix
+(``eval_report.json`` + ``confusion_matrix_<split>.png`` in the run folder).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmforge.config import RunConfig
+from lmforge.data.formats import (ClassificationExamples, balance_records, collate_classification,
+                                  encode_classification, label_set, record_label, record_text, split_records)
+from lmforge.data.sampler import ExampleBatches, StepSampler
+from lmforge.data.sources import SourceSpec, iter_records
+from lmforge.errors import ConfigError, DataError
+from lmforge.evaluate import plot_confusion_matrix
+from lmforge.fsutil import atomic_write
+from lmforge.model import count_parameters, flops_per_token
+from lmforge.objectives.classification import Classification, ClassifyOptions
+from lmforge.tasks import Task
+from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+
+
+# ------------------------------------------------------------------------------ data
+def read_records(specs: list[SourceSpec] | None) -> list[dict]:
+    out: list[dict] = []
+    for spec in specs or []:
+        out.extend(iter_records(spec))
+    return out
+
+
+def split_for_run(cfg: RunConfig) -> dict[str, list[dict]]:
+    """train/val/test records: the sources, optionally balanced, split (stratified by label) into
+    the fractions the ``data:`` section asks, unless val/test have sources of their own."""
+    o, d = cfg.objective, cfg.data
+    records = read_records(source_specs(d.sources))
+    key = (lambda r: record_label(r, o.label_field))
+    for r in records[:1]:
+        record_label(r, o.label_field), record_text(r, o.text_field)  # a missing field fails fast, clearly
+    if d.balance:
+        records = balance_records(records, key, cfg.run.seed)
+    val_frac = 0.0 if d.val_sources else d.val_fraction
+    test_frac = 0.0 if d.test_sources else d.test_fraction
+    train, val, test = split_records(records, (val_frac, test_frac), cfg.run.seed, key if d.stratify else None)
+    if d.val_sources:
+        val = read_records(source_specs(d.val_sources))
+    if d.test_sources:
+        test = read_records(source_specs(d.test_sources))
+    return {"train": train, "val": val, "test": test}
+
+
+def labels_of(records: list[dict], opts: ClassifyOptions) -> list[str]:
+    names = opts.labels or label_set([record_label(r, opts.label_field) for r in records])
+    if len(names) < 2:
+        raise DataError(f"only one label ({', '.join(map(repr, names))}) in the training data; a classifier "
+                        f"needs at least two (check objective.label_field: {opts.label_field!r})")
+    return list(names)
+
+
+def class_weights(spec, examples: ClassificationExamples) -> list[float] | None:
+    if spec is None:
+        return None
+    k = len(examples.label_names)
+    if spec == "balanced":  # n / (K * count): every class weighs the same in total
+        counts = examples.counts()
+        return [len(examples) / (k * max(counts[n], 1)) for n in examples.label_names]
+    if isinstance(spec, list) and len(spec) == k and all(isinstance(w, (int, float)) and w > 0 for w in spec):
+        return [float(w) for w in spec]
+    raise ConfigError(f"objective.class_weights: got {spec!r}, expected null, 'balanced' or {k} positive numbers")
+
+
+def fixed_batches(examples: ClassificationExamples, batch_size: int, pad_id: int):
+    """A callable giving the same batches each time; examples sorted by length (less padding)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples.ids[i]))
+
+    def batches():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            yield collate_classification([examples.ids[i] for i in idx], [examples.labels[i] for i in idx], pad_id)
+
+    return batches
+
+
+def pad_id_of(tokenizer) -> int:
+    return tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+
+# ------------------------------------------------------------------------------ builder
+def _build(ctx: TaskContext) -> TaskParts:
+    cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
+    splits = split_for_run(cfg)
+    names = labels_of(splits["train"], o)
+    tokenizer = build_tokenizer(ctx, lambda: (record_text(r, o.text_field) for r in splits["train"]))
+    head = {"num_classes": len(names), "labels": names}
+    if o.pooling:
+        head["pooling"] = o.pooling
+    elif not cfg.init_from and cfg.model_config(vocab_size=tokenizer.vocab_size).causal:
+        head["pooling"] = "last"
+    model = build_model(ctx, tokenizer.vocab_size, **head)
+    if model.config.causal and model.config.pooling == "cls":
+        raise ConfigError("objective.pooling: 'cls' on a causal decoder sees only the first token; expected last or mean")
+    add_special = not model.config.causal
+    enc = {s: encode_classification(r, tokenizer, o.text_field, o.label_field, names, o.max_length, add_special, s)
+           for s, r in splits.items() if r}
+    train = enc["train"]
+    if "val" not in enc:
+        raise ConfigError("data.val_fraction: the validation split is empty; raise val_fraction or give val_sources")
+    objective = Classification(len(names), class_weights(o.class_weights, train), o.label_smoothing, names)
+    pad = pad_id_of(tokenizer)
+    sampler = StepSampler(len(train), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
+    train_data = ExampleBatches(
+        sampler, lambda idx: collate_classification([train.ids[i] for i in idx], [train.labels[i] for i in idx], pad),
+        dist.rank)
+    mcfg = model.config
+    fpt = flops_per_token(mcfg, o.max_length) - 6 * mcfg.n_embd * mcfg.vocab_size  # no LM head matmul
+    steps_per_epoch = len(train) / sampler.global_batch
+
+    def finish(best_model, summary: dict) -> dict:
+        return write_reports(ctx, objective, best_model, {s: e for s, e in enc.items() if s != "train"}, pad)
+
+    counts = ", ".join(f"{s} {len(e)}" for s, e in enc.items())
+    trunc = ", ".join(f"{s} {e.truncated}" for s, e in enc.items() if e.truncated)
+    return TaskParts(
+        model=model, tokenizer=tokenizer, objective=objective, train_data=train_data,
+        eval_data=fixed_batches(enc["val"], t.eval_batch_size, pad), flops_per_token=fpt, finish=finish,
+        describe=[f"data: {counts} examples; labels {train.counts()}",
+                  f"truncated to max_length {o.max_length}: " + (trunc or "none"),
+                  f"model: {mcfg.arch} {count_parameters(model):,} parameters, {len(names)}-way head, "
+                  f"pooling {mcfg.pooling}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+                  f"before train.trainable={t.trainable}",
+                  f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
+                  f"examples/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
+                  f"on {dist.device}"])
+
+
+def write_reports(ctx: TaskContext, objective: Classification, model, splits: dict, pad: int) -> dict:
+    """Score ``model`` on each split; write eval_report.json and a confusion-matrix PNG per split."""
+    if not ctx.dist.is_main:
+        return {}
+    device = next(model.parameters()).device
+    reports = {}
+    for split, ex in splits.items():
+        batches = ({k: v.to(device) for k, v in b.items()}
+                   for b in fixed_batches(ex, ctx.cfg.train.eval_batch_size, pad)())
+        r = objective.report(model, batches)
+        reports[split] = r
+        plot_confusion_matrix(r["confusion_matrix"], r["labels"], ctx.run_dir / f"confusion_matrix_{split}.png",
+                              title=f"{ctx.cfg.run.name}: {split} ({r['examples']} examples)")
+        ctx.say(f"{split}: accuracy {r['accuracy']:.4f}  macro_f1 {r['macro_f1']:.4f}  loss {r['loss']:.4f}  "
+                + "  ".join(f"{n}: P {m['precision']:.3f} R {m['recall']:.3f}" for n, m in r["per_class"].items()))
+    text = json.dumps(reports, indent=2)
+    atomic_write(ctx.run_dir / "eval_report.json", lambda p: p.write_text(text))
+    return {"reports": reports}
+
+
+def _check(cfg: RunConfig) -> list[str]:
+    o = cfg.objective
+    p = []
+    if o.max_length < 2:
+        p.append(f"objective.max_length: got {o.max_length}, expected an integer >= 2")
+    if o.pooling is not None and o.pooling not in ("mean", "cls", "last"):
+        p.append(f"objective.pooling: got {o.pooling!r}, expected mean, cls, last or null")
+    if o.labels is not None and (len(o.labels) < 2 or len(set(map(str, o.labels))) != len(o.labels)):
+        p.append(f"objective.labels: got {o.labels!r}, expected at least two distinct label names")
+    if not 0 <= o.label_smoothing < 1:
+        p.append(f"objective.label_smoothing: got {o.label_smoothing}, expected a number in [0, 1)")
+    if not cfg.init_from:
+        mcfg = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
+        if mcfg.arch == "bigram":
+            p.append("model.arch: a bigram model cannot classify; expected a decoder or encoder")
+        if mcfg.causal and o.pooling == "cls":
+            p.append("objective.pooling: 'cls' on a causal decoder sees only the first token; expected last or mean")
+        if o.max_length > mcfg.context_length:
+            p.append(f"objective.max_length: {o.max_length} is longer than model.context_length {mcfg.context_length}")
+    if o.labels is not None:
+        o.labels = [str(x) for x in o.labels]
+    return p
+
+
+# ------------------------------------------------------------------------------ inference
+def evaluate_records(model, tokenizer, records: list[dict], text_field: str, label_field: str,
+                     max_length: int, batch_size: int = 32) -> dict:
+    """Score a classifier on records (``lmforge eval``): accuracy, macro-F1, per class, confusion."""
+    names = model.config.labels or [str(i) for i in range(model.config.num_classes)]
+    ex = encode_classification(records, tokenizer, text_field, label_field, names, max_length,
+                               not model.config.causal, "eval")
+    objective = Classification(len(names), label_names=names)
+    device = next(model.parameters()).device
+    batches = ({k: v.to(device) for k, v in b.items()} for b in fixed_batches(ex, batch_size, pad_id_of(tokenizer))())
+    return {**objective.report(model, batches), "truncated": ex.truncated}
+
+
+@torch.no_grad()
+def classify_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> list[dict]:
+    """Label and class probabilities of each text: [{"label": ..., "probs": {label: p}}]."""
+    names = model.config.labels or [str(i) for i in range(model.config.num_classes)]
+    records = [{"text": t, "label": names[0]} for t in texts]
+    ex = encode_classification(records, tokenizer, "text", "label", names, max_length, not model.config.causal)
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(ex), batch_size):
+        b = collate_classification(ex.ids[s:s + batch_size], ex.labels[s:s + batch_size], pad_id_of(tokenizer))
+        probs = model(b["input_ids"].to(device), b["attention_mask"].to(device), head="cls").float().softmax(-1)
+        for row in probs.cpu().tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append({"label": names[best], "probs": {n: round(p, 6) for n, p in zip(names, row)}})
+    return out
+
+
+def saved_options(run_config: dict) -> ClassifyOptions:
+    """The classify options a checkpoint was trained with (defaults where absent)."""
+    raw = dict(run_config.get("objective") or {})
+    known = ClassifyOptions.__dataclass_fields__
+    return ClassifyOptions(**{k: v for k, v in raw.items() if k in known})
+
+
+CLASSIFY = Task("classify", "text classification: a label per text, head over pooled hidden states",
+                ClassifyOptions, _build, _check)

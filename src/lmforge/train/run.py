@@ -1,0 +1,113 @@
+"""The one run function: any task, end to end.
+
+``run(cfg)`` is what ``lmforge train`` (alias ``pretrain``) runs:
+
+    task builder (lmforge.tasks)  -> model, tokenizer, objective, batch sources
+    run folder                    -> config.yaml (once), run_info.json, metrics.jsonl
+    Trainer (the one loop)        -> checkpoints, resume, evaluation, callbacks (curves)
+    task finish                   -> sample / test reports with the best checkpoint
+    summary                       -> returned (and printed by the CLI)
+
+Nothing here knows which task it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lmforge.config import RunConfig
+from lmforge.errors import CheckpointError
+from lmforge.tasks import get_task
+from lmforge.tasks.common import TaskContext
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.callbacks import CurvePlotter
+from lmforge.train.distributed import DistInfo, barrier, setup, teardown
+from lmforge.train.freeze import apply_trainable
+from lmforge.train.logging import MetricsLogger, save_run_info, truncate_metrics
+from lmforge.train.trainer import FitResult, Trainer, seed_everything
+
+
+def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: list | None = None) -> dict:
+    """Train as ``cfg`` says; returns a summary (steps, last losses, checkpoint paths, task results)."""
+    dist = setup(cfg.run.device)
+    try:
+        summary = _run(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None), callbacks or [])
+        barrier(dist)  # rank 0 still plots and samples: leave the process group together (gloo aborts otherwise)
+        return summary
+    finally:
+        teardown()
+
+
+def _prepare_folder(cfg: RunConfig, run_dir: Path, resume_from: Path | None, dist: DistInfo) -> None:
+    """A fresh run never mixes with an earlier one in the same folder: the old metrics are set
+    aside; a resumed run drops the rows past its checkpoint's step (they are re-run)."""
+    if not dist.is_main:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            old = run_dir / "metrics.jsonl"
+            if old.exists():
+                old.rename(run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        else:
+            truncate_metrics(run_dir / "metrics.jsonl", ckpt.verify_checkpoint(resume_from, checksums=False)["step"])
+        save_run_info(run_dir, cfg.to_dict())  # config.yaml (written once, here) + run_info.json
+    except OSError as e:
+        if ckpt._is_disk_full(e):
+            raise CheckpointError(f"disk full while preparing run folder {run_dir}: {ckpt._one_line(e)}; "
+                                  f"free some space and run again (nothing was lost)") from None
+        raise CheckpointError(f"cannot write to run folder {run_dir}: {ckpt._one_line(e)}") from None
+
+
+def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -> dict:
+    t_start = time.time()
+    run_dir = Path(cfg.run.out_dir)
+    seed_everything(cfg.run.seed)
+    task = get_task(cfg.task)
+    ctx = TaskContext(cfg=cfg, run_dir=run_dir, dist=dist, progress=progress, say=say)
+    parts = task.build(ctx)
+    trainable, total = apply_trainable(parts.model, cfg.train.trainable)
+    for line in parts.describe:
+        say(line)
+    if trainable != total:
+        say(f"trainable: {trainable:,} of {total:,} parameters (train.trainable={cfg.train.trainable})")
+
+    run_config = cfg.to_dict()
+    resume_from = ckpt.resolve_resume(cfg.train.resume, run_dir)
+    _prepare_folder(cfg, run_dir, resume_from, dist)
+    logger = MetricsLogger(run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name, config=run_config,
+                           is_main=dist.is_main)
+    trainer = Trainer(parts.model, parts.objective, parts.train_data, cfg.train, run_dir=run_dir,
+                      eval_data=parts.eval_data, dist_info=dist, tokenizer=parts.tokenizer, run_config=run_config,
+                      flops_per_token=parts.flops_per_token, logger=logger,
+                      callbacks=[CurvePlotter(run_dir, title=cfg.run.name), *callbacks])
+    resumed = None
+    if resume_from is not None:  # already verified by resolve_resume above
+        trainer.load_checkpoint(resume_from)
+        resumed = resume_from
+    if resumed is not None:
+        say(f"resumed from {resumed} at step {trainer.step}")
+    result: FitResult = trainer.fit()
+    summary = {
+        "task": cfg.task, "steps": result.step, "stopped_early": result.stopped_early,
+        "skipped_steps": result.skipped_steps,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "final_eval": result.evals[-1] if result.evals else None,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+        "history": result.history, "evals": result.evals, "run_dir": str(run_dir),
+        "train_seconds": time.time() - t_start, "resumed_from": str(resumed) if resumed else None,
+    }
+    if result.evals:
+        say("final: " + "  ".join(f"{k} {v:.4f}" for k, v in result.evals[-1].items() if k != "step"))
+    if parts.finish is not None and not result.stopped_early:
+        model = trainer.model
+        best = run_dir / "checkpoints" / "best"
+        if result.best_checkpoint is not None or (cfg.train.best_metric and best.is_dir()):
+            ckpt.load_checkpoint(best).load_weights_into(model)  # the task's results are the best model's
+            summary["evaluated_checkpoint"] = str(best)
+        summary.update(parts.finish(model, summary) or {})
+    summary["wall_seconds"] = time.time() - t_start
+    return summary
