@@ -148,6 +148,7 @@ def model_from_init(path: str, overrides: dict, head: dict, vocab_size: int) -> 
     from lmforge.model import ModelConfig, build
 
     base = from_pretrained(resolve_init_path(path))
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # null: keep the loaded value
     fixed = sorted(k for k in overrides if k not in INIT_OVERRIDABLE and overrides[k] != getattr(base.config, k, None))
     if fixed:
         raise ConfigError([f"model.{k}: cannot change when model.init_from is set (the weights fix it); "
