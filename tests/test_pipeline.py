@@ -302,3 +302,49 @@ def test_inference_refuses_corrupt_weights_and_a_swapped_tokenizer(tiny_dict, tm
     other.save(folder / "tokenizer.json")
     with pytest.raises(CheckpointError, match="not the one the model was trained with"):
         from_pretrained(folder, with_tokenizer=True)
+
+
+def test_disk_full_at_start_up_is_one_clear_error(clf_dict, monkeypatch):
+    import errno
+
+    import lmforge.train.logging as logging_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logging_mod, "atomic_write", full)
+    with pytest.raises(CheckpointError, match="disk full while preparing run folder"):
+        _run(clf_dict())
+
+
+def test_the_curve_plotter_dies_with_its_parent(tmp_path):
+    """A SIGKILLed trainer leaves no plotting process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'lmforge.inspect.plots', r'{tmp_path / 'metrics.jsonl'}', "
+        f"r'{tmp_path / 'c.png'}'], stdin=subprocess.PIPE)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+        try:  # reap it if it became our zombie (it does not: init adopts it)
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the plotter outlived its parent by more than 20 s")
