@@ -1,6 +1,8 @@
-"""Atomic file writes: a temporary file beside the target, fsync, then rename into place.
+"""Crash-safe writes of files and folders: build beside the target, fsync, then rename into place.
 
-A crash at any instant leaves either the old file or the new one, never half of one.
+A crash at any instant leaves either the old file (folder) or the new one, never half of one.
+``atomic_write`` does it for one file; ``publish_folder`` for a folder built in a temporary
+place (model folders, checkpoints and the token store all go through it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,44 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def publish_folder(tmp: Path, final: Path, aside: Path | None = None) -> None:
+    """Make the finished folder ``tmp`` become ``final``, crash-safely.
+
+    Every file in ``tmp`` and ``tmp`` itself are fsynced first. An existing ``final`` is renamed to
+    ``aside`` (required then), ``tmp`` is renamed to ``final``, and ``aside`` is removed; if the
+    second rename fails, ``aside`` is renamed back. A crash between the renames leaves ``aside``
+    whole (callers that name it predictably can recover it). The parent folder is fsynced so the
+    renames are durable.
+    """
+    import shutil
+
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(tmp)
+    moved = False
+    if os.path.lexists(final):
+        if aside is None:
+            raise FileExistsError(f"{final} exists; publish_folder needs an aside path to replace it")
+        os.rename(final, aside)
+        moved = True
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if moved and not os.path.lexists(final):
+            try:
+                os.rename(aside, final)
+            except OSError:
+                pass  # aside stays whole on disk for the caller's recovery
+        raise
+    try:
+        fsync_path(final.parent)
+    except OSError:
+        pass
+    if moved:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from lmforge.data.sources import SourceSpec, iter_documents, source_fingerprint
 from lmforge.errors import DataError
+from lmforge.fsutil import publish_folder
 
 __all__ = [
     "TokenStore",
@@ -229,14 +230,14 @@ def _try_load(folder: Path, key: str) -> TokenStore | None:
 
 
 def _publish(tmp: Path, final: Path, key: str) -> None:
-    """Rename the finished temp folder into place (another process may have won the race)."""
+    """Publish the finished temp folder (another process may have won the race)."""
     try:
-        os.rename(tmp, final)
+        publish_folder(tmp, final)
         return
     except OSError:
         if _try_load(final, key) is not None:
             return  # someone else finished the same build first; ours is discarded
-    os.rename(tmp, final)
+    publish_folder(tmp, final)  # _try_load removed a broken one
 
 
 def _remove_stale_temps(cache_dir: Path, key: str) -> None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import yaml
 
 from lmforge.errors import CheckpointError
-from lmforge.fsutil import fsync_path
+from lmforge.fsutil import publish_folder
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -30,10 +30,10 @@ TOKENIZER = "tokenizer.json"
 
 def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
                       config: dict[str, Any] | None = None) -> None:
-    """Write weights, config and tokenizer into ``folder`` (which must exist), fsynced.
+    """Write weights, config and tokenizer into ``folder`` (which must exist).
 
-    Not atomic by itself: callers write into a temporary folder and rename it (see ``save_model``
-    and ``lmforge.train.checkpoint``).
+    Not atomic by itself: callers write into a temporary folder and publish it with
+    ``lmforge.fsutil.publish_folder`` (see ``save_model`` and ``lmforge.train.checkpoint``).
     """
     from safetensors.torch import save_model as st_save_model
 
@@ -47,9 +47,6 @@ def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
         yaml.safe_dump(cfg, f, sort_keys=False)
     if tokenizer is not None:
         tokenizer.save(folder / TOKENIZER)
-    for name in (WEIGHTS, CONFIG, TOKENIZER):
-        if (folder / name).exists():
-            fsync_path(folder / name)
 
 
 def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dict[str, Any] | None = None) -> Path:
@@ -60,13 +57,12 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dic
     if tmp.exists():
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_model_files(model, tmp, tokenizer, config)
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        write_model_files(model, tmp, tokenizer, config)
+        publish_folder(tmp, folder, aside=folder.parent / f".{folder.name}.old-{os.getpid()}")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

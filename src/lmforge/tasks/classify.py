@@ -10,7 +10,6 @@ validation and test splits with per-class precision/recall and the confusion mat
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 

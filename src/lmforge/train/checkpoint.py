@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fsutil import fsync_path
+from lmforge.fsutil import fsync_path, publish_folder
 from lmforge.model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_config, write_model_files
 
 __all__ = [
@@ -217,8 +217,6 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
     model = _unwrap(model)
 
     tmp: Path | None = None
-    old: Path | None = None
-    moved_aside = committed = False
     try:
         root.mkdir(parents=True, exist_ok=True)
         _recover(root)
@@ -227,8 +225,6 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
         write_model_files(model, tmp, tokenizer=tokenizer, config=config)
         with open(tmp / TRAINER_STATE, "wb") as f:
             torch.save(trainer_state, f)
-            f.flush()
-            os.fsync(f.fileno())
         files = {}
         for fname in (WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE):
             p = tmp / fname
@@ -250,21 +246,10 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
         }
         with open(tmp / META, "w", encoding="utf-8") as f:  # last: its presence marks a finished save
             json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        if os.path.lexists(final):
-            old = _side_path(root, "old", name)
-            os.rename(final, old)
-            moved_aside = True
-        os.rename(tmp, final)
-        committed = True
+        # an existing checkpoint of this name goes aside as .old-*: if we die mid-publish,
+        # _recover renames it back on the next save or prune
+        publish_folder(tmp, final, aside=_side_path(root, "old", name) if os.path.lexists(final) else None)
     except BaseException as e:
-        if moved_aside and not committed and old is not None and not os.path.lexists(final):
-            try:
-                os.rename(old, final)
-            except OSError:
-                pass  # left as .old-*: _recover renames it back on the next save or prune
         if tmp is not None:
             _rmtree(tmp)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, do not disguise
@@ -276,12 +261,6 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
                                   f"the previous checkpoints are untouched") from e
         raise CheckpointError(f"could not save checkpoint {final}: {_one_line(e)}; "
                               f"the previous checkpoints are untouched") from e
-    try:
-        fsync_path(root)
-    except OSError:
-        pass
-    if old is not None:
-        _rmtree(old)  # if this fails the leftover is removed by CheckpointPolicy.prune
     return final
 
 
