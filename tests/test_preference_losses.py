@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is only an oracle here
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.objectives.preference_losses import (
