@@ -251,3 +251,22 @@ def test_entropy_and_std_match_trl_utils():
     rewards = torch.randn(12, generator=g, dtype=D)
     out = group_advantages(rewards, 4)
     torch.testing.assert_close(out.group_std, nanstd(rewards.view(3, 4), dim=1))
+
+
+def test_one_iteration_gradient_is_reinforce_with_group_baseline_on_a_toy_policy():
+    """A one-token policy over 4 answers, K = 8 samples, answer 2 rewarded: the loss gradient is
+    -(1/K) sum_i A_i (onehot_i - p) in the logits, and a step makes answer 2 more likely."""
+    logits = torch.zeros(1, 4, dtype=D, requires_grad=True)
+    samples = torch.tensor([0, 2, 1, 2, 3, 0, 2, 1])
+    rewards = (samples == 2).to(D)
+    adv = group_advantages(rewards, 8).advantages  # (8,)
+    logp = torch.log_softmax(logits, -1)[0, samples].unsqueeze(1)  # (8, 1) one token each
+    out = grpo_policy_loss(logp, None, adv, torch.ones(8, 1, dtype=D))
+    out.loss.backward()
+    p = torch.softmax(logits.detach(), -1)[0]
+    onehot = torch.nn.functional.one_hot(samples, 4).to(D)
+    expect = -(adv.unsqueeze(1) * (onehot - p)).mean(0)
+    torch.testing.assert_close(logits.grad[0], expect)
+    assert out.metrics["clip_ratio/region"] == 0.0  # ratio 1: nothing clipped
+    stepped = torch.softmax(logits.detach() - 1.0 * logits.grad, -1)[0]
+    assert stepped[2] > p[2] and stepped.argmax() == 2

@@ -14,7 +14,7 @@ from lmforge.errors import DataError, InputError
 from lmforge.model import ModelConfig, build
 from lmforge.objectives.logprobs import (
     completion_logprobs, preference_collate, sequence_logprobs, split_chosen_rejected,
-    token_logprobs,
+    token_logprobs, tokenize_pair,
 )
 
 V = 11
@@ -165,3 +165,44 @@ def test_one_stacked_forward_equals_separate_unpadded_forwards():
             ids = b["input_ids"][row:row + 1, :n]
             alone, _ = sequence_logprobs(model(ids), ids, b["completion_mask"][row:row + 1, :n])
             assert float(alone) == pytest.approx(float(stacked[row]), abs=1e-5)
+
+
+def test_tokenize_pair_encodes_prompt_and_completions_separately():
+    from lmforge.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    p, c, r = tokenize_pair(tok, "Q: 2+2?", " 4", " 5")
+    assert p == tok.encode("Q: 2+2?") and c == tok.encode(" 4") + [tok.eos_id]
+    assert r[-1] == tok.eos_id and tok.decode(r) == " 5"
+    b = preference_collate([(p, c, r)], pad_id=0)
+    assert b["completion_mask"][0].tolist() == [0] * len(p) + [1] * len(c)  # eos is scored
+
+
+def test_step0_with_a_frozen_copy_is_ln2_and_dpo_steps_open_a_margin():
+    """The whole chain: collate -> one forward -> sequence log-probs -> DPO loss."""
+    import copy
+
+    from lmforge.objectives.preference_losses import PairLogps, preference_loss
+
+    torch.manual_seed(0)
+    policy = build(ModelConfig(arch="decoder", vocab_size=V, context_length=16, n_layer=1,
+                               n_head=2, n_embd=16))
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    b = preference_collate(PAIRS, pad_id=PAD)
+    with torch.no_grad():
+        ref_sum, ref_n = sequence_logprobs(reference(b["input_ids"]), b["input_ids"], b["completion_mask"])
+    ref = PairLogps(*split_chosen_rejected(ref_sum), *split_chosen_rejected(ref_n))
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    margins = []
+    for step in range(4):
+        logps, n = sequence_logprobs(policy(b["input_ids"]), b["input_ids"], b["completion_mask"])
+        out = preference_loss("sigmoid", PairLogps(*split_chosen_rejected(logps),
+                                                   *split_chosen_rejected(n)), ref, beta=0.5)
+        if step == 0:
+            assert float(out.loss.detach()) == pytest.approx(math.log(2), abs=1e-6)
+            assert out.metrics()["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+        margins.append(out.metrics()["rewards/margins"])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert margins[-1] > margins[0] + 0.05 and out.metrics()["rewards/accuracy"] == 1.0

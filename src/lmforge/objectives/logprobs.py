@@ -26,6 +26,7 @@ __all__ = [
     "token_logprobs",
     "completion_logprobs",
     "sequence_logprobs",
+    "tokenize_pair",
     "preference_collate",
     "split_chosen_rejected",
 ]
@@ -85,6 +86,17 @@ def _check_ids(ids: Sequence[int], what: str, index: int) -> list[int]:
         raise InputError(f"preference_collate: pair {index}: {what} must be a list of token ids "
                          f"(non-negative integers)")
     return list(ids)
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, add_eos: bool = True
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the prompt and of each completion, each encoded on its own.
+
+    With ``add_eos`` each completion ends with the tokenizer's eos token, so the model also
+    learns (and is scored on) where the answer stops.
+    """
+    return (tokenizer.encode(prompt), tokenizer.encode(chosen, add_eos=add_eos),
+            tokenizer.encode(rejected, add_eos=add_eos))
 
 
 def preference_collate(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
