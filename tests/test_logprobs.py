@@ -8,14 +8,14 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is only an oracle here
-
 from lmforge.errors import DataError, InputError
 from lmforge.model import ModelConfig, build
 from lmforge.objectives.logprobs import (
     completion_logprobs, preference_collate, sequence_logprobs, split_chosen_rejected,
     token_logprobs, tokenize_pair,
 )
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is only an oracle here
 
 V = 11
 PAD = 0

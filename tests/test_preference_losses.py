@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is only an oracle here
-
 from lmforge.errors import ConfigError, InputError
 from lmforge.objectives.preference_losses import (
     LOSS_TYPES, PairLogps, hinge_loss, ipo_loss, log1mexp, orpo_loss, preference_loss,
     robust_loss, sigmoid_loss, simpo_loss,
 )
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is only an oracle here
 
 # Two pairs picked by hand: summed log-probs of policy and reference, completion lengths.
 PC = [-12.0, -30.5]   # policy chosen
