@@ -1,0 +1,167 @@
+"""Log-probabilities of given tokens under a model's logits, and the preference batch layout.
+
+Preference learning (DPO and its family) and RL (GRPO) score *given* completions: how likely
+is this answer under the policy, under the reference? A causal LM's logits at position ``t``
+are the distribution of the token at ``t + 1``, so the log-prob of a sequence is read by
+shifting the tokens one place left and picking each target's log-softmax entry.
+
+A preference batch puts the chosen and rejected completions of ``B`` pairs in one ``(2B, T)``
+tensor (chosen rows first), so both go through the model in one forward pass. The prompt and the
+completion are tokenized separately and concatenated: tokenizing ``prompt + completion`` as one
+string can merge characters across the boundary into a token that belongs to neither, and then
+"the completion's tokens" would no longer be well defined. Rows are right-padded; under a causal
+mask padding at the end cannot change the logits of the real tokens before it, so no attention
+mask is needed for the forward pass. Prompt and padding positions are 0 in ``completion_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmforge.errors import DataError, InputError
+
+__all__ = [
+    "token_logprobs",
+    "completion_logprobs",
+    "sequence_logprobs",
+    "tokenize_pair",
+    "preference_collate",
+    "split_chosen_rejected",
+]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., target]`` for every position: (B, T, V), (B, T) -> (B, T).
+
+    Computed as ``logit[target] - logsumexp(logits)``, which never materialises the full
+    (B, T, V) log-softmax. Targets equal to -100 (ignored positions) give 0.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise InputError(f"token_logprobs: logits {tuple(logits.shape)} and targets "
+                         f"{tuple(targets.shape)} disagree; expected (..., V) and (...)")
+    safe = targets.masked_fill(targets == -100, 0)  # (B, T)
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    logp = picked - torch.logsumexp(logits, dim=-1)  # (B, T)
+    return logp.masked_fill(targets == -100, 0.0)
+
+
+def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                        completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the completion tokens of ``input_ids`` and their mask.
+
+    ``logits`` (B, T, V) come from running the model on ``input_ids`` (B, T); ``completion_mask``
+    (B, T) is 1 on completion tokens. Position ``t`` of the result is the log-prob of token
+    ``t + 1``, so both results are (B, T - 1); masked positions hold 0.
+    """
+    if input_ids.shape != completion_mask.shape or logits.shape[:2] != input_ids.shape:
+        raise InputError(f"completion_logprobs: logits {tuple(logits.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)} and completion_mask "
+                         f"{tuple(completion_mask.shape)} disagree; expected (B, T, V), (B, T), (B, T)")
+    targets = input_ids[:, 1:]  # (B, T-1): the token each position predicts
+    mask = completion_mask[:, 1:].to(logits.dtype)  # (B, T-1)
+    logp = token_logprobs(logits[:, :-1], targets)  # (B, T-1)
+    return logp * mask, mask
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, average: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each row's completion, summed (or averaged per token), and its token count.
+
+    Returns ``(logps (B,), counts (B,))``. With ``average=True`` a row without completion
+    tokens gives 0 rather than 0/0.
+    """
+    per_token, mask = completion_logprobs(logits, input_ids, completion_mask)  # (B, T-1) each
+    total = per_token.sum(-1)  # (B,)
+    counts = mask.sum(-1)  # (B,)
+    if average:
+        total = total / counts.clamp(min=1)
+    return total, counts
+
+
+def _check_ids(ids: Sequence[int], what: str, index: int) -> list[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise InputError(f"preference_collate: pair {index}: {what} must be a list of token ids "
+                         f"(non-negative integers)")
+    return list(ids)
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, add_eos: bool = True
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the prompt and of each completion, each encoded on its own.
+
+    With ``add_eos`` each completion ends with the tokenizer's eos token, so the model also
+    learns (and is scored on) where the answer stops.
+    """
+    return (tokenizer.encode(prompt), tokenizer.encode(chosen, add_eos=add_eos),
+            tokenizer.encode(rejected, add_eos=add_eos))
+
+
+def preference_collate(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                       pad_id: int, max_length: int | None = None) -> dict:
+    """Stack ``B`` (prompt, chosen, rejected) token-id lists into one right-padded batch.
+
+    Row ``i`` is ``prompt_i + chosen_i`` and row ``B + i`` is ``prompt_i + rejected_i``.
+    Returns ``input_ids`` (2B, T), ``attention_mask`` (2B, T) (1 on real tokens),
+    ``completion_mask`` (2B, T) (1 on completion tokens only: prompt and padding are 0),
+    ``prompt_lengths`` (2B,) and ``truncated`` (how many completions were cut).
+
+    With ``max_length``, a completion that does not fit after its prompt is cut at the end; a
+    prompt that leaves no room for one completion token is an error naming the pair.
+    """
+    if len(pairs) == 0:
+        raise InputError("preference_collate: got no pairs; expected at least one")
+    prompts, completions = [], []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 3:
+            raise InputError(f"preference_collate: pair {i} has {len(pair)} parts; expected "
+                             f"(prompt, chosen, rejected) token-id lists")
+        prompt = _check_ids(pair[0], "the prompt", i)
+        chosen = _check_ids(pair[1], "the chosen completion", i)
+        rejected = _check_ids(pair[2], "the rejected completion", i)
+        if not chosen or not rejected:
+            which = "chosen" if not chosen else "rejected"
+            raise DataError(f"preference_collate: pair {i}: the {which} completion has no tokens")
+        if max_length is not None and len(prompt) >= max_length:
+            raise InputError(f"preference_collate: pair {i}: the prompt has {len(prompt)} tokens, "
+                             f"which leaves no room for a completion within max_length={max_length}")
+        prompts.append(prompt)
+        completions.append((chosen, rejected))
+
+    rows, prompt_lengths, truncated = [], [], 0
+    for side in (0, 1):  # all chosen rows, then all rejected rows
+        for prompt, pair in zip(prompts, completions):
+            completion = pair[side]
+            if max_length is not None and len(prompt) + len(completion) > max_length:
+                completion = completion[: max_length - len(prompt)]
+                truncated += 1
+            rows.append((prompt, completion))
+            prompt_lengths.append(len(prompt))
+
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (2B, T)
+    completion_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (2B, T)
+    for r, (prompt, completion) in enumerate(rows):
+        n_p, n = len(prompt), len(prompt) + len(completion)
+        input_ids[r, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[r, :n] = 1
+        completion_mask[r, n_p:n] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
+        "truncated": truncated,
+    }
+
+
+def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a (2B, ...) tensor laid out by :func:`preference_collate` into chosen and rejected."""
+    if x.shape[0] % 2:
+        raise InputError(f"split_chosen_rejected: the batch dimension {x.shape[0]} is odd; "
+                         f"expected chosen rows followed by as many rejected rows")
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
