@@ -22,6 +22,25 @@ from lmforge.train.trainer import Trainer
 
 from test_cli import assert_one_line_error, lmforge
 
+
+def cli(capsys, *args):
+    """Run a verb in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_cli_error(result, *needles):
+    code, out, err = result
+    assert code == 2 and "Traceback" not in err, (code, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0], err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
 GOLDEN = Path(__file__).parent / "golden" / "classify_tiny.json"
 POS, NEG = ["good", "great", "fine", "nice"], ["bad", "awful", "poor", "sad"]
 
@@ -206,30 +225,31 @@ def test_head_trainable_only_moves_the_classifier(clf_dict):
 
 
 # ------------------------------------------------------------------------------ CLI
-def test_eval_and_classify_verbs(clf_dict, tmp_path):
+def test_eval_and_classify_verbs(clf_dict, tmp_path, capsys):
     s = _run(clf_dict(train={"max_steps": 40, "eval_every": 20, "lr": 5e-3}))
     data = _sentiment_tsv(tmp_path / "held.tsv", n=20, seed=9)
-    r = lmforge("eval", "--model", s["run_dir"], "--data", data, cwd=tmp_path)
+    r = lmforge("eval", "--model", s["run_dir"], "--data", data, cwd=tmp_path)  # one real process, end to end
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["examples"] == 20 and 0 <= out["accuracy"] <= 1 and len(out["confusion_matrix"]) == 2
-    r = lmforge("classify", "--model", s["run_dir"], "--text", "the song was great", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    row = json.loads(r.stdout)
+    code, stdout, err = cli(capsys, "classify", "--model", s["run_dir"], "--text", "the song was great")
+    assert code == 0, err
+    row = json.loads(stdout)
     assert row["label"] in ("neg", "pos") and sum(row["probs"].values()) == pytest.approx(1, abs=1e-4)
     texts = tmp_path / "texts.txt"
     texts.write_text("the day was bad\nthe film was nice\n")
-    r = lmforge("classify", "--model", s["run_dir"], "--input", texts, cwd=tmp_path)
-    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
+    code, stdout, _ = cli(capsys, "classify", "--model", s["run_dir"], "--input", texts)
+    assert code == 0 and len(stdout.splitlines()) == 2
 
-    # bad input: an unseen label, a missing label field, a model without a head
+    # bad input: an unseen label, a missing label field, a zero batch count, no text given
     bad = tmp_path / "bad.tsv"
     bad.write_text("text\tlabel\nthe day was good\tmeh\n")
-    assert_one_line_error(lmforge("eval", "--model", s["run_dir"], "--data", bad, cwd=tmp_path), "never seen")
-    assert_one_line_error(lmforge("eval", "--model", s["run_dir"], "--data", data, "--label-field", "mood",
-                                  cwd=tmp_path), "no label field 'mood'")
-    assert_one_line_error(lmforge("eval", "--model", s["run_dir"], "--data", data, "--max-batches", "0",
-                                  cwd=tmp_path), "--max-batches")
+    assert_cli_error(cli(capsys, "eval", "--model", s["run_dir"], "--data", bad), "never seen")
+    assert_cli_error(cli(capsys, "eval", "--model", s["run_dir"], "--data", data, "--label-field", "mood"),
+                     "no label field 'mood'")
+    assert_cli_error(cli(capsys, "eval", "--model", s["run_dir"], "--data", data, "--max-batches", "0"),
+                     "--max-batches")
+    assert_cli_error(cli(capsys, "classify", "--model", s["run_dir"]), "--text")
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -278,7 +298,7 @@ def test_init_from_cannot_change_the_architecture(tiny_dict, clf_dict):
         _run(clf_dict(model={"init_from": pre["run_dir"], "n_layer": 3}))
 
 
-def test_inference_refuses_corrupt_weights_and_a_swapped_tokenizer(tiny_dict, tmp_path):
+def test_inference_refuses_corrupt_weights_and_a_swapped_tokenizer(tiny_dict, tmp_path, capsys):
     s = _run(tiny_dict("c", train={"max_steps": 2, "checkpoint_every": 1, "keep_last": 2}))
     root = Path(s["run_dir"]) / "checkpoints"
     first, last = root / ckpt.step_name(1), root / ckpt.step_name(2)
@@ -290,8 +310,9 @@ def test_inference_refuses_corrupt_weights_and_a_swapped_tokenizer(tiny_dict, tm
         from_pretrained(last)
     for verb in (["eval", "--model", last, "--data", "builtin:stories"], ["generate", "--model", last],
                  ["info", last]):
-        r = lmforge(*verb, cwd=tmp_path)
-        assert r.returncode == 2 and "Traceback" not in r.stderr and not r.stdout, (verb, r.stderr)
+        code, out, err = cli(capsys, *verb)
+        assert code == 2 and not out, (verb, err)
+        assert_cli_error((code, out, err), "sha256")
 
     # a plain model folder (no meta.json) whose tokenizer.json was swapped for another of the same size
     from lmforge.model.io import save_model
