@@ -372,3 +372,15 @@ def test_the_curve_plotter_dies_with_its_parent(tmp_path):
             pass
     os.kill(child, signal.SIGKILL)
     pytest.fail("the plotter outlived its parent by more than 20 s")
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(clf_dict):
+    d = clf_dict("twice", train={"max_steps": 2, "eval_every": 2})
+    first = _run(d)
+    d["train"]["resume"] = "never"
+    second = _run(d)
+    run_dir = Path(second["run_dir"])
+    asides = list(run_dir.glob("checkpoints.*"))
+    assert len(asides) == 1 and (asides[0] / ckpt.step_name(2)).is_dir()
+    assert [h["step"] for h in second["history"]] == [1, 2] and first["steps"] == 2
+    assert len(list(run_dir.glob("metrics.*.jsonl"))) == 1

@@ -19,6 +19,16 @@ def cmd_train(args) -> int:
     from lmforge.train.run import run
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config or args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        if args.dry_run:
+            from lmforge.tasks import get_task
+
+            print(f"# dry run: the config is valid; task {cfg.task} ({get_task(cfg.task).summary}); nothing was trained")
+        if args.dry_run or args.print_config == "exit":
+            return 0
     summary = run(cfg, progress=not args.quiet)
     if summary.get("stopped_early"):
         how = "the same command" + ("" if cfg.train.resume == "auto" else " plus train.resume=auto")
@@ -222,8 +232,20 @@ def cmd_export(args) -> int:
 
 # ----------------------------------------------------------------------------------- table
 def _train_args(p):
+    import argparse
+
+    from lmforge.tasks import TASKS, get_task
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("config sections (each key documented beside its field in src/lmforge/config.py; model keys in "
+                "src/lmforge/model/config.py; objective keys are the task's options):\n"
+                "  task, run, model, tokenizer, data, objective, train, logging, sample\n"
+                "tasks:\n" + "\n".join(f"  {name:<9} {get_task(name).summary}" for name in TASKS))
     p.add_argument("--config", "-c", required=True, help="YAML recipe (see configs/); its task: picks what is trained")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
+    p.add_argument("--print-config", nargs="?", const="run", default=None, choices=["run", "exit"],
+                   help="print the resolved config first (--print-config exit: print it and stop)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

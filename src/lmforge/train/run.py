@@ -40,16 +40,24 @@ def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: lis
 
 
 def _prepare_folder(cfg: RunConfig, run_dir: Path, resume_from: Path | None, dist: DistInfo) -> None:
-    """A fresh run never mixes with an earlier one in the same folder: the old metrics are set
-    aside; a resumed run drops the rows past its checkpoint's step (they are re-run)."""
+    """A fresh run never mixes with an earlier one in the same folder: the old metrics and
+    checkpoints are set aside (renamed with a time stamp, and said so); a resumed run drops the
+    metric rows past its checkpoint's step (they are re-run)."""
     if not dist.is_main:
         return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
             old = run_dir / "metrics.jsonl"
             if old.exists():
-                old.rename(run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                old.rename(run_dir / f"metrics.{stamp}.jsonl")
+            ckpts = run_dir / "checkpoints"
+            if ckpts.is_dir() and any(ckpts.iterdir()):
+                aside = run_dir / f"checkpoints.{stamp}"
+                ckpts.rename(aside)
+                print(f"note: {run_dir} held checkpoints of an earlier run; moved them to {aside} "
+                      f"(train.resume=auto continues a run instead)")
         else:
             truncate_metrics(run_dir / "metrics.jsonl", ckpt.verify_checkpoint(resume_from, checksums=False)["step"])
         save_run_info(run_dir, cfg.to_dict())  # config.yaml (written once, here) + run_info.json
