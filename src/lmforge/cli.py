@@ -280,18 +280,19 @@ def _preset_line(c) -> str:
 
 
 def _recipes(folder: Path) -> list[tuple[Path, str]]:
-    """Each ``*.yaml`` under ``folder`` with the first line of its leading ``#`` comment."""
+    """Each ``*.yaml`` under ``folder`` with the first sentence of its leading ``#`` comment."""
+    import re
+
     out = []
     for p in sorted(folder.glob("*.y*ml")):
-        desc = ""
+        words = []
         for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("#"):
-                desc = line.lstrip("#").strip()
-                if desc:
-                    break
-            elif line.strip():
+            if not line.startswith("#"):
                 break
-        out.append((p, desc or "(no description: add a leading # comment)"))
+            words.append(line.lstrip("#").strip())
+        text = " ".join(w for w in words if w)
+        m = re.match(r"(.+?[.!?])(?=\s+[A-Z(]|$)", text)
+        out.append((p, (m.group(1) if m else text) or "(no description: start the file with a # comment)"))
     return out
 
 
