@@ -10,8 +10,6 @@ token-level ``generate`` stays in ``lmforge.generate``: that name here is the mo
     print(lmforge.generate_text(model, tok, "Once upon a time", max_new_tokens=50))
 """
 
-from __future__ import annotations
-
 import importlib as _importlib
 
 __version__ = "0.1.0"
