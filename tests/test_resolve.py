@@ -68,3 +68,12 @@ def test_a_run_folder_without_any_checkpoint_is_a_checkpoint_error(tmp_path):
     run = _run(tmp_path, steps=(), best=None)
     with pytest.raises(CheckpointError, match="run folder without a complete checkpoint.*checkpoints/best"):
         resolve_model_path(run)
+
+
+def test_from_pretrained_loads_a_run_folder_with_a_warning(tmp_path):
+    import lmforge
+
+    run = _run(tmp_path)
+    with pytest.warns(UserWarning, match="is a run folder; using its best checkpoint"):
+        model = lmforge.from_pretrained(run)
+    assert model.config.n_embd == TINY["n_embd"]

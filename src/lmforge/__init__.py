@@ -36,12 +36,16 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False):
     """Load a model from an lmforge checkpoint/model folder or a Hugging Face model folder.
 
     Returns the model in eval mode (and its tokenizer, or None, with ``with_tokenizer=True``).
+    A training run folder loads its best checkpoint (else its newest), with a warning saying so.
     """
-    from pathlib import Path
+    import warnings
 
     from lmforge.errors import CheckpointError
+    from lmforge.model.resolve import resolve_model_path
 
-    p = Path(path)
+    p, note = resolve_model_path(path)
+    if note:
+        warnings.warn(note, stacklevel=2)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder")
     if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
