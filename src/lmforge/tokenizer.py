@@ -18,6 +18,12 @@ Either way ``decode(encode(s), skip_special_tokens=False) == s``.
 
 Every tokenizer saves to one JSON file ``{"lmforge_tokenizer": kind, "version": 1, ...}``;
 :func:`load_tokenizer` reads those files and plain Hugging Face ``tokenizer.json`` files.
+:meth:`Tokenizer.to_hf_json` writes any kind as a Hugging Face ``tokenizer.json`` (char and byte
+become BPE models without merges) that ``transformers.AutoTokenizer`` loads with the same ids.
+
+Text that is not valid unicode (a lone surrogate, as Python makes of undecodable bytes with
+``surrogateescape``) is an :class:`~lmforge.errors.InputError` for every kind; so are ids that
+are not integers in ``decode``.
 """
 
 from __future__ import annotations
@@ -175,9 +181,10 @@ class Tokenizer(ABC):
         token strings (Hugging Face matches those in the text; char and byte tokenizers do not)."""
         return self._hf_backend().to_str(pretty=True)
 
-    @abstractmethod
     def _hf_backend(self) -> Any:
         """A ``tokenizers.Tokenizer`` equal to this one (see :meth:`to_hf_json`)."""
+        raise TokenizerError(f"{type(self).__name__}: no Hugging Face tokenizer.json form; expected a char, "
+                             f"byte, BPE or imported Hugging Face tokenizer")
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the canonical JSON of :meth:`to_dict`: equal iff the same tokenizer."""
