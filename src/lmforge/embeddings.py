@@ -23,7 +23,9 @@ def embed(model, tokenizer, texts: str | list[str], *, pooling: str | None = Non
     """Embeddings (N, C) of ``texts`` (a str gives (C,)) on the model's device, in float32.
 
     ``pooling``: mean, cls or last (default: the model's ``config.pooling``); ``max_length``
-    truncates each tokenized text (default: the model's ``context_length``).
+    keeps the first ``max_length`` ids of each tokenized text (default: the model's
+    ``context_length``; a text cut there loses its closing ``[SEP]``, where sentence-transformers
+    truncates inside it: the two agree on texts that fit).
     """
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
