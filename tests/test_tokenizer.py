@@ -166,6 +166,7 @@ def test_add_bos_without_bos_token_is_an_input_error():
         tok.encode("ab", add_bos=True)
 
 
+@pytest.mark.filterwarnings("ignore::lmforge.tokenizer.UnknownCharWarning")  # unseen characters on purpose
 def test_special_token_literal_text(byte, char, bpe):
     text = "a<|eos|>b"
     assert byte.encode(text) == list(text.encode())  # byte/char: specials are plain text
@@ -192,6 +193,7 @@ def test_decode_out_of_range_is_input_error(any_tok):
         any_tok.id_to_token(any_tok.vocab_size)
 
 
+@pytest.mark.filterwarnings("ignore::lmforge.tokenizer.UnknownCharWarning")  # unseen characters on purpose
 def test_encode_batch_equals_encode(any_tok):
     texts = CORPUS[:4] + ["", "  x"]
     assert any_tok.encode_batch(texts) == [any_tok.encode(t) for t in texts]
@@ -232,6 +234,7 @@ def test_chat_template_encodes_with_role_tokens(bpe, byte):
 
 
 # --- persistence --------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::lmforge.tokenizer.UnknownCharWarning")  # unseen characters on purpose
 def test_save_load_round_trip(any_tok, tmp_path):
     path = tmp_path / "sub" / f"{any_tok.kind}.json"
     any_tok.save(path)
