@@ -219,3 +219,140 @@ def test_export_refuses_what_hf_cannot_hold(fields, needle, tmp_path):
     r = lmforge("export", "--model", folder, "--out", "hf_out", cwd=tmp_path)
     assert_one_line_error(r, needle)
     assert not (tmp_path / "hf_out").exists()
+
+
+# ----------------------------------------------------------------------------- a newcomer's first hour
+def test_version(tmp_path):
+    from lmforge import __version__
+
+    r = lmforge("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"lmforge {__version__}"
+
+
+def test_presets_lists_every_preset_and_recipe_with_one_line(tmp_path):
+    from lmforge.model import PRESETS
+
+    repo_configs = Path(__file__).resolve().parents[1] / "configs"
+    r = lmforge("presets", "--configs", repo_configs, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for name in PRESETS:
+        row = next(line for line in lines if line.split()[:1] == [name])
+        assert "parameters" in row and "context" in row or name == "bigram", row
+    for recipe in sorted(repo_configs.glob("*.yaml")):
+        row = next(line for line in lines if line.split()[:1] == [recipe.name])
+        assert "no description" not in row and len(row.split()) > 3, row
+    baby = next(line for line in lines if line.split()[:1] == ["baby"])
+    assert "GPT-2 style: 4 layers, 4 heads, width 128" in baby
+    r = lmforge("presets", "--json", "--configs", repo_configs, cwd=tmp_path)
+    assert set(json.loads(r.stdout)["presets"]) == set(PRESETS)
+
+
+def test_generate_takes_a_run_folder_and_says_which_checkpoint(trained, tmp_path):
+    root, last, r = trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = lmforge("generate", "--model", root / "run", "--prompt", "Once", "--max-new-tokens", "5", "--seed", "0",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is a run folder; using its best checkpoint" in r.stderr and "checkpoints/best" in r.stderr
+    assert r.stdout.startswith("Once")
+
+
+def test_a_run_folder_without_checkpoints_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {name: x}\n")
+    assert_one_line_error(lmforge("generate", "--model", run, cwd=tmp_path), "run folder without a complete checkpoint")
+
+
+def test_generate_crops_learned_positions_past_the_context(trained, tmp_path):
+    _, last, r = trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the tiny model has context 32: 60 new tokens run past it and are cropped, not refused
+    r = lmforge("generate", "--model", last, "--prompt", "Once", "--max-new-tokens", "60", "--temperature", "0",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r2 = lmforge("generate", "--model", last, "--prompt", "Once", "--max-new-tokens", "60",
+                 "--context-overflow", "error", cwd=tmp_path)
+    assert_one_line_error(r2, "context_length 32")
+    assert r2.stdout == ""  # the prompt is not echoed before the request is refused
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--top-p", "2"], "--top-p: got 2.0"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--device", "bogus"], "--device: unknown device 'bogus'"),
+    (["--device", "cuda:99"], "--device: 'cuda:99' requested"),
+], ids=["top-p", "temperature", "top-k", "bogus-device", "missing-gpu"])
+def test_generate_validates_options_before_printing_anything(trained, tmp_path, flags, needle):
+    _, last, r = trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = lmforge("generate", "--model", last, "--prompt", "ECHO?", *flags, cwd=tmp_path)
+    assert_one_line_error(r, needle)
+    assert r.stdout == ""
+
+
+def test_info_of_a_checkpoint_shows_its_step_and_best_metric(trained, tmp_path):
+    root, last, r = trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = lmforge("info", last, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"{last}: step 4 (loss " in r.stdout
+    assert "best of the run       val_loss " in r.stdout and "at step 4" in r.stdout
+    r = lmforge("info", root / "run", "--json", cwd=tmp_path)  # a run folder: its best checkpoint
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)["checkpoint"]
+    assert facts["step"] == 4 and facts["best_metric"] == "val_loss" and facts["best_step"] == 4
+    assert facts["best"] == pytest.approx(facts["metrics"]["val_loss"]) and math.isfinite(facts["best"])
+    r = lmforge("info", "baby", "--json", cwd=tmp_path)
+    assert "checkpoint" not in json.loads(r.stdout)  # a preset has no training facts
+
+
+def test_export_of_a_char_model_loads_in_autotokenizer(trained, tmp_path):
+    tf = pytest.importorskip("transformers")
+    root, last, r = trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = lmforge("export", "--model", root / "run", "--out", "hf", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from lmforge.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(last / "tokenizer.json")
+    hf = tf.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Once upon a time, the cat sat."
+    assert hf(text)["input_ids"] == ours.encode(text)
+
+
+def test_export_to_an_existing_file_is_one_line(trained, tmp_path):
+    _, last, r = trained
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "taken").write_text("keep me")
+    assert_one_line_error(lmforge("export", "--model", last, "--out", "taken", cwd=tmp_path), "taken", "is a file")
+    assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def test_tokenizer_train_bad_inputs_are_one_line(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("na\u00efve caf\u00e9\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "ok.txt").write_text("hello world\n" * 20)
+    (tmp_path / "afile").write_text("x")
+    for kind in ("bpe", "char"):
+        r = lmforge("tokenizer", "train", "--kind", kind, "--input", "latin1.txt", "--out", "t.json", cwd=tmp_path)
+        assert_one_line_error(r, "latin1.txt: not UTF-8 text")
+        r = lmforge("tokenizer", "train", "--kind", kind, "--input", "empty.txt", "--out", "t.json", cwd=tmp_path)
+        assert_one_line_error(r, "empty.txt: empty")
+    r = lmforge("tokenizer", "train", "--kind", "char", "--input", "ok.txt", "--out", "afile/t.json", cwd=tmp_path)
+    assert_one_line_error(r, "afile is a file")
+    r = lmforge("tokenizer", "train", "--kind", "char", "--input", "ok.txt", "--out", ".", cwd=tmp_path)
+    assert_one_line_error(r, "is a folder")
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_tokenizer_encode_of_invalid_utf8_is_one_line(tmp_path):
+    (tmp_path / "ok.txt").write_text("hello world, the cat sat on the mat\n" * 20)
+    r = lmforge("tokenizer", "train", "--input", "ok.txt", "--vocab-size", "300", "--out", "bpe.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LC_ALL": "C.UTF-8"}
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "tokenizer", "encode", "--tokenizer", "bpe.json",
+                        "--text", b"caf\xe9"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert_one_line_error(r, "not valid unicode", "lone surrogate")

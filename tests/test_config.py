@@ -361,3 +361,13 @@ def test_frozen_parameters_are_left_out():
     decay, no_decay = _groups(model)
     assert decay == []
     assert {id(p) for p in no_decay} == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+def test_integer_fields_accept_exponent_integers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 2e3\n  eval_every: 1.0e2\n")
+    cfg = load_config(f, ["train.batch_size=1E1"])
+    assert (cfg.train.max_steps, cfg.train.eval_every, cfg.train.batch_size) == (2000, 100, 10)
+    assert all(isinstance(v, int) for v in (cfg.train.max_steps, cfg.train.eval_every, cfg.train.batch_size))
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected int.*1500.5"):
+        load_config(None, ["train.max_steps=1.5005e3"])

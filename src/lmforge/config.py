@@ -167,6 +167,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # exponent form only
+
+
 def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     """Check ``value`` against the annotation ``tp``; build nested dataclasses; collect problems."""
     origin = typing.get_origin(tp)
@@ -198,6 +201,12 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)  # YAML reads 1e3 and 2e-4 (no dot) as strings
+        if tp is float:
+            return value
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e3 / 1.0e3 for an integer field
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             problems.append(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

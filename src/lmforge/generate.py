@@ -28,14 +28,17 @@ Stopping
     that ends in an unfinished multi-byte character, until it is settled.
 
 Context length
-    A model with learned positions has no embedding beyond ``context_length``: a request whose
-    longest prompt + ``max_new_tokens`` exceeds it fails with :class:`~lmforge.errors.InputError`
-    before any compute. RoPE models and models without positions slide a window instead: once the
-    cache is full, each step drops the oldest position (``KVCache.drop_front``) and positions keep
-    counting up, so the model sees the last ``context_length`` tokens. (The cached keys of those
-    tokens were computed while older tokens were still visible, so past the context the cached
-    and uncached paths may differ.) A prompt longer than the context keeps its last
-    ``context_length`` tokens.
+    A model sees at most ``context_length`` tokens. Past that, RoPE models and models without
+    positions slide a window: once the cache is full, each step drops the oldest position
+    (``KVCache.drop_front``) and positions keep counting up, so the model sees the last
+    ``context_length`` tokens. (The cached keys of those tokens were computed while older tokens
+    were still visible, so past the context the cached and uncached paths may differ.) Learned
+    positions cannot slide (there is no embedding for position ``context_length``), so they
+    *crop*, as nanoGPT does: each step past the context runs the last ``context_length`` tokens
+    again at positions 0.. (no cache for those steps). A prompt longer than the context keeps its
+    last ``context_length`` tokens. ``context_overflow="error"`` refuses instead: a request whose
+    longest prompt + ``max_new_tokens`` exceeds the context fails with
+    :class:`~lmforge.errors.InputError` before any compute.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ __all__ = ["SamplingConfig", "generate", "stream", "generate_text", "stream_text
            "apply_repetition_penalty"]
 
 
+CONTEXT_OVERFLOW = ("crop", "error")  # what to do when prompt + new tokens exceed the context
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 128
@@ -65,6 +71,7 @@ class SamplingConfig:
     stop: Sequence[str] = ()  # stop strings (need a tokenizer); a single str is accepted
     eos_id: int | None = None  # stop token; None -> tokenizer.eos_id when a tokenizer is given
     use_cache: bool = True
+    context_overflow: str = "crop"  # past context_length: "crop"/slide the window, or "error"
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -96,6 +103,8 @@ class SamplingConfig:
             bad("eos_id", "a token id >= 0 or None")
         if not isinstance(self.use_cache, bool):
             bad("use_cache", "True or False")
+        if self.context_overflow not in CONTEXT_OVERFLOW:
+            bad("context_overflow", " or ".join(map(repr, CONTEXT_OVERFLOW)))
         return p
 
     def validate(self) -> "SamplingConfig":
@@ -168,12 +177,15 @@ def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
         seen = torch.zeros(B, mc.vocab_size, dtype=torch.long, device=device)
         seen = seen.scatter_add_(1, ids[:, :L], mask[:, :L]) > 0
     start = 0  # column of ids held in cache slot 0 (grows once the window slides)
+    crop = mc.positional == "learned"  # learned positions cannot slide: recompute the last C tokens
     cache = KVCache.for_model(model, B, min(L + n, C)) if cfg.use_cache else None
     was_training = model.training
     model.eval()
     try:
         for t in range(n):
             end = L + t  # columns of ids filled so far
+            if crop and end > C:
+                cache = None  # past the context: from now on the last C tokens, at positions 0..C-1
             if cache is None:  # the whole (windowed) sequence again
                 s = max(0, end - C)
                 logits = model(ids[:, s:end], attention_mask=mask[:, s:end] if padded else None, last_only=True)
@@ -380,12 +392,13 @@ def _prepare(model, prompt_ids, cfg, tokenizer, overrides) -> tuple[list[list[in
                                  f"vocab_size={mc.vocab_size}")
         prompts.append([int(t) for t in row])
     longest = max(map(len, prompts))
-    if mc.positional == "learned" and longest + cfg.max_new_tokens > mc.context_length:
+    if cfg.context_overflow == "error" and mc.positional != "none" \
+            and longest + cfg.max_new_tokens > mc.context_length:
         raise InputError(f"prompt of {longest} tokens + max_new_tokens={cfg.max_new_tokens} is "
                          f"{longest + cfg.max_new_tokens} tokens, longer than the model's context_length "
-                         f"{mc.context_length} (learned positions cannot slide); expected at most "
-                         f"{mc.context_length}")
-    return [p[-mc.context_length:] for p in prompts], single, cfg  # a sliding model keeps the last tokens
+                         f"{mc.context_length}; expected at most {mc.context_length} with "
+                         f"context_overflow='error' (the default 'crop' keeps the last tokens)")
+    return [p[-mc.context_length:] for p in prompts], single, cfg  # keep the last context_length tokens
 
 
 def _encode_prompts(tokenizer, prompt) -> tuple[list[list[int]], bool]:

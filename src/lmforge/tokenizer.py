@@ -18,13 +18,22 @@ Either way ``decode(encode(s), skip_special_tokens=False) == s``.
 
 Every tokenizer saves to one JSON file ``{"lmforge_tokenizer": kind, "version": 1, ...}``;
 :func:`load_tokenizer` reads those files and plain Hugging Face ``tokenizer.json`` files.
+:meth:`Tokenizer.to_hf_json` writes any kind as a Hugging Face ``tokenizer.json`` (char and byte
+become BPE models without merges) that ``transformers.AutoTokenizer`` loads with the same ids.
+
+Text that is not valid unicode (a lone surrogate, as Python makes of undecodable bytes with
+``surrogateescape``) is an :class:`~lmforge.errors.InputError` for every kind; so are ids that
+are not integers in ``decode``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +49,11 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 CHAR_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
 CHAT_ROLES: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: a str that is not valid unicode
+
+
+class UnknownCharWarning(UserWarning):
+    """A char tokenizer met characters outside its vocabulary (they became the unk token)."""
 
 # Known spellings of each special role, first match wins (ours, then Llama/BERT/GPT-2 styles).
 _ROLE_CANDIDATES: dict[str, tuple[str, ...]] = {
@@ -99,18 +113,45 @@ class Tokenizer(ABC):
         return [self._decode(ids, skip_special_tokens) for ids in batch]
 
     # --- public API ----------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Token ids of ``text``, optionally wrapped in bos/eos."""
-        self._check_text(text)
-        return self._wrap(self._encode(text), add_bos, add_eos)
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
+               add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of ``text``, optionally wrapped in bos/eos.
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False,
-                     add_eos: bool = False) -> list[list[int]]:
+        ``add_special_tokens`` runs the tokenizer's own post-processor (an imported BERT
+        tokenizer adds ``[CLS] ... [SEP]``, Llama's adds ``<s>``); None means: yes for imported
+        (``"hf"``) tokenizers unless ``add_bos``/``add_eos`` are given, as ``transformers``
+        does. char, byte and lmforge-trained BPE tokenizers have no post-processor.
+        """
+        self._check_text(text)
+        post = self._use_post_processor(add_special_tokens, add_bos, add_eos)
+        return self._wrap(self._encode_one(text, post), add_bos, add_eos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False,
+                     add_special_tokens: bool | None = None) -> list[list[int]]:
         """``[encode(t) for t in texts]``, computed in parallel where the backend can."""
         texts = list(texts)
         for t in texts:
             self._check_text(t)
-        return [self._wrap(ids, add_bos, add_eos) for ids in self._encode_batch(texts)]
+        post = self._use_post_processor(add_special_tokens, add_bos, add_eos)
+        return [self._wrap(ids, add_bos, add_eos) for ids in self._encode_many(texts, post)]
+
+    # Whether encode() runs the post-processor when add_special_tokens is None (see HFTokenizer).
+    post_process_by_default: ClassVar[bool] = False
+
+    def _use_post_processor(self, add_special_tokens: bool | None, add_bos: bool,
+                            add_eos: bool) -> bool:
+        if add_special_tokens is None:
+            return self.post_process_by_default and not (add_bos or add_eos)
+        if not isinstance(add_special_tokens, bool):
+            raise InputError(f"add_special_tokens: got {add_special_tokens!r}, expected True, "
+                             f"False or None")
+        return add_special_tokens
+
+    def _encode_one(self, text: str, post_process: bool) -> list[int]:
+        return self._encode(text)  # no post-processor: nothing to add
+
+    def _encode_many(self, texts: list[str], post_process: bool) -> list[list[int]]:
+        return self._encode_batch(texts)
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:
         """Text of ``ids`` (a list of ints or a 1-D tensor/array); bad UTF-8 becomes U+FFFD."""
@@ -133,6 +174,17 @@ class Tokenizer(ABC):
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description from which :func:`load_tokenizer` rebuilds this."""
         return {"lmforge_tokenizer": self.kind, "version": FORMAT_VERSION, **self._payload()}
+
+    def to_hf_json(self) -> str:
+        """This tokenizer as a Hugging Face ``tokenizer.json`` (text) that ``tokenizers`` and
+        ``transformers.AutoTokenizer`` load with the same ids for text without literal special
+        token strings (Hugging Face matches those in the text; char and byte tokenizers do not)."""
+        return self._hf_backend().to_str(pretty=True)
+
+    def _hf_backend(self) -> Any:
+        """A ``tokenizers.Tokenizer`` equal to this one (see :meth:`to_hf_json`)."""
+        raise TokenizerError(f"{type(self).__name__}: no Hugging Face tokenizer.json form; expected a char, "
+                             f"byte, BPE or imported Hugging Face tokenizer")
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the canonical JSON of :meth:`to_dict`: equal iff the same tokenizer."""
@@ -171,6 +223,10 @@ class Tokenizer(ABC):
     def _check_text(text: Any) -> None:
         if not isinstance(text, str):
             raise InputError(f"encode: expected text as str, got {type(text).__name__}")
+        if m := _SURROGATE.search(text):  # e.g. undecodable bytes read with surrogateescape
+            raise InputError(f"encode: text is not valid unicode (lone surrogate "
+                             f"U+{ord(m.group()):04X} at index {m.start()}); expected text that "
+                             f"encodes as UTF-8 (was it read from bytes that are not UTF-8?)")
 
     def _check_ids(self, ids: Any) -> list[int]:
         if hasattr(ids, "tolist"):  # torch tensor / numpy array
@@ -178,6 +234,14 @@ class Tokenizer(ABC):
                 raise InputError(f"decode: expected a 1-D sequence of ids, got shape "
                                  f"{tuple(ids.shape)}")
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise InputError(f"decode: expected a sequence of integer token ids, got "
+                             f"{type(ids).__name__}")
+        ids = list(ids)
+        for i in ids:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                raise InputError(f"decode: expected integer token ids, got {i!r:.40} "
+                                 f"({type(i).__name__})")
         ids = [int(i) for i in ids]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if i < 0 or i >= self.vocab_size)
@@ -188,7 +252,9 @@ class Tokenizer(ABC):
 class CharTokenizer(Tokenizer):
     """One id per character: special tokens first (ids 0..), then the sorted characters.
 
-    Characters not seen in training map to the unk token, so encoding never fails.
+    Characters not seen in training map to the unk token, so encoding never fails; each
+    ``encode``/``encode_batch`` call that meets some warns once (:class:`UnknownCharWarning`)
+    with their count.
     """
 
     kind = "char"
@@ -212,7 +278,9 @@ class CharTokenizer(Tokenizer):
               ) -> CharTokenizer:
         """Build the vocabulary from every character in texts (``str``) or files (``Path``)."""
         seen: set[str] = set()
-        for t in _iter_texts(*_split_sources(texts_or_files)):
+        texts, files = _split_sources(texts_or_files)
+        _require_text(texts, files, "char")
+        for t in _iter_texts(texts, files):
             seen.update(t)
         return cls(seen, specials)
 
@@ -221,8 +289,32 @@ class CharTokenizer(Tokenizer):
         return len(self._itos)
 
     def _encode(self, text: str) -> list[int]:
+        ids = self._lookup(text)
+        self._warn_unknown([text], [ids])
+        return ids
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = [self._lookup(t) for t in texts]
+        self._warn_unknown(texts, out)
+        return out
+
+    def _lookup(self, text: str) -> list[int]:
         get, unk = self._stoi.get, self.unk_id
         return [get(c, unk) for c in text]
+
+    def _warn_unknown(self, texts: list[str], encoded: list[list[int]]) -> None:
+        """One warning per call naming how many characters were outside the vocabulary."""
+        if not any(self.unk_id in ids for ids in encoded):  # the fast check: no unk id at all
+            return
+        stoi = self._stoi
+        missing = [c for t in texts for c in t if c not in stoi]
+        if not missing:  # the unk id came from a (single-character) unk token in the text
+            return
+        distinct = sorted(set(missing))
+        shown = ", ".join(repr(c) for c in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
+        warnings.warn(f"char tokenizer: {len(missing)} character(s) outside its vocabulary of "
+                      f"{self.vocab_size} ({len(distinct)} distinct: {shown}) encoded as "
+                      f"{self._itos[self.unk_id]}", UnknownCharWarning, stacklevel=5)  # the caller of encode
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         table = self._itos_skip if skip_special_tokens else self._itos
@@ -237,6 +329,19 @@ class CharTokenizer(Tokenizer):
     def _payload(self) -> dict[str, Any]:
         n = len(self.special_tokens)
         return {"specials": self._itos[:n], "chars": self._itos[n:]}
+
+    def _hf_backend(self) -> Any:
+        # BPE without merges splits text into characters and maps each through the vocabulary,
+        # unknown ones to unk; no pre-tokenizer (whitespace is a character like any other), and
+        # Fuse joins the pieces back without the spaces a bare decode would put between them.
+        from tokenizers import Tokenizer as _Backend
+        from tokenizers import decoders, models
+
+        unk = self._itos[self.unk_id]
+        backend = _Backend(models.BPE(vocab=dict(self._stoi), merges=[], unk_token=unk))
+        backend.decoder = decoders.Fuse()
+        _add_specials(backend, self.special_tokens)
+        return backend
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> CharTokenizer:
@@ -298,6 +403,19 @@ class ByteTokenizer(Tokenizer):
     def _payload(self) -> dict[str, Any]:
         return {"specials": list(self._specials)}
 
+    def _hf_backend(self) -> Any:
+        # Byte-level BPE without merges: the ByteLevel pre-tokenizer maps each UTF-8 byte to one
+        # printable character (GPT-2's table) whose id is the byte value; its decoder maps back.
+        from tokenizers import Tokenizer as _Backend
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {ch: b for b, ch in enumerate(_byte_level_chars())}
+        backend = _Backend(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        _add_specials(backend, self.special_tokens)
+        return backend
+
     @classmethod
     def from_dict(cls, d: dict, where: str) -> ByteTokenizer:
         return cls(_field(d, "specials", list, where))
@@ -306,13 +424,15 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers.Tokenizer`` behind the lmforge interface.
 
-    ``encode`` calls the backend with ``add_special_tokens=False`` (no post-processor), so for
-    BERT ``encode(s, add_bos=True, add_eos=True)`` gives the familiar ``[CLS] ... [SEP]``.
+    ``encode`` runs the file's post-processor by default, as ``transformers`` does: BERT's gives
+    ``[CLS] ... [SEP]``, Llama's a leading ``<s>``, GPT-2's nothing. ``add_special_tokens=False``
+    (or passing ``add_bos``/``add_eos``, which then add exactly what they name) switches it off.
     Padding and truncation configured in the file are switched off: lmforge batches itself.
     Added special tokens present in the text are matched as special tokens.
     """
 
     kind = "hf"
+    post_process_by_default = True
 
     def __init__(self, backend: Any):
         backend.no_padding()  # lmforge pads and truncates batches itself
@@ -343,6 +463,17 @@ class HFTokenizer(Tokenizer):
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    def _encode_one(self, text: str, post_process: bool) -> list[int]:
+        return self._tk.encode(text, add_special_tokens=post_process).ids
+
+    def _encode_many(self, texts: list[str], post_process: bool) -> list[list[int]]:
+        return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=post_process)]
+
+    def _hf_backend(self) -> Any:
+        from tokenizers import Tokenizer as _Backend
+
+        return _Backend.from_str(self._tk.to_str())
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -377,6 +508,7 @@ class BPETokenizer(HFTokenizer):
     """
 
     kind = "bpe"
+    post_process_by_default = False  # trained here: no post-processor, nothing to add
 
     @classmethod
     def train(cls, texts_or_files: Any, vocab_size: int = 8000, min_frequency: int = 2,
@@ -396,6 +528,7 @@ class BPETokenizer(HFTokenizer):
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
         texts, files = _split_sources(texts_or_files)
+        _require_text(texts, files, "BPE")
         if files:
             backend.train([str(p) for p in files], trainer)
         else:
@@ -420,6 +553,32 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     return "".join(parts)
 
 
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte -> character table, as a list indexed by byte value: printable Latin-1
+    bytes stand for themselves, the other 68 take the characters from U+0100 on, in order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(0x100 + extra))
+            extra += 1
+    return chars
+
+
+def _add_specials(backend: Any, special_tokens: dict[str, int]) -> None:
+    """Register lmforge's special tokens as Hugging Face special added tokens (same ids)."""
+    from tokenizers import AddedToken
+
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, _ in sorted(special_tokens.items(), key=lambda kv: kv[1])])
+    for t, i in special_tokens.items():
+        if backend.token_to_id(t) != i:
+            raise TokenizerError(f"special token {t!r}: id {i} in lmforge but "
+                                 f"{backend.token_to_id(t)} in the Hugging Face form")
+
+
 def _split_sources(texts_or_files: Any) -> tuple[list[str], list[Path]]:
     """Texts (``str``) or files (``Path``/PathLike), not mixed; files must exist."""
     single = isinstance(texts_or_files, (str, os.PathLike))
@@ -430,7 +589,43 @@ def _split_sources(texts_or_files: Any) -> tuple[list[str], list[Path]]:
     for p in files:
         if not p.is_file():
             raise DataError(f"{p}: training file not found")
+        _check_utf8(p)
+    for i, t in enumerate([] if files else items):
+        if not isinstance(t, str):
+            raise DataError(f"training text {i}: got {type(t).__name__}, expected str (or a Path)")
+        if m := _SURROGATE.search(t):
+            raise DataError(f"training text {i}: not valid unicode (lone surrogate U+{ord(m.group()):04X} "
+                            f"at index {m.start()}); expected text that encodes as UTF-8")
     return ([] if files else items), files
+
+
+def _check_utf8(path: Path) -> None:
+    """DataError unless ``path`` is UTF-8 text (read in 1 MiB chunks, incrementally)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text (invalid byte near offset {offset + max(e.start, 0)}); "
+                                f"expected a UTF-8 text file (convert it, e.g. with iconv)") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+def _require_text(texts: list[str], files: list[Path], kind: str) -> None:
+    """DataError when there is nothing to learn a vocabulary from (no text, or only empty ones)."""
+    if files and any(p.stat().st_size for p in files):
+        return
+    if not files and any(texts):
+        return
+    what = ", ".join(map(str, files)) if files else "the training texts"
+    raise DataError(f"{what}: empty; expected some text to learn a {kind} vocabulary from")
 
 
 def _iter_texts(texts: list[str], files: list[Path]) -> Iterable[str]:

@@ -269,11 +269,13 @@ def _tokenize_to_file(specs: list[SourceSpec], tokenizer: Any, out: Path, dtype:
     number of documents of each source."""
     eos = tokenizer.eos_id
     vocab = int(tokenizer.vocab_size)
+    no_post = {"add_special_tokens": False} if getattr(tokenizer, "post_process_by_default", False) else {}
     lengths: list[np.ndarray] = []
     per_source: list[int] = []
 
     def flush(fh, batch: list[str]) -> None:
-        encoded = tokenizer.encode_batch(batch)
+        # documents are separated by eos only: no post-processor specials ([CLS], <s>) per document
+        encoded = tokenizer.encode_batch(batch, **no_post)
         lens = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         flat = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(lens.sum()))
         if flat.size and (flat.min() < 0 or flat.max() >= vocab):

@@ -42,6 +42,7 @@ from lmforge.model.config import ModelConfig
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -529,6 +530,16 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return out
 
 
+def tokenizer_config_to_hf(tokenizer, context_length: int) -> dict[str, Any]:
+    """``tokenizer_config.json`` for an exported tokenizer: the generic fast tokenizer class (so
+    ``AutoTokenizer`` does not re-configure it as GPT-2's or Llama's own), the special tokens by
+    role, and no clean-up of spaces on decode (lmforge's decode is exact)."""
+    roles = {f"{role}_token": tokenizer.id_to_token(i) for role in ("bos", "eos", "pad", "unk")
+             if (i := getattr(tokenizer, f"{role}_id", None)) is not None}
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+            "clean_up_tokenization_spaces": False, **roles}
+
+
 def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) that
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads with the same logits.
@@ -536,8 +547,9 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     GPT-2 style decoders (learned positions, pre-LN LayerNorm, gelu_tanh/gelu/relu, biases, MHA)
     become ``GPT2LMHeadModel``; Llama style (RoPE, RMSNorm, SwiGLU, no biases, GQA allowed)
     ``LlamaForCausalLM``; the head is tied or not as in lmforge. Anything else is an
-    :class:`InteropError` naming the fields. The tokenizer is written as its Hugging Face JSON
-    when it wraps one (``hf``/``bpe`` kinds), else as the lmforge tokenizer file.
+    :class:`InteropError` naming the fields. The tokenizer, of any kind, is written as a Hugging
+    Face ``tokenizer.json`` plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained``
+    loads the folder and gives the same ids.
     """
     from safetensors.torch import save_file
 
@@ -553,14 +565,17 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     hf_state = state_dict_to_hf(model.state_dict(), cfg)
 
     out = Path(out_dir)
+    for p in (out, *out.parents):  # a file where the folder (or one above it) should be
+        if p.exists() and not p.is_dir():
+            raise InteropError(f"{out}: {p} is a file, expected a folder (or nothing) there for "
+                               f"the Hugging Face export")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "model.safetensors", lambda p: save_file(hf_state, str(p), metadata={"format": "pt"}))
     atomic_write(out / CONFIG, lambda p: p.write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8"))
     if tokenizer is not None:
-        d = tokenizer.to_dict()
-        if "hf_tokenizer" in d:  # a Hugging Face tokenizer: its own JSON, which transformers reads
-            text = json.dumps(d["hf_tokenizer"], ensure_ascii=False, indent=2)
-            atomic_write(out / TOKENIZER, lambda p: p.write_text(text, encoding="utf-8"))
-        else:
-            tokenizer.save(out / TOKENIZER)
+        tok_json = tokenizer.to_hf_json()  # char, byte, BPE and imported alike (Hugging Face form)
+        tok_cfg = tokenizer_config_to_hf(tokenizer, cfg.context_length)
+        atomic_write(out / TOKENIZER, lambda p: p.write_text(tok_json, encoding="utf-8"))
+        atomic_write(out / TOKENIZER_CONFIG,
+                     lambda p: p.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8"))
     return out
