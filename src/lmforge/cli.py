@@ -42,11 +42,12 @@ def cmd_train(args) -> int:
 def _load_for_inference(path: str, device: str):
     """Model + tokenizer (+ the run config it was trained with, {} for other folders)."""
     from lmforge import from_pretrained
+    from lmforge.device import resolve_device
     from lmforge.errors import CheckpointError
-    from lmforge.tasks.common import resolve_init_path
 
-    p = resolve_init_path(path) if Path(path).is_dir() else Path(path)
-    model, tok = from_pretrained(p, device=device, with_tokenizer=True)
+    dev = resolve_device(device, key="--device")
+    p = _model_path(path)
+    model, tok = from_pretrained(p, device=dev, with_tokenizer=True)
     if tok is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the weights; the model's tokenizer is needed")
     run_config = {}
@@ -87,8 +88,10 @@ def cmd_eval(args) -> int:
                                        split_name=args.data):
             yield {"input_ids": x.to(dev), "targets": y.to(dev)}
 
+    from lmforge.report import metrics_json
+
     m = objective.evaluate(model, batches())
-    print(json.dumps({"model": str(args.model), "data": args.data, "tokens": int(len(store.train)), **m}))
+    print(metrics_json({"model": str(args.model), "data": args.data, "tokens": int(len(store.train)), **m}))
     return 0
 
 
@@ -108,12 +111,12 @@ def _eval_classifier(args, model, tok, run_config: dict) -> int:
     records = list(iter_records(spec))
     r = evaluate_records(model, tok, records, args.text_field or opts.text_field, args.label_field or opts.label_field,
                          opts.max_length, args.batch_size)
-    out = {"model": str(args.model), "data": args.data, "examples": r["examples"], "loss": round(r["loss"], 6),
-           "accuracy": round(r["accuracy"], 6), "macro_f1": round(r["macro_f1"], 6),
-           "per_class": {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in d.items()}
-                         for k, d in r["per_class"].items()},
+    from lmforge.report import metrics_json
+
+    out = {"model": str(args.model), "data": args.data, "examples": r["examples"], "loss": r["loss"],
+           "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_class": r["per_class"],
            "labels": r["labels"], "confusion_matrix": r["confusion_matrix"], "truncated": r["truncated"]}
-    print(json.dumps(out))
+    print(metrics_json(out))
     return 0
 
 
@@ -510,7 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lmforge.errors import LMForgeError
 
-    args = build_parser().parse_args(argv)
+    from lmforge.cli_args import normalize_override_args
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:  # --train.max_steps=5 as well as train.max_steps=5, in any position
+        words = normalize_override_args(words) if words and words[0] in ("train", "pretrain") else words
+    except LMForgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    parser = build_parser()
+    args, extra = parser.parse_known_args(words)
+    if extra:  # overrides written after options (``-c x.yaml --quiet train.lr=1e-3``) are still overrides
+        if getattr(args, "overrides", None) is None or any(w.startswith("-") for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except LMForgeError as e:

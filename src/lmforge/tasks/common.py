@@ -104,16 +104,9 @@ def package_path(path: str) -> Path:
 def resolve_init_path(path: str) -> Path:
     """``init_from`` may name a run folder (its best checkpoint, else the newest valid one) or a
     folder inside an installed package (``python:PACKAGE/sub``)."""
-    from lmforge.train import checkpoint as ckpt
+    from lmforge.model.resolve import resolve_model_path
 
-    p = package_path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "model.safetensors").is_file():
-        best = p / "checkpoints" / "best"
-        found = best if best.is_dir() else ckpt.latest_checkpoint(p / "checkpoints")
-        if found is None:
-            raise ConfigError(f"model.init_from: {p} is a run folder without a valid checkpoint")
-        return found
-    return p
+    return resolve_model_path(package_path(path))[0]
 
 
 # ------------------------------------------------------------------------------ model
