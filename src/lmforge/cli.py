@@ -139,6 +139,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from lmforge.inspect.cli import run_inspect
+
+    return run_inspect(args)
+
+
+def cmd_report(args) -> int:
+    from lmforge.inspect.cli import run_report
+
+    return run_report(args)
+
+
 # ----------------------------------------------------------------------------------- table
 def _pretrain_args(p):
     p.add_argument("--config", "-c", required=True, help="YAML recipe (see configs/)")
@@ -197,6 +209,18 @@ def _export_args(p):
     p.add_argument("--out", required=True)
 
 
+def _inspect_args(p):
+    from lmforge.inspect.cli import add_inspect_args
+
+    add_inspect_args(p)
+
+
+def _report_args(p):
+    from lmforge.inspect.cli import add_report_args
+
+    add_report_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "pretrain": (cmd_pretrain, _pretrain_args, "train a language model from a YAML recipe"),
@@ -205,6 +229,8 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
     "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),
+    "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
+    "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
 }
 
 
