@@ -27,7 +27,9 @@ def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder; expected a model folder, a checkpoint or a run folder")
     root = p / "checkpoints"
-    if p.is_dir() and root.is_dir() and not (p / "model.safetensors").is_file():
+    is_run = p.is_dir() and not (p / "model.safetensors").is_file() and (
+        root.is_dir() or (p / "metrics.jsonl").is_file())
+    if is_run:
         if (root / "best" / "model.safetensors").is_file():
             return root / "best", f"{p} is a run folder: using its best checkpoint {root / 'best'}"
         from lmforge.train.checkpoint import latest_checkpoint
