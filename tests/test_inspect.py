@@ -357,3 +357,22 @@ def test_run_folder_resolves_to_its_best_checkpoint(tok, tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="without a usable checkpoint"):
         common.resolve_model_path(tmp_path / "empty")
+
+
+def test_head_patterns_of_known_maps():
+    from lmforge.inspect.attention_maps import AttentionMaps, head_patterns
+
+    T = 6
+    prev = torch.zeros(T, T)
+    prev[0, 0] = 1
+    prev[torch.arange(1, T), torch.arange(T - 1)] = 1  # every token looks one back
+    ids = [1, 2, 3, 1, 2, 3]  # a repeat: query 3 (id 1) follows-copy key 1 (id 2), etc.
+    induct = torch.zeros(T, T)
+    induct[:3, 0] = 1
+    induct[3, 1], induct[4, 2], induct[5, 0] = 1, 1, 1  # 3 and 4 look at what followed their copy, 5 does not
+    maps = AttentionMaps(tokens=list("abcabc"), texts=list("abcabc"), ids=ids,
+                         weights=torch.stack([prev, induct])[None], layers=[0], heads=[0, 1])
+    p, i = head_patterns(maps)
+    assert p["previous"] == pytest.approx(1.0) and p["self"] == pytest.approx(1 / T) and p["distance"] == pytest.approx(5 / 6)
+    assert i["induction"] == pytest.approx(2 / 3)  # queries 3, 4, 5 have earlier copies; 3 and 4 look right
+    assert i["first"] == pytest.approx(4 / 6)

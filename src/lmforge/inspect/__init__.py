@@ -19,7 +19,7 @@ _WHERE = {
     "plot_training_curves": "plots", "plot_loss_comparison": "plots",
     "attention": "attention_maps", "record_attention": "attention_maps", "AttentionMaps": "attention_maps",
     "plot_attention_grid": "attention_maps", "plot_attention_layer": "attention_maps",
-    "attention_html": "attention_maps",
+    "attention_html": "attention_maps", "head_patterns": "attention_maps",
     "weight_stats": "weights", "compare_weights": "weights", "plot_weight_histograms": "weights",
     "plot_weight_stats": "weights", "plot_weight_change": "weights",
     "logit_lens": "lens", "plot_lens": "lens", "plot_top_tokens": "lens",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -94,6 +95,35 @@ def attention(model: nn.Module, tokenizer, text: str, layers: list[int] | None =
                          ids=id_list, weights=w, layers=layer_idx, heads=head_idx, total=len(id_list))
 
 
+def head_patterns(maps: AttentionMaps) -> list[dict]:
+    """How each (layer, head) spends its attention, averaged over query tokens:
+
+    self / previous / first   weight on the query itself, on the token just before it, on token 0
+    distance                  mean |query - key| under the weights
+    induction                 weight on keys j whose previous token equals the query token
+                              (the token that followed an earlier copy of the query), averaged
+                              over queries that have such an earlier copy; None when none does
+    """
+    w = maps.weights  # (L, H, T, T)
+    T = w.shape[-1]
+    q = torch.arange(T)
+    ids = torch.tensor(maps.ids)
+    follows = torch.zeros(T, T, dtype=torch.bool)  # follows[t, j]: ids[j-1] == ids[t], j-1 < t
+    follows[:, 1:] = (ids[None, :-1] == ids[:, None]) & (q[None, 1:] <= q[:, None])
+    has = follows.any(-1)
+    out = []
+    for i, layer in enumerate(maps.layers):
+        for j, head in enumerate(maps.heads):
+            m = w[i, j]  # (T, T)
+            prev = m[q[1:], q[1:] - 1].mean() if T > 1 else torch.tensor(0.0)
+            ind = (m * follows).sum(-1)[has].mean() if has.any() else None
+            out.append({"layer": layer, "head": head, "self": float(m.diagonal().mean()), "previous": float(prev),
+                        "first": float(m[:, 0].mean()),
+                        "distance": float((m * (q[:, None] - q[None, :]).abs()).sum(-1).mean()),
+                        "induction": None if ind is None else float(ind)})
+    return out
+
+
 # ------------------------------------------------------------------------------------ heatmaps
 def _heatmap(ax, m: torch.Tensor, maps: AttentionMaps, xlabels: bool, ylabels: bool, fontsize: float):
     T = m.shape[0]
@@ -130,7 +160,7 @@ def plot_attention_grid(maps: AttentionMaps, out_png: str | os.PathLike, title: 
             if j == 0:
                 ax.set_ylabel(f"layer {maps.layers[i]}", fontsize=10)
     fig.suptitle((title or "attention (rows: queries, columns: keys)") + _window_note(maps))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (L * cell + 1.2)))
     return save_png(fig, out_png)
 
 
@@ -141,7 +171,7 @@ def plot_attention_layer(maps: AttentionMaps, layer: int, out_png: str | os.Path
         raise InputError(f"layer {layer} was not recorded; recorded layers: {maps.layers}")
     i = maps.layers.index(layer)
     H, T = len(maps.heads), len(maps.ids)
-    cols = min(H, 4)
+    cols = max(1, math.ceil(math.sqrt(H)))  # a square-ish grid of heads
     rows = -(-H // cols)
     cell = max(3.0, min(9.0, 0.13 * T + 1.0))
     fig = new_figure(cols * cell + 0.5, rows * cell + 0.8)
@@ -173,28 +203,33 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; }
 </style></head><body>
 <h2>__TITLE__</h2>
 <p class="note">Hover (or click) a token: each row below shows, for one head, how much that token
-attends to every token (darker = more weight; a causal model looks only left).__NOTE__</p>
+attends to every token (a causal model looks only left). Shading is relative to the row's largest
+weight, so a diffuse head shows its preference too; hover a token in a row for the exact weight.__NOTE__</p>
 <label>layer <select id="layer"></select></label>
 <div class="panel tokens" id="tokens"></div>
 <div class="panel" id="heads"></div>
 <script>
 const DATA = __DATA__;
 const esc = s => s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
-const shown = s => s.replace(/\\n/g, "\\u21b5\\n");
+const shown = s => s.replace(/\\n/g, "\\u21b5");
 const sel = document.getElementById("layer");
 DATA.layers.forEach((l, i) => { const o = document.createElement("option"); o.value = i; o.textContent = l; sel.appendChild(o); });
-let query = DATA.texts.length - 1;
+// the page's address may pick the query token and layer: attention.html#q=12&l=1
+const hash = (k, d) => { const m = location.hash.match(new RegExp(k + "=([0-9]+)")); return m ? +m[1] : d; };
+let query = Math.min(hash("q", DATA.texts.length - 1), DATA.texts.length - 1);
+sel.value = Math.min(hash("l", 0), DATA.layers.length - 1);
 function paint() {
   const li = +sel.value, T = DATA.texts.length;
   document.querySelectorAll("#tokens span").forEach((s, t) => s.classList.toggle("active", t === query));
   let html = "";
   DATA.heads.forEach((h, hi) => {
     const row = DATA.w[li][hi][query];
+    const top = Math.max(1, ...row);
     html += '<div class="row"><b>head ' + h + '</b>';
     for (let k = 0; k < T; k++) {
-      const a = row[k] / 1000;
+      const a = row[k] / top;
       const fg = a > 0.5 ? "#fff" : "#222";
-      html += '<span title="' + a.toFixed(3) + '" style="background: rgba(31,119,180,' + a.toFixed(3) + '); color: ' + fg + '">' + esc(shown(DATA.texts[k])) + '</span>';
+      html += '<span title="' + (row[k] / 1000).toFixed(3) + '" style="background: rgba(31,119,180,' + a.toFixed(3) + '); color: ' + fg + '">' + esc(shown(DATA.texts[k])) + '</span>';
     }
     html += '</div>';
   });

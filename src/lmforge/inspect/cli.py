@@ -34,7 +34,8 @@ def _wrote(paths) -> None:
 
 # ---------------------------------------------------------------------------------- sub-verbs
 def inspect_attention(args) -> int:
-    from lmforge.inspect.attention_maps import attention, attention_html, plot_attention_grid, plot_attention_layer
+    from lmforge.inspect.attention_maps import (attention, attention_html, head_patterns, plot_attention_grid,
+                                                plot_attention_layer)
     from lmforge.inspect.common import load_model_or_run, parse_indices
 
     model, tok = load_model_or_run(args.model, args.device)
@@ -44,6 +45,11 @@ def inspect_attention(args) -> int:
         maps = maps.window(args.start, args.window)
         print(f"the text has {T} tokens: the plots show tokens {maps.offset}..{maps.offset + len(maps.ids) - 1} "
               f"(move with --start, widen with --window)")
+    print("layer head   self  prev  first  dist  induction   (mean attention per query; see head_patterns)")
+    for r in head_patterns(maps):
+        ind = "   -" if r["induction"] is None else f"{r['induction']:.2f}"
+        print(f"{r['layer']:5d} {r['head']:4d}  {r['self']:.2f}  {r['previous']:.2f}  {r['first']:.2f}  "
+              f"{r['distance']:4.1f}  {ind}")
     out = _out(args)
     paths = [plot_attention_grid(maps, out / "attention.png")]
     paths += [plot_attention_layer(maps, layer, out / f"attention_layer{layer}.png") for layer in maps.layers]
