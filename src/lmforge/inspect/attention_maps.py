@@ -184,7 +184,7 @@ def plot_attention_layer(maps: AttentionMaps, layer: int, out_png: str | os.Path
         _heatmap(ax, maps.weights[i, j], maps, True, True, label_fontsize(T) * 1.3)
         ax.set_title(f"head {maps.heads[j]}", fontsize=11)
     fig.suptitle((title or f"layer {layer}: attention (rows: queries, columns: keys)") + _window_note(maps))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (rows * cell + 0.8)))
     return save_png(fig, out_png)
 
 
@@ -214,10 +214,10 @@ const esc = s => s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&
 const shown = s => s.replace(/\\n/g, "\\u21b5");
 const sel = document.getElementById("layer");
 DATA.layers.forEach((l, i) => { const o = document.createElement("option"); o.value = i; o.textContent = l; sel.appendChild(o); });
-// the page's address may pick the query token and layer: attention.html#q=12&l=1
+// the page's address may pick the query token and the layer: attention.html#q=12&l=1
 const hash = (k, d) => { const m = location.hash.match(new RegExp(k + "=([0-9]+)")); return m ? +m[1] : d; };
 let query = Math.min(hash("q", DATA.texts.length - 1), DATA.texts.length - 1);
-sel.value = Math.min(hash("l", 0), DATA.layers.length - 1);
+sel.value = Math.max(0, DATA.layers.indexOf(hash("l", DATA.layers[0])));  // l is the layer's number
 function paint() {
   const li = +sel.value, T = DATA.texts.length;
   document.querySelectorAll("#tokens span").forEach((s, t) => s.classList.toggle("active", t === query));

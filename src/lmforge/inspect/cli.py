@@ -27,6 +27,11 @@ def _out(args) -> Path:
     return out
 
 
+def _short(path) -> str:
+    """The last two parts of a path ('checkpoints/step_00000300'), for plot titles."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def _wrote(paths) -> None:
     for p in paths:
         print(f"wrote {p}")
@@ -78,7 +83,7 @@ def inspect_weights(args) -> int:
         change = I.compare_weights(model, other)
         paths += [write_json(change, out / "weights_change.json"),
                   I.plot_weight_change(change, out / "weights_change.png",
-                                       title=f"relative change: {args.model} -> {args.against}")]
+                                       title=f"relative change: {_short(args.model)} -> {_short(args.against)}")]
         top = sorted(change, key=lambda r: -r["rel_change"])[:5]
         print("moved most: " + ", ".join(f"{r['name']} {r['rel_change']:.3g}" for r in top))
     _wrote(paths)
@@ -149,7 +154,7 @@ def run_inspect(args) -> int:
 def add_inspect_args(p) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
 
-    def common(q, text: bool = True, out: str = "inspect"):
+    def common(q, text: bool = True, out: str = "runs/inspect"):
         q.add_argument("--model", required=True, help="model folder, checkpoint, Hugging Face folder or run folder")
         q.add_argument("--out", default=out, help=f"output folder (default: {out})")
         q.add_argument("--device", default="cpu")

@@ -187,11 +187,12 @@ def plot_weight_change(records: list[dict], out_png: str | os.PathLike, title: s
     if others:
         ax.text(0.01, 0.98, "\n".join(others), transform=ax.transAxes, va="top", fontsize=7, color="#444")
     ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("relative change ||ΔW|| / ||W||")
     ax.grid(True, alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, ncol=2, loc="upper right")
-    ax.set_title(title or "what moved between the two checkpoints")
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.set_title(title or "what moved between the two checkpoints", fontsize=10)
     fig.tight_layout()
     return save_png(fig, out_png)
 
