@@ -103,6 +103,20 @@ def test_inspect_tokens_with_prompt_mask(folders, tmp_path, capsys):
     assert "does not train" in (tmp_path / "tokens.html").read_text()
 
 
+def test_inspect_tokens_with_chat_messages(folders, tmp_path, capsys):
+    msgs = [{"role": "user", "content": "be"}, {"role": "assistant", "content": "or"}]  # 43 characters
+    rc, out, _ = _run(capsys, "inspect", "tokens", "--model", folders / "model", "--no-color", "--out", tmp_path,
+                      "--messages", _write(tmp_path / "chat.json", json.dumps({"messages": msgs})))
+    assert rc == 0
+    data = json.loads((tmp_path / "tokens.json").read_text())
+    trained = "".join(t for t, flag in zip(data["tokens"], data["trains"]) if flag)
+    assert trained.startswith("or") and sum(data["trains"]) == len("or<|end|>")  # the reply + its end tag (chars)
+    assert "~" in out and "over the 9 tokens that train" in out
+    rc, _, err = _run(capsys, "inspect", "tokens", "--model", folders / "model", "--out", tmp_path,
+                      "--messages", _write(tmp_path / "bad.json", "[{"))
+    _one_line_error(rc, err, "not valid JSON")
+
+
 def test_report_verb(folders, tmp_path, capsys):
     rc, out, _ = _run(capsys, "report", folders / "run", "--out", tmp_path / "r.html")
     assert rc == 0 and (tmp_path / "r.html").stat().st_size > 10_000
