@@ -16,7 +16,7 @@ from lmforge.inspect import common
 from lmforge.inspect.attention_maps import (attention, attention_html, plot_attention_grid, plot_attention_layer,
                                             record_attention)
 from lmforge.inspect.lens import logit_lens, plot_lens, plot_top_tokens
-from lmforge.inspect.report import report_after_run, write_report
+from lmforge.inspect.report import log_sample, read_samples, report_after_run, write_report
 from lmforge.inspect.tokens import chat_ids, prompt_response_ids, to_terminal, token_html, token_losses
 from lmforge.inspect.weights import (compare_weights, effective_rank, layer_group, matrix_stats, plot_weight_change,
                                      plot_weight_histograms, plot_weight_stats, spectral_norm, weight_stats)
@@ -308,7 +308,7 @@ def _tiny_run(run, tok, model=None, samples=True):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "run_info.json").write_text(json.dumps({"git_commit": "abc123", "torch": torch.__version__}))
     if samples:
-        (run / "samples.jsonl").write_text(json.dumps({"step": 5, "text": "the cat sat <on> the mat"}) + "\n")
+        log_sample(run, 5, "the cat sat <on> the mat")
     if model is not None:
         save_model(model, run / "checkpoints" / "best", tokenizer=tok, config=cfg)
     return run
@@ -327,6 +327,9 @@ def test_report_of_a_tiny_run(tok, tmp_path):
     assert "<script" not in page and "<link" not in page
     assert page.count('src="data:image/png;base64,') == 4  # metrics, weight stats, histograms, attention
     assert "checkpoints/best" in page
+    with open(run / "samples.jsonl", "a") as f:
+        f.write('{"step": 6, "te')  # a line cut short by a crash is skipped
+    assert [s["step"] for s in read_samples(run)] == [5]
 
 
 def test_report_without_checkpoint_or_samples(tok, tmp_path):

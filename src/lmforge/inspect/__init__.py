@@ -24,7 +24,7 @@ _WHERE = {
     "plot_weight_stats": "weights", "plot_weight_change": "weights",
     "logit_lens": "lens", "plot_lens": "lens", "plot_top_tokens": "lens",
     "token_losses": "tokens", "token_html": "tokens", "to_terminal": "tokens",
-    "write_report": "report", "report_after_run": "report",
+    "write_report": "report", "report_after_run": "report", "log_sample": "report",
 }
 __all__ = list(_WHERE)
 

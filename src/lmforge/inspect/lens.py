@@ -178,7 +178,8 @@ def plot_top_tokens(lens: LogitLens, out_png: str | os.PathLike, position: int =
     fig = new_figure(1.6 * k + 1.5, 0.32 * len(lens.rows) + 1.2)
     ax = fig.subplots()
     ax.axis("off")
-    table = ax.table(cellText=cells, rowLabels=lens.rows, colLabels=[f"top {c + 1}" for c in range(k)], loc="center")
+    table = ax.table(cellText=cells, rowLabels=lens.rows, colLabels=[f"top {c + 1}" for c in range(k)], loc="center",
+                     cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     ax.set_title(title or f"logit lens at position {lens.positions[j]} ('{lens.tokens[j]}'; target "

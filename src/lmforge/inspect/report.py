@@ -78,6 +78,14 @@ def eval_table(records: list[dict]) -> tuple[list[str], list[list[Any]]]:
     return ["step", "split"] + cols, rows
 
 
+def log_sample(run_dir: str | os.PathLike, step: int, text: str) -> None:
+    """Append one sample to ``run_dir/samples.jsonl`` (the report shows every logged sample)."""
+    path = Path(run_dir) / SAMPLES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": int(step), "time": time.time(), "text": text}) + "\n")
+
+
 def read_samples(run_dir: Path) -> list[dict]:
     """Records of ``samples.jsonl`` ({"step", "text"}); a cut-off last line is skipped."""
     path = run_dir / SAMPLES_FILE
