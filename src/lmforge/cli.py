@@ -390,6 +390,18 @@ def _recipes(folder: Path) -> list[tuple[Path, str]]:
     return out
 
 
+def cmd_inspect(args) -> int:
+    from lmforge.inspect.cli import run_inspect
+
+    return run_inspect(args)
+
+
+def cmd_report(args) -> int:
+    from lmforge.inspect.cli import run_report
+
+    return run_report(args)
+
+
 # ----------------------------------------------------------------------------------- table
 def _train_args(p):
     import argparse
@@ -483,6 +495,18 @@ def _export_args(p):
     p.add_argument("--out", required=True)
 
 
+def _inspect_args(p):
+    from lmforge.inspect.cli import add_inspect_args
+
+    add_inspect_args(p)
+
+
+def _report_args(p):
+    from lmforge.inspect.cli import add_report_args
+
+    add_report_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
@@ -494,6 +518,8 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
     "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
+    "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
+    "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
 }
 
 

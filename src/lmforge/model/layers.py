@@ -115,13 +115,39 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------------- attention
+def explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+    """What scaled_dot_product_attention computes, written out so the weights can be kept.
+
+    q (B, nh, T, hs), k and v (B, nkv, S, hs); key/value heads are repeated for grouped queries.
+    ``mask`` is a bool (True = may attend) or additive float mask broadcastable to (B, nh, T, S).
+    Returns y (B, nh, T, hs) and the attention weights softmax(q k^T / sqrt(hs) + mask) (B, nh, T, S).
+    Slower than SDPA: used only when asked (``Attention.record_weights``, lmforge.inspect).
+    """
+    nh, nkv = q.shape[1], k.shape[1]
+    if nkv != nh:  # query head h reads key/value head h // (nh / nkv)
+        k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(nh // nkv, dim=1)
+    T, S = q.shape[2], k.shape[2]
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    if is_causal and mask is None:  # query t (at position S - T + t) sees keys up to itself
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1)  # (B, nh, T, S), each row sums to 1
+    probs = F.dropout(weights, dropout_p) if dropout_p > 0 else weights
+    return (probs @ v.float()).to(q.dtype), weights  # (B, nh, T, hs)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA when nkv == nh, MQA when nkv == 1).
 
     One fused projection makes q, k and v; scaled_dot_product_attention does the rest, so GPU
     flash / memory-efficient kernels apply. A decoder passes ``is_causal`` (no mask tensor) when
-    it can, which is the fast path.
+    it can, which is the fast path. With ``record_weights`` set (lmforge.inspect does this) the
+    explicit path runs instead and keeps its weights (B, nh, T, S) in ``last_weights``.
     """
+
+    record_weights = False
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -142,10 +168,14 @@ class Attention(nn.Module):
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        if self.record_weights:
+            y, self.last_weights = explicit_attention(q, k, v, mask, is_causal,
+                                                      self.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.proj(y)
 

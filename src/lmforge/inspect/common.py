@@ -1,0 +1,161 @@
+"""Shared pieces of the inspection tools: finding a model, encoding a text, labelling tokens,
+and drawing/saving figures without pyplot.
+
+Every tool works on an lmforge model (decoder, encoder, imported weights) and its tokenizer;
+``load_model_or_run`` also accepts a run folder and picks its best (or newest) checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lmforge.errors import CheckpointError, InputError
+from lmforge.fsutil import atomic_write
+
+
+# ----------------------------------------------------------------------------------- models
+def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """``path`` itself when it is a model/checkpoint folder; for a run folder (one with a
+    ``checkpoints/`` folder) its ``checkpoints/best``, else its newest verified checkpoint.
+    Returns the folder and, for a run folder, a note saying which checkpoint was taken."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder; expected a model folder, a checkpoint or a run folder")
+    root = p / "checkpoints"
+    is_run = p.is_dir() and not (p / "model.safetensors").is_file() and (
+        root.is_dir() or (p / "metrics.jsonl").is_file())
+    if is_run:
+        if (root / "best" / "model.safetensors").is_file():
+            return root / "best", f"{p} is a run folder: using its best checkpoint {root / 'best'}"
+        from lmforge.train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(root)
+        if latest is None:
+            raise CheckpointError(f"{p}: run folder without a usable checkpoint in {root}")
+        return latest, f"{p} is a run folder without a best checkpoint: using the newest, {latest}"
+    return p, None
+
+
+def load_model_or_run(path: str | os.PathLike, device: str = "cpu", say=print, need_tokenizer: bool = True):
+    """(model, tokenizer) from a model folder, a checkpoint, a Hugging Face folder or a run folder."""
+    from lmforge import from_pretrained
+
+    folder, note = resolve_model_path(path)
+    if note:
+        say(note)
+    model, tok = from_pretrained(folder, device=device, with_tokenizer=True)
+    if tok is None and need_tokenizer:
+        raise CheckpointError(f"{folder}: no tokenizer.json beside the weights; inspecting a text needs the tokenizer")
+    return model, tok
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention layers of ``model`` in order (one per block); a model without any (bigram)
+    is an InputError."""
+    from lmforge.model.layers import Attention
+
+    found = [m for m in model.modules() if isinstance(m, Attention)]
+    if not found:
+        arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)
+        raise InputError(f"this model ({arch}) has no attention layers; expected a decoder or encoder transformer")
+    return found
+
+
+def pick(indices: list[int] | None, n: int, what: str) -> list[int]:
+    """``indices`` checked against ``range(n)`` (negative counts from the end); None means all."""
+    if indices is None:
+        return list(range(n))
+    out = []
+    for i in indices:
+        if not -n <= i < n:
+            raise InputError(f"{what} {i} is out of range: the model has {n} {what}s (0..{n - 1})")
+        out.append(i % n)
+    return out
+
+
+def parse_indices(spec: str | None) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7] ('-1' is the last); None or '' -> None (all)."""
+    if not spec:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m:
+            out.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            out.append(int(part))
+        else:
+            raise InputError(f"{spec!r}: expected indices like '0,2,5-7'")
+    return out
+
+
+# ------------------------------------------------------------------------------------ texts
+def encode_text(model: nn.Module, tokenizer, text: str, add_bos: bool = False) -> torch.Tensor:
+    """Token ids (1, T) of ``text`` on the model's device; empty or too long texts are InputErrors."""
+    if not isinstance(text, str) or not text:
+        raise InputError("text: got an empty text; expected at least one token")
+    ids = tokenizer.encode(text, add_bos=add_bos)
+    limit = model.config.context_length
+    if len(ids) > limit:
+        raise InputError(f"text is {len(ids)} tokens long, longer than the model's context_length {limit}; "
+                         f"shorten it to at most {limit} tokens")
+    if not ids:
+        raise InputError("text: encodes to no tokens; expected at least one")
+    device = next(model.parameters()).device
+    return torch.tensor([ids], dtype=torch.long, device=device)
+
+
+_VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+
+
+def token_label(tokenizer, i: int) -> str:
+    """A printable label of token ``i``: spaces as '·', newlines as '↵' (so they can be seen); an
+    id the tokenizer does not know (a model vocabulary padded beyond it) is '<id N>'."""
+    if not 0 <= i < tokenizer.vocab_size:
+        return f"<id {i}>"
+    s = tokenizer.decode([i], skip_special_tokens=False)
+    if not s or s == "\ufffd":  # part of a multi-byte character
+        s = tokenizer.id_to_token(i)
+    return "".join(_VISIBLE.get(c, c) for c in s)
+
+
+def token_labels(tokenizer, ids) -> list[str]:
+    return [token_label(tokenizer, int(i)) for i in ids]
+
+
+def token_texts(tokenizer, ids) -> list[str]:
+    """Each token's own text (for HTML, where spaces and newlines are kept as they are)."""
+    out = []
+    for i in ids:
+        s = tokenizer.decode([int(i)], skip_special_tokens=False)
+        out.append(s if s and s != "\ufffd" else tokenizer.id_to_token(int(i)))
+    return out
+
+
+# ---------------------------------------------------------------------------------- figures
+def new_figure(width: float, height: float, dpi: int = 100):
+    """A matplotlib Figure on an Agg canvas (no pyplot, no display, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, out_png: str | os.PathLike) -> Path:
+    """Write ``fig`` atomically (temporary file, fsync, rename); parent folders are created."""
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda p: fig.savefig(p, format="png"))
+
+
+def label_fontsize(n: int) -> float:
+    """Tick-label size for n labels along one axis: small enough to fit, large enough to read."""
+    return max(4.0, min(10.0, 420.0 / max(n, 1)))
