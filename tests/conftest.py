@@ -31,6 +31,7 @@ def tiny_run_dict(out_dir: Path, cache_dir: Path) -> dict:
                   "warmup_steps": 2, "eval_every": 1000, "eval_batches": 2, "log_every": 1,
                   "checkpoint_every": None, "resume": "auto", "progress": False},
         "sample": {"max_new_tokens": 0},
+        "logging": {"report": False},  # report.html has its own tests; tiny runs skip it for speed
     }
 
 

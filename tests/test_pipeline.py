@@ -384,3 +384,10 @@ def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(clf_dict):
     assert len(asides) == 1 and (asides[0] / ckpt.step_name(2)).is_dir()
     assert [h["step"] for h in second["history"]] == [1, 2] and first["steps"] == 2
     assert len(list(run_dir.glob("metrics.*.jsonl"))) == 1
+
+
+def test_the_end_of_a_run_writes_its_report(clf_dict):
+    s = _run(clf_dict("reported", logging={"report": True}, train={"max_steps": 2, "eval_every": 2}))
+    html = (Path(s["run_dir"]) / "report.html").read_text()
+    assert "val_accuracy" in html or "accuracy" in html
+    assert "http://" not in html and "https://" not in html

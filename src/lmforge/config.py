@@ -107,6 +107,7 @@ class LoggingSection:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "lmforge"
+    report: bool = True  # write report.html (curves, evals, samples, attention/weight plots) when a run ends
 
 
 @dataclass

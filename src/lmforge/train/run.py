@@ -80,6 +80,13 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         say(line)
     if trainable != total:
         say(f"trainable: {trainable:,} of {total:,} parameters (train.trainable={cfg.train.trainable})")
+    if progress and dist.is_main:  # a slow machine or a slow program? the yardstick beside MFU
+        from lmforge.perf import format_flops, measured_matmul_flops
+        from lmforge.train.logging import peak_flops
+
+        peak = peak_flops(dist.device)
+        say(f"machine: fp32 matmul measured at {format_flops(measured_matmul_flops(dist.device))} now"
+            + (f"; MFU is reported against {format_flops(peak)}" if peak else ""))
 
     run_config = cfg.to_dict()
     resume_from = ckpt.resolve_resume(cfg.train.resume, run_dir)
@@ -117,5 +124,13 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
             ckpt.load_checkpoint(best).load_weights_into(model)  # the task's results are the best model's
             summary["evaluated_checkpoint"] = str(best)
         summary.update(parts.finish(model, summary) or {})
+    if dist.is_main and summary.get("sample"):
+        from lmforge.inspect.report import log_sample
+
+        log_sample(run_dir, result.step, summary["sample"])
     summary["wall_seconds"] = time.time() - t_start
+    if dist.is_main and not result.stopped_early and cfg.logging.report:
+        from lmforge.inspect.report import report_after_run
+
+        report_after_run(run_dir, enabled=True, say=say)
     return summary
