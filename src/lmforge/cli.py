@@ -63,12 +63,39 @@ def cmd_generate(args) -> int:
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop=list(args.stop or []))
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(model, tok, args.prompt, **opts):
+    prompt = args.prompt
+    if args.chat:  # the prompt is one user turn in the model's chat template
+        from lmforge.chat import render
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.prompt}]
+        prompt = render(messages, tok, add_generation_prompt=True)
+    else:
+        sys.stdout.write(args.prompt)
+    for piece in stream_text(model, tok, prompt, **opts):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_chat(args) -> int:
+    from lmforge import from_pretrained
+    from lmforge.chat_session import ChatSession, run_chat
+    from lmforge.errors import CheckpointError
+
+    model, tok = from_pretrained(args.model, device=args.device, with_tokenizer=True)
+    if tok is None:
+        raise CheckpointError(f"{args.model}: no tokenizer.json beside the weights; chat needs the model's tokenizer")
+    session = ChatSession(model, tok, system=args.system, context=args.context, temperature=args.temperature,
+                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    for name in ("temperature", "top_p", "max_tokens"):  # checked like the interactive commands
+        said = session.command(f"/{name} {getattr(args, name)}")
+        if not said.startswith("["):
+            from lmforge.errors import ConfigError
+
+            raise ConfigError(f"--{name.replace('_', '-')}: {said.split(': ', 1)[1]}")
+    return run_chat(session)
 
 
 def cmd_info(args) -> int:
@@ -171,6 +198,19 @@ def _generate_args(p):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn in the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system prompt")
+    p.add_argument("--device", default="cpu")
+
+
+def _chat_args(p):
+    p.add_argument("--model", required=True, help="a .gguf file, checkpoint, model folder or Hugging Face folder")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--context", type=int, default=None, help="token budget of the conversation (default: the model's)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
 
 
@@ -202,6 +242,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "pretrain": (cmd_pretrain, _pretrain_args, "train a language model from a YAML recipe"),
     "eval": (cmd_eval, _eval_args, "loss and perplexity of a model on a data source"),
     "generate": (cmd_generate, _generate_args, "generate text from a model (streams to the terminal)"),
+    "chat": (cmd_chat, _chat_args, "chat with a model in the terminal (its chat template, streamed answers)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
     "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),
