@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
 from lmforge.model.config import ModelConfig
@@ -329,17 +328,14 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokeniz
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": False})
     tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
     state = state_dict_from_gguf(tensors, cfg)
-    with torch.device("meta"):
-        model = build(cfg)
+    model = build(cfg)
     expected = model.state_dict()
     for key, t in state.items():
         if tuple(t.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{path}: {key}: shape {tuple(t.shape)} in the file, expected "
                                   f"{tuple(expected[key].shape)} from its metadata")
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.transformer.tok_emb.weight
-    _materialise_buffers(model)
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
     model.to(device).eval()
     if not with_tokenizer:
         return model
@@ -349,13 +345,3 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokeniz
                               f"{cfg.vocab_size}")
     return model, tok
 
-
-def _materialise_buffers(model: nn.Module) -> None:
-    """Recreate the non-persistent buffers (RoPE inverse frequencies) that a meta-device build
-    left empty: weights come from the file, buffers from the config."""
-    from lmforge.model.layers import RotaryEmbedding
-
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
-            fresh = RotaryEmbedding(model.config.head_dim, model.config.rope_theta)
-            m.inv_freq = fresh.inv_freq
