@@ -380,3 +380,39 @@ def test_smollm2_answers_paris(smollm2):
     prompt = render([{"role": "user", "content": "What is the capital of France?"}], tok, add_generation_prompt=True)
     answer = generate_text(model, tok, prompt, max_new_tokens=12, temperature=0)
     assert "Paris" in answer, answer
+
+
+def test_smollm2_chat_spans_and_masking(smollm2):
+    """The real template inserts a default system turn; assistant turns train on their content and
+    <|im_end|>, nothing else."""
+    from lmforge.chat import render_with_spans
+    from lmforge.data.sft_format import IGNORE, tokenize_chat
+
+    _, _, tok = smollm2
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    chat = render_with_spans(msgs, tok)
+    first = chat.text[chat.spans[0].start:chat.spans[0].end]
+    assert first.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM") and \
+        first.endswith("<|im_start|>user\nHi<|im_end|>\n")
+    ex = tokenize_chat(tok, msgs)
+    trained = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE], skip_special_tokens=False)
+    assert trained == "Hello! How can I help?<|im_end|>\nParis.<|im_end|>\n"
+
+
+def test_gguf_model_exports_to_hf_with_its_chat_template(tmp_path, bpe):
+    """GGUF -> lmforge -> Hugging Face folder: transformers reads the chat template and eos, and
+    lmforge reads them back from tokenizer_config.json."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.interop.hf import export_hf, load_hf
+
+    model, tok = load_gguf(write_gguf(tmp_path / "tiny.gguf", _tiny_model(bpe.vocab_size, True), bpe),
+                           with_tokenizer=True)
+    out = export_hf(model, tmp_path / "hf", tokenizer=tok)
+    msgs = [{"role": "user", "content": "hi there"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        tok.apply_chat_template(msgs, add_generation_prompt=True)
+    assert hf_tok.eos_token == "<|end|>"
+    _, back = load_hf(out, with_tokenizer=True)
+    assert back.chat_template == TEMPLATE and back.eos_id == tok.eos_id and back.fingerprint() == tok.fingerprint()

@@ -144,7 +144,7 @@ class Tokenizer(ABC):
         template) instead of the guesses from token names; saved with the tokenizer."""
         given = {"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "unk_id": unk_id}
         for name, i in given.items():
-            if i is None:
+            if i is None or i == getattr(self, name):  # only what differs from the guess is recorded
                 continue
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
                 raise TokenizerError(f"{name}: got {i!r}, expected an id in [0, {self.vocab_size})")

@@ -42,6 +42,7 @@ from lmforge.model.config import ModelConfig
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # chat template and bos/eos/pad tokens (transformers)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -441,10 +442,47 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
         from lmforge.tokenizer import load_tokenizer
 
         tok = load_tokenizer(folder / TOKENIZER)
+        _read_tokenizer_config(tok, folder / TOKENIZER_CONFIG)
         if tok.vocab_size > cfg.vocab_size:
             raise CheckpointError(f"{folder / TOKENIZER}: tokenizer has {tok.vocab_size} tokens but the model's "
                                   f"vocab_size is {cfg.vocab_size}")
     return model, tok
+
+
+def _read_tokenizer_config(tok, path: Path) -> None:
+    """Take the chat template and the bos/eos/pad tokens of ``tokenizer_config.json`` (or of a
+    ``chat_template.jinja`` beside it) into ``tok``; an absent or unreadable file changes nothing."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = {}
+    d = d if isinstance(d, dict) else {}
+    template = d.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja = path.parent / "chat_template.jinja"
+    if not isinstance(template, str) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    ids = {}
+    for role in ("bos", "eos", "pad"):
+        t = d.get(f"{role}_token")
+        t = t.get("content") if isinstance(t, dict) else t
+        if isinstance(t, str) and tok.token_to_id(t) is not None:
+            ids[f"{role}_id"] = tok.token_to_id(t)
+    tok.configure(**ids, chat_template=template if isinstance(template, str) else None)
+
+
+def _tokenizer_config(tok) -> dict[str, Any]:
+    """The ``tokenizer_config.json`` transformers reads beside ``tokenizer.json``."""
+    d: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for role in ("bos", "eos", "pad", "unk"):
+        i = getattr(tok, f"{role}_id", None)
+        if i is not None:
+            d[f"{role}_token"] = tok.id_to_token(i)
+    if tok.chat_template is not None:
+        d["chat_template"] = tok.chat_template
+    return d
 
 
 # ================================================================= export
@@ -561,6 +599,8 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         if "hf_tokenizer" in d:  # a Hugging Face tokenizer: its own JSON, which transformers reads
             text = json.dumps(d["hf_tokenizer"], ensure_ascii=False, indent=2)
             atomic_write(out / TOKENIZER, lambda p: p.write_text(text, encoding="utf-8"))
+            tc = json.dumps(_tokenizer_config(tokenizer), ensure_ascii=False, indent=2)
+            atomic_write(out / TOKENIZER_CONFIG, lambda p: p.write_text(tc, encoding="utf-8"))
         else:
             tokenizer.save(out / TOKENIZER)
     return out
