@@ -416,3 +416,20 @@ def test_gguf_model_exports_to_hf_with_its_chat_template(tmp_path, bpe):
     assert hf_tok.eos_token == "<|end|>"
     _, back = load_hf(out, with_tokenizer=True)
     assert back.chat_template == TEMPLATE and back.eos_id == tok.eos_id and back.fingerprint() == tok.fingerprint()
+
+
+def test_cli_generate_chat_and_chat_on_a_gguf(tmp_path, bpe, capsys, monkeypatch):
+    import io
+
+    from lmforge.cli import main
+
+    path = str(write_gguf(tmp_path / "tiny.gguf", _tiny_model(bpe.vocab_size, False), bpe))
+    assert main(["generate", "--model", path, "--chat", "--prompt", "hi", "--temperature", "0",
+                 "--max-new-tokens", "4"]) == 0
+    assert "<|user|>" not in capsys.readouterr().out  # the template is the prompt, not echoed
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/max_tokens 3\nagain\n/quit\n"))
+    assert main(["chat", "--model", path, "--temperature", "0", "--max-tokens", "4", "--system", "Be kind."]) == 0
+    out = capsys.readouterr().out
+    assert "context 128 tokens" in out and "[max_tokens = 3]" in out
+    assert main(["chat", "--model", path, "--top-p", "1.5"]) == 2
+    assert "--top-p: got '1.5', expected a number in (0, 1]" in capsys.readouterr().err

@@ -142,8 +142,9 @@ class ChatSession:
         return f"unknown command /{name}; {HELP}"
 
 
-def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """The read-answer loop. Reads lines until EOF or /quit."""
+def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """The read-answer loop (default: the terminal). Reads lines until EOF or /quit."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty() and stdout.isatty()
 
     def write(s: str) -> None:
