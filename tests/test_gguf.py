@@ -324,6 +324,7 @@ def test_smollm2_config(smollm2):
     assert tok.id_to_token(tok.eos_id) == "<|im_end|>" and "<|im_start|>" in tok.chat_template
 
 
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2):
     _, model, tok = smollm2
     hf_model, hf_tok = hf_smollm2
@@ -348,6 +349,7 @@ def _varied_strings(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer_matches_transformers_on_1000_strings(smollm2, hf_smollm2):
     """Vocabulary, merges and special tokens as transformers reads them from the file, with the
     pre-tokenizer the file names (``tokenizer.ggml.pre = smollm``: digits split one by one, then
