@@ -33,7 +33,8 @@ __all__ = ["__version__", "from_pretrained", *_PUBLIC]
 
 
 def from_pretrained(path, device="cpu", with_tokenizer: bool = False):
-    """Load a model from an lmforge checkpoint/model folder or a Hugging Face model folder.
+    """Load a model from an lmforge checkpoint/model folder, a Hugging Face model folder or a
+    ``.gguf`` file (llama.cpp; dequantized to float32, tokenizer and chat template included).
 
     Returns the model in eval mode (and its tokenizer, or None, with ``with_tokenizer=True``).
     A training run folder loads its best checkpoint (else its newest), with a warning saying so.
@@ -47,7 +48,12 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False):
     if note:
         warnings.warn(note, stacklevel=2)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder")
+        raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder "
+                              f"or a .gguf file")
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from lmforge.interop.gguf import load_gguf
+
+        return load_gguf(p, device=device, with_tokenizer=with_tokenizer)
     if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         from lmforge.interop.hf import load_hf
 

