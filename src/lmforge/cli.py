@@ -496,7 +496,6 @@ def _generate_args(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user turn in the model's chat template")
     p.add_argument("--system", default=None, help="with --chat: a system prompt")
-    p.add_argument("--device", default="cpu")
 
 
 def _chat_args(p):

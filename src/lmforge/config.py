@@ -149,12 +149,13 @@ class RunConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """The ``model:`` keys other than preset/init_from (with init_from: changes to the loaded config)."""
-        return {k: v for k, v in self.model.items() if k not in ("preset", "init_from")}
+        return {k: v for k, v in self.model.items() if k not in ("preset", "init_from", "lora")}
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of the ``model:`` section; ``vocab_size: null`` takes the tokenizer's."""
         d = dict(self.model)
         d.pop("init_from", None)
+        d.pop("lora", None)
         preset = d.pop("preset", None)
         if d.get("vocab_size") is None:
             d.pop("vocab_size", None)

@@ -245,6 +245,10 @@ def build_examples(records: Iterable, tokenizer, kind: str = "alpaca", template:
     counts = SFTCounts()
     for n, record in enumerate(records):
         where = f"record {n}"
+        if kind == "alpaca" and isinstance(record, dict) and isinstance(record.get("output"), str) \
+                and not record["output"].strip():  # nothing to learn from (real Alpaca has a few): counted
+            counts.dropped_nothing_to_train += 1
+            continue
         if kind == "alpaca" and template != "chat":
             prompt, response = alpaca_prompt(record, template, where)
             exs = [tokenize_prompt_response(tokenizer, prompt, response, train_on_prompt=train_on_prompt)]

@@ -40,6 +40,9 @@ def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
     folder = Path(folder)
     cfg = dict(config or {})
     cfg["model"] = model.config.to_dict()
+    lora = getattr(model, "lora_config", None)
+    if lora is not None:  # adapters are part of the weights: rebuilt from this section on load
+        cfg["lora"] = lora.to_dict()
     if tokenizer is not None:  # ties the tokenizer to these weights: a swapped one is refused on load
         cfg["tokenizer_fingerprint"] = tokenizer.fingerprint()
     st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "lmforge": "1"})
@@ -117,6 +120,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", with_toke
         verify_checkpoint(folder)
     cfg = read_config(folder)
     model = build(ModelConfig.from_dict(cfg["model"]))
+    if cfg.get("lora"):
+        from lmforge.model.lora import LoraConfig, apply_lora
+
+        apply_lora(model, LoraConfig(**cfg["lora"]))
     load_weights(model, folder / WEIGHTS)
     model.to(device).eval()
     tok = None

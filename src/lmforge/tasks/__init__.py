@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "pretrain": "lmforge.tasks.lm:PRETRAIN",
     "mlm": "lmforge.tasks.lm:MLM",
     "classify": "lmforge.tasks.classify:CLASSIFY",
+    "sft": "lmforge.tasks.sft:SFT",
 }
 
 

@@ -35,6 +35,7 @@ class TaskParts:
     tokens_per_step: int | None = None  # for the start-up line; None when examples vary in length
     describe: list[str] = field(default_factory=list)  # lines printed at start-up (data, model, batch)
     finish: Callable[[nn.Module, dict], dict] | None = None  # after fit: (best model, summary) -> extra summary
+    callbacks: list = field(default_factory=list)  # the task's own trainer callbacks (e.g. sample answers)
 
 
 def source_specs(sections: list[SourceSection] | None) -> list[SourceSpec] | None:
@@ -111,7 +112,7 @@ def resolve_init_path(path: str) -> Path:
 
 # ------------------------------------------------------------------------------ model
 # Fields a run may change on a model it starts from; the rest define the weights' shapes.
-INIT_OVERRIDABLE = ("dropout", "pooling", "num_classes", "labels", "init_std", "name")
+INIT_OVERRIDABLE = ("dropout", "pooling", "num_classes", "labels", "init_std", "name", "lora")
 
 
 def build_model(ctx: TaskContext, vocab_size: int, **head: Any) -> nn.Module:
@@ -129,8 +130,28 @@ def build_model(ctx: TaskContext, vocab_size: int, **head: Any) -> nn.Module:
                               f"tokens; set it to at least that, or null to take the tokenizer's")
         if head:
             mcfg = ModelConfig.from_dict({**mcfg.to_dict(), **head})
-        return build(mcfg)
-    return model_from_init(cfg.init_from, cfg.model_overrides(), head, vocab_size)
+        model = build(mcfg)
+    else:
+        model = model_from_init(cfg.init_from, cfg.model_overrides(), head, vocab_size)
+    return with_lora(model, cfg.model.get("lora"))
+
+
+def with_lora(model: nn.Module, lora: dict | None) -> nn.Module:
+    """``model.lora: {rank, alpha, dropout, targets}``: adapters on the base, which is frozen (a
+    classification head stays trainable)."""
+    if not lora:
+        return model
+    from lmforge.model.lora import LoraConfig, apply_lora
+
+    d = dict(lora)
+    if getattr(model, "classifier", None) is not None:
+        d["also_train"] = tuple(d.get("also_train", ())) + ("classifier.",)
+    try:
+        return apply_lora(model, LoraConfig(**d))
+    except TypeError as e:
+        raise ConfigError(f"model.lora: {e}") from None
+    except ConfigError as e:
+        raise ConfigError([f"model.{p}" for p in e.problems]) from None
 
 
 def model_from_init(path: str, overrides: dict, head: dict, vocab_size: int) -> nn.Module:

@@ -75,11 +75,16 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
     task = get_task(cfg.task)
     ctx = TaskContext(cfg=cfg, run_dir=run_dir, dist=dist, progress=progress, say=say)
     parts = task.build(ctx)
-    trainable, total = apply_trainable(parts.model, cfg.train.trainable)
+    if cfg.model.get("lora"):  # the adapters (and a new head) train; the base is frozen
+        total = sum(p.numel() for p in parts.model.parameters())
+        trainable = sum(p.numel() for p in parts.model.parameters() if p.requires_grad)
+    else:
+        trainable, total = apply_trainable(parts.model, cfg.train.trainable)
     for line in parts.describe:
         say(line)
     if trainable != total:
-        say(f"trainable: {trainable:,} of {total:,} parameters (train.trainable={cfg.train.trainable})")
+        why = "LoRA adapters, base frozen" if cfg.model.get("lora") else f"train.trainable={cfg.train.trainable}"
+        say(f"trainable: {trainable:,} of {total:,} parameters ({why})")
     if progress and dist.is_main:  # a slow machine or a slow program? the yardstick beside MFU
         from lmforge.perf import format_flops, measured_matmul_flops
         from lmforge.train.logging import peak_flops
@@ -97,7 +102,7 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
     trainer = Trainer(parts.model, parts.objective, parts.train_data, cfg.train, run_dir=run_dir,
                       eval_data=parts.eval_data, dist_info=dist, tokenizer=parts.tokenizer, run_config=run_config,
                       flops_per_token=parts.flops_per_token, logger=logger,
-                      callbacks=[CurvePlotter(run_dir, title=cfg.run.name), *callbacks])
+                      callbacks=[CurvePlotter(run_dir, title=cfg.run.name), *parts.callbacks, *callbacks])
     resumed = None
     if resume_from is not None:  # already verified by resolve_resume above
         trainer.load_checkpoint(resume_from)

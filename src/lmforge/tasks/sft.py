@@ -1,0 +1,156 @@
+"""``task: sft``: instruction tuning / chat fine-tuning of a decoder.
+
+Records (Alpaca instruction/input/output, the book's instruction-data.json, chat ``messages``,
+OpenAssistant trees) become prompt + response token sequences (``lmforge.data.sft_format``);
+the loss covers the response tokens only (every assistant turn of a conversation) unless
+``train_on_prompt``. Validation reports loss and perplexity on response tokens, and at each
+evaluation the model's greedy answers to a fixed set of validation prompts are appended to
+``sft_samples.jsonl`` in the run folder (a person reads them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config import RunConfig
+from lmforge.data.formats import split_records
+from lmforge.data.sampler import ExampleBatches, StepSampler
+from lmforge.data.sft_format import IGNORE, alpaca_prompt, build_examples
+from lmforge.errors import ConfigError, DataError
+from lmforge.model import count_parameters, flops_per_token
+from lmforge.objectives import CausalLM
+from lmforge.tasks import Task
+from lmforge.tasks.classify import read_records
+from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.train.callbacks import Callback
+
+
+@dataclass
+class SFTOptions:
+    """``objective:`` options of ``task: sft``."""
+
+    format: str = "alpaca"  # alpaca (instruction/input/output), messages (chat records), oasst (trees)
+    template: str = "alpaca"  # alpaca or book (Alpaca records), chat (the tokenizer's chat template)
+    max_length: int = 512  # tokens per example
+    overflow: str = "truncate"  # truncate or drop examples longer than max_length
+    train_on_prompt: bool = False  # also train on the prompt tokens
+    oasst_mode: str = "rank0"  # OpenAssistant: rank0 (best replies) or all root-to-leaf paths
+    sample_prompts: int = 3  # validation prompts answered (greedily) at each evaluation
+    sample_tokens: int = 64  # tokens per answer
+
+
+def collate_sft(examples: list, pad_id: int) -> dict:
+    """Right-padded (B, T) inputs and shifted targets: targets[t] = labels[t + 1] (-100 on padding)."""
+    T = max(len(e.input_ids) for e in examples) - 1
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    tgt = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids) - 1
+        ids[i, :n] = torch.tensor(e.input_ids[:-1])
+        tgt[i, :n] = torch.tensor(e.labels[1:])
+    return {"input_ids": ids, "targets": tgt}
+
+
+class SampleAnswers(Callback):
+    """Greedy answers to fixed validation prompts, appended to sft_samples.jsonl at each evaluation."""
+
+    def __init__(self, run_dir, tokenizer, prompts: list[str], max_new_tokens: int):
+        self.path = run_dir / "sft_samples.jsonl"
+        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
+
+    def on_evaluate(self, trainer, metrics):
+        if not trainer.dist.is_main or not self.prompts:
+            return
+        from lmforge.generate import generate_text
+
+        model = trainer.model
+        was = model.training
+        model.eval()
+        with open(self.path, "a", encoding="utf-8") as f:
+            for p in self.prompts:
+                answer = generate_text(model, self.tokenizer, p, max_new_tokens=self.max_new_tokens, temperature=0.0)
+                f.write(json.dumps({"step": trainer.step, "time": time.time(), "prompt": p, "answer": answer},
+                                   ensure_ascii=False) + "\n")
+        model.train(was)
+
+
+def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
+    try:
+        if opts.format == "alpaca" and opts.template != "chat":
+            return alpaca_prompt(record, opts.template)[0]
+        from lmforge.chat import render
+
+        msgs = record.get("messages") if opts.format == "messages" else None
+        if msgs is None and opts.format == "alpaca":
+            from lmforge.data.sft_format import alpaca_messages
+
+            msgs = alpaca_messages(record)
+        if not msgs:
+            return None
+        turns = msgs[:-1] if msgs[-1].get("role") == "assistant" else msgs
+        return render(turns, tokenizer, add_generation_prompt=True)
+    except (DataError, ConfigError):
+        return None
+
+
+def _build(ctx: TaskContext) -> TaskParts:
+    cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
+    records = [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(cfg.data.sources))]
+    if cfg.data.val_sources:
+        train_recs = records
+        val_recs = [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(cfg.data.val_sources))]
+    else:
+        train_recs, val_recs, _ = split_records(records, (cfg.data.val_fraction, 0.0), cfg.run.seed)
+    tokenizer = build_tokenizer(ctx, lambda: (json.dumps(r, ensure_ascii=False) for r in train_recs))
+    model = build_model(ctx, tokenizer.vocab_size)
+    if model.config.arch != "decoder":
+        raise ConfigError(f"task: sft trains a decoder; model.arch is {model.config.arch!r}")
+    if o.max_length > model.config.context_length:
+        raise ConfigError(f"objective.max_length: {o.max_length} is longer than the model's context "
+                          f"{model.config.context_length}")
+    kw = dict(kind=o.format, template=o.template, max_length=o.max_length, overflow=o.overflow,
+              train_on_prompt=o.train_on_prompt, oasst_mode=o.oasst_mode)
+    train, val = build_examples(train_recs, tokenizer, **kw), build_examples(val_recs, tokenizer, **kw)
+    if not train.examples or not val.examples:
+        raise DataError(f"task sft: {len(train.examples)} training and {len(val.examples)} validation examples; "
+                        f"expected at least one of each (data.val_fraction / data.val_sources)")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    sampler = StepSampler(len(train.examples), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
+    train_data = ExampleBatches(sampler, lambda idx: collate_sft([train.examples[i] for i in idx], pad), dist.rank)
+    ev = val.examples
+
+    def val_batches():
+        for s in range(0, len(ev), t.eval_batch_size):
+            yield collate_sft(ev[s:s + t.eval_batch_size], pad)
+
+    prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
+    mcfg = model.config
+    return TaskParts(
+        model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
+        flops_per_token=flops_per_token(mcfg, o.max_length),
+        callbacks=[SampleAnswers(ctx.run_dir, tokenizer, prompts, o.sample_tokens)],
+        describe=[f"data: train {train.as_dict()}, val {val.as_dict()} (format {o.format}, template {o.template}, "
+                  f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
+                  f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
+                  f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
+                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"])
+
+
+def _check(cfg: RunConfig) -> list[str]:
+    o, p = cfg.objective, []
+    if o.format not in ("alpaca", "messages", "oasst"):
+        p.append(f"objective.format: got {o.format!r}, expected alpaca, messages or oasst")
+    if o.template not in ("alpaca", "book", "chat"):
+        p.append(f"objective.template: got {o.template!r}, expected alpaca, book or chat")
+    if o.overflow not in ("truncate", "drop"):
+        p.append(f"objective.overflow: got {o.overflow!r}, expected truncate or drop")
+    if o.max_length < 2:
+        p.append(f"objective.max_length: got {o.max_length}, expected an integer >= 2")
+    return p
+
+
+SFT = Task("sft", "instruction / chat fine-tuning: the loss on response tokens only", SFTOptions, _build, _check)
