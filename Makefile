@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,jax]" "$(TORCH_SPEC)"
 	@$(PY) -c "import torch; print('torch', torch.__version__)"
 	touch $@
 
