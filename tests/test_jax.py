@@ -390,6 +390,7 @@ def test_fit_jax_writes_checkpoints_the_pytorch_side_loads(tmp_path):
         assert max_diff(fwd(jmodel, jnp.asarray(ids.numpy())), t2n(tm(ids))) <= TOL
     # resume: a longer run picks up the optimizer state and continues from step 20
     more = _tiny_cfg(tmp_path, max_steps=25, checkpoint_every=None)
+    more.sample.max_new_tokens = 0
     s2 = fit_jax(more, tok, store, more.run.out_dir, say=lines.append)
     assert s2["steps"] == 25 and s2["history"][0]["step"] == 25
     assert any("resumed from" in line for line in lines)
@@ -420,6 +421,7 @@ def test_learning_path_script_runs(script, tmp_path, monkeypatch, capsys):
     (tmp_path / "tiny.txt").write_text(text)
     monkeypatch.setenv("LMFORGE_JAX_DATA", str(tmp_path / "tiny.txt"))
     monkeypatch.setenv("LMFORGE_JAX_STEPS", "3")
+    monkeypatch.setenv("LMFORGE_JAX_SAMPLE", "20")
     runpy.run_path(str(REPO / "docs" / "jax" / script), run_name="__main__")
     out = capsys.readouterr().out
     assert "step 3/3: train loss" in out and "val loss" in out

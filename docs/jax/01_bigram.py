@@ -20,4 +20,4 @@ cfg = ModelConfig(arch="bigram", vocab_size=tokenizer.vocab_size, n_layer=1, n_h
 model = BigramLM(cfg, rngs=nnx.Rngs(0))  # model(ids (B, T)) -> logits (B, T, V)
 
 train(model, train_ids, val_ids, steps=budget(1500), context=CONTEXT, lr=1e-2)
-print(sample(model, tokenizer, CONTEXT, n=200))
+print(sample(model, tokenizer, CONTEXT))

@@ -32,4 +32,4 @@ class SingleHeadLM(nnx.Module):
 tokenizer, train_ids, val_ids = load_data()
 model = SingleHeadLM(tokenizer.vocab_size, rngs=nnx.Rngs(0))
 train(model, train_ids, val_ids, steps=budget(1500), context=CONTEXT, lr=1e-3)
-print(sample(model, tokenizer, CONTEXT, n=200))
+print(sample(model, tokenizer, CONTEXT))

@@ -6,6 +6,8 @@ generator (lmforge.jax.generate), compiled once.
     python docs/jax/05_gpt.py
 """
 
+import os
+
 from lmforge.jax import build, generate_text
 from lmforge.jax.learn import budget, load_data, train
 from lmforge.model import ModelConfig
@@ -17,4 +19,5 @@ cfg = ModelConfig.from_preset("baby", vocab_size=tokenizer.vocab_size, context_l
 model = build(cfg)
 train(model, train_ids, val_ids, steps=budget(1500), context=CONTEXT, lr=1e-3)
 model.eval()
-print("\n" + generate_text(model, tokenizer, "\n", max_new_tokens=CONTEXT - 1, temperature=1.0, seed=0))
+n = min(CONTEXT - 1, int(os.environ.get("LMFORGE_JAX_SAMPLE", CONTEXT - 1)))  # the cache holds CONTEXT positions
+print("\n" + generate_text(model, tokenizer, "\n", max_new_tokens=n, temperature=1.0, seed=0))

@@ -5,8 +5,8 @@ only what is new at its step. The loop is the plain Flax NNX way: ``nnx.Optimize
 ``optax.adamw``, a step compiled with ``nnx.jit``.
 
 Budget and data come from the environment, so a test can run every script for a few steps on a
-tiny text: ``LMFORGE_JAX_STEPS`` (training steps) and ``LMFORGE_JAX_DATA`` (a text file; default
-tiny shakespeare in ``../shared/data``).
+tiny text: ``LMFORGE_JAX_STEPS`` (training steps), ``LMFORGE_JAX_SAMPLE`` (sampled characters)
+and ``LMFORGE_JAX_DATA`` (a text file; default tiny shakespeare in ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -85,22 +85,24 @@ def train(model, train_ids, val_ids, *, steps: int, context: int, batch_size: in
     return val
 
 
-@nnx.jit(static_argnums=(3,))
-def _next_logits(model, buf, cur, context):
-    logits = model(buf)  # (1, T, V): causal, so position cur-1 sees only the tokens before it
-    return jax.lax.dynamic_index_in_dim(logits[0], cur - 1, keepdims=False)  # (V,)
+@nnx.jit
+def _next_token(model, buf, cur, key):
+    logits = model(buf)  # (1, T, V): causal, so position cur-1 sees only the tokens up to it
+    last = jax.lax.dynamic_index_in_dim(logits[0], cur - 1, keepdims=False)  # (V,)
+    return jax.random.categorical(key, last)
 
 
-def sample(model, tokenizer, context: int, n: int = 200, prompt: str = "\n", seed: int = 0) -> str:
-    """``n`` sampled characters after ``prompt``, from a window of the last ``context`` tokens
-    (one compiled shape: the window is a fixed (1, context) buffer)."""
+def sample(model, tokenizer, context: int, n: int | None = None, prompt: str = "\n", seed: int = 0) -> str:
+    """``n`` sampled characters after ``prompt`` (``LMFORGE_JAX_SAMPLE`` or 200), from a window of
+    the last ``context`` tokens (one compiled shape: the window is a fixed (1, context) buffer)."""
+    n = int(os.environ.get("LMFORGE_JAX_SAMPLE", 200)) if n is None else n
     ids = (tokenizer.encode(prompt) or [0])[-context:]
     buf = np.zeros((1, context), dtype=np.int32)
     buf[0, :len(ids)] = ids
-    cur, key, out = len(ids), jax.random.key(seed), []
-    for _ in range(n):
-        key, sub = jax.random.split(key)
-        nxt = int(jax.random.categorical(sub, _next_logits(model, jnp.asarray(buf), cur, context)))
+    cur, out = len(ids), []
+    keys = jax.random.split(jax.random.key(seed), n)
+    for i in range(n):
+        nxt = int(_next_token(model, jnp.asarray(buf), cur, keys[i]))
         out.append(nxt)
         if cur == context:  # window full: slide it by one
             buf[0, :-1] = buf[0, 1:]

@@ -44,6 +44,7 @@ from lmforge.data.tokens import check_fits, random_windows, sequential_windows
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.jax.convert import to_jax, to_torch
 from lmforge.jax.model import cross_entropy
+from lmforge.train.optim import lr_at
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -241,7 +242,6 @@ def fit_jax(cfg: RunConfig, tokenizer, store, run_dir, say=print) -> dict:
     try:
         while step < t.max_steps:
             x, y = train_batch(store.train, context, t.batch_size, seed, step)
-            lr = float(lr_schedule(t)(step))
             if compile_seconds is None:
                 t0 = time.perf_counter()
                 params, rest, opt_state, m = train_step(params, rest, opt_state, x, y)
@@ -261,6 +261,8 @@ def fit_jax(cfg: RunConfig, tokenizer, store, run_dir, say=print) -> dict:
                 step_seconds += now - window_t0
                 timed_steps += window_steps
                 tps = window_steps * tokens_per_step / max(now - window_t0, 1e-9) if window_steps else float("nan")
+                lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, max_steps=t.max_steps,
+                           schedule=t.schedule)  # the rate the last step used (host-side, no JAX call)
                 record = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps}
                 history.append({"step": step, **record})
                 logger.log(step, record)
