@@ -88,7 +88,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
     for i, p in enumerate(prompts):
         if not p or not all(isinstance(t, int) and 0 <= t < cfg.vocab_size for t in p):
             raise InputError(f"prompt {i}: expected a non-empty list of token ids in [0, {cfg.vocab_size})")
-    B, L, n = len(prompts), max(map(len, prompts)), max_new_tokens
+    L, n = max(map(len, prompts)), max_new_tokens
     if cfg.arch == "decoder" and L + n > cfg.context_length:
         raise InputError(f"prompt of {L} tokens + max_new_tokens={n} is {L + n} tokens, longer than the model's "
                          f"context_length {cfg.context_length}; the JAX cache does not slide, expected at most "
