@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=None, help="evaluation cadence (default: the config's)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--work-dir", default="runs/bench-jax")
+    p.add_argument("--json-name", default="jax_shakespeare.json", help="file name of the results in --out-dir")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--torch-steps", type=int, default=None,
                    help="iterations of the PyTorch run (default: the same as JAX); fewer gives a speed-only "
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "cpu_count": os.cpu_count(), "loadavg_start": load_start,
               "loadavg_end": os.getloadavg()[0], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "runs": runs, "checks": checks}
-    path = out_dir / "jax_shakespeare.json"
+    path = out_dir / args.json_name
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
     print(f"\n{'run':<10}{'steps':>7}{'val loss':>10}{'step s':>9}{'tok/s':>10}")
