@@ -430,3 +430,13 @@ def test_learning_path_script_runs(script, tmp_path, monkeypatch, capsys):
     assert "step 3/3: train loss" in out and "val loss" in out
     assert len(out.strip().splitlines()[-1]) > 0  # the sample
     assert os.environ["LMFORGE_JAX_STEPS"] == "3"
+
+
+def test_train_backend_jax_runs_through_the_one_pipeline(tiny_config):
+    from lmforge.train.run import run
+
+    s = run(tiny_config("jx", train={"backend": "jax", "max_steps": 3, "eval_every": 3}), progress=False,
+            print_fn=lambda *a, **k: None)
+    assert s["steps"] == 3 and s["final_eval"]["val_loss"] > 0
+    with pytest.raises(ConfigError, match="train.backend: jax trains task: pretrain only"):
+        run(tiny_config("jx2", task="mlm", model={"arch": "encoder", "mlm_head": True}, train={"backend": "jax"}))

@@ -147,8 +147,8 @@ def evaluate(eval_step, params, rest, tokens, context: int, batch_size: int, max
 def check_recipe(cfg: RunConfig) -> None:
     """One ConfigError naming every setting the JAX trainer does not implement."""
     t, p = cfg.train, []
-    if cfg.objective.name != "causal_lm":
-        p.append(f"objective.name: {cfg.objective.name!r} is not supported by the JAX trainer (expected causal_lm)")
+    if cfg.task != "pretrain":
+        p.append(f"task: {cfg.task!r} is not supported by the JAX trainer (expected pretrain)")
     if t.grad_accum != 1:
         p.append(f"train.grad_accum: {t.grad_accum} is not supported by the JAX trainer (expected 1)")
     if t.precision != "fp32":
@@ -315,36 +315,15 @@ def fit_jax(cfg: RunConfig, tokenizer, store, run_dir, say=print) -> dict:
 
 # ----------------------------------------------------------------------------- standalone runs
 def prepare_data(cfg: RunConfig, progress: bool = False):
-    """(tokenizer, token store) of a recipe, as the PyTorch pipeline makes them: the run folder's
-    tokenizer when there is one, else one trained (char, bpe) or built (byte) or loaded (file)."""
-    from lmforge.data.sources import SourceSpec, iter_documents
-    from lmforge.data.tokens import TokenStore
-    from lmforge.tokenizer import (CHAR_SPECIAL_TOKENS, DEFAULT_SPECIAL_TOKENS, BPETokenizer, ByteTokenizer,
-                                   CharTokenizer, load_tokenizer)
+    """(tokenizer, token store) of a recipe, made by the same task pieces as the PyTorch pipeline
+    (``lmforge.tasks``): the run folder's tokenizer when there is one, else trained or loaded."""
+    from lmforge.tasks.common import TaskContext, build_tokenizer
+    from lmforge.tasks.lm import _documents, build_token_store
+    from lmforge.train.distributed import DistInfo
 
-    tk, run_dir = cfg.tokenizer, Path(cfg.run.out_dir)
-    specs = [SourceSpec(**vars(s)) for s in cfg.data.sources]
-    val_specs = None if cfg.data.val_sources is None else [SourceSpec(**vars(s)) for s in cfg.data.val_sources]
-    if tk.kind == "file":
-        tok = load_tokenizer(tk.path)
-    elif (run_dir / "tokenizer.json").is_file():
-        tok = load_tokenizer(run_dir / "tokenizer.json")
-    elif tk.kind == "byte":
-        tok = ByteTokenizer(specials=DEFAULT_SPECIAL_TOKENS)
-    else:
-        docs = []
-        for spec in specs:
-            for d in iter_documents(spec):
-                if tk.train_docs is not None and len(docs) >= tk.train_docs:
-                    break
-                docs.append(d)
-        tok = (CharTokenizer.train(docs, specials=CHAR_SPECIAL_TOKENS) if tk.kind == "char" else
-               BPETokenizer.train(docs, vocab_size=tk.vocab_size, specials=DEFAULT_SPECIAL_TOKENS))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(run_dir / "tokenizer.json")
-    store = TokenStore.build(specs, tok, cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
-                             val_sources=val_specs, seed=cfg.run.seed, progress=progress)
-    return tok, store
+    ctx = TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=progress)
+    tok = build_tokenizer(ctx, _documents(cfg))
+    return tok, build_token_store(cfg, tok, ctx.dist, progress=progress)
 
 
 def run(cfg: RunConfig, say=print) -> dict:

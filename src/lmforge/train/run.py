@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from lmforge.config import RunConfig
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train import checkpoint as ckpt
@@ -30,6 +30,13 @@ from lmforge.train.trainer import FitResult, Trainer, seed_everything
 
 def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: list | None = None) -> dict:
     """Train as ``cfg`` says; returns a summary (steps, last losses, checkpoint paths, task results)."""
+    if cfg.train.backend == "jax":  # the JAX twin of the trainer (causal LM on one process)
+        if cfg.task != "pretrain":
+            raise ConfigError(f"train.backend: jax trains task: pretrain only; got task: {cfg.task} "
+                              f"(use train.backend=torch)")
+        from lmforge.jax.train import run as run_jax
+
+        return run_jax(cfg, say=print_fn)
     dist = setup(cfg.run.device)
     try:
         summary = _run(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None), callbacks or [])
