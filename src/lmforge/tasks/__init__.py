@@ -21,6 +21,8 @@ TASKS: dict[str, str] = {
     "pretrain": "lmforge.tasks.lm:PRETRAIN",
     "mlm": "lmforge.tasks.lm:MLM",
     "classify": "lmforge.tasks.classify:CLASSIFY",
+    "dpo": "lmforge.tasks.dpo:DPO_TASK",
+    "grpo": "lmforge.tasks.grpo:GRPO_TASK",
 }
 
 
