@@ -155,18 +155,23 @@ def test_precomputed_reference_is_cached_in_the_run_folder(dpo_dict):
 
 # ------------------------------------------------------------------------------ the teaching recipe
 def test_dpo_scratch_recipes_golden_curve(tmp_path, token_cache):
-    """configs/dpo-scratch-sft.yaml then configs/dpo-scratch.yaml, shrunk to a few steps. Regenerate
+    """configs/arithmetic-sft.yaml then configs/dpo-scratch.yaml, shrunk to a few steps. Regenerate
     after a deliberate change with LMFORGE_UPDATE_GOLDEN=1 (and commit the file)."""
-    small = [f"data.cache_dir={token_cache}", "train.progress=false", "model.n_layer=1", "model.n_embd=32",
-             "model.n_head=2"]
-    sft = load_config(ROOT / "configs" / "dpo-scratch-sft.yaml",
-                      small + [f"run.out_dir={tmp_path / 'sft'}", "train.max_steps=6", "train.eval_every=6",
-                               "train.batch_size=8", "data.sources.0.num_docs=300", "sample.max_new_tokens=0"])
-    raw = load_config(ROOT / "configs" / "dpo-scratch.yaml").to_dict()
+    import yaml
+
+    sft = yaml.safe_load((ROOT / "configs" / "arithmetic-sft.yaml").read_text())
+    sft["run"]["out_dir"] = str(tmp_path / "sft")
+    sft["model"].update(n_layer=1, n_embd=32, n_head=2)
+    sft["data"]["cache_dir"] = str(token_cache)
+    sft["data"]["sources"][0]["num_docs"] = 300
+    sft["train"].update(max_steps=6, eval_every=6, checkpoint_every=6, batch_size=8, progress=False)
+    sft["sample"]["max_new_tokens"] = 0
+    raw = yaml.safe_load((ROOT / "configs" / "dpo-scratch.yaml").read_text())
     raw["run"]["out_dir"] = str(tmp_path / "dpo")
     raw["model"]["init_from"] = str(tmp_path / "sft")
     raw["train"].update(max_steps=6, eval_every=3, batch_size=4, progress=False)
     raw["data"]["sources"][0]["num_docs"] = 40
+    sft = config_from_dict(sft)
     run(sft, progress=False, print_fn=quiet)
     s = run(config_from_dict(raw), progress=False, print_fn=quiet)
     record = {"losses": [h["loss"] for h in s["history"]],
