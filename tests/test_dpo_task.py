@@ -140,17 +140,14 @@ def test_exact_resume_n_plus_n_equals_2n(dpo_dict, monkeypatch):
     assert got == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
 
 
-def test_grad_accum_equals_one_big_batch(dpo_dict):
+def test_grad_accum_and_precomputed_reference_match_one_big_batch_with_a_copy(dpo_dict):
+    """2 x 2 pairs with accumulation and cached reference log-probs == 4 pairs with a frozen copy."""
     a = _run(dpo_dict("big", train={"max_steps": 3, "batch_size": 4, "grad_accum": 1, "eval_every": 100}))
-    b = _run(dpo_dict("accum", train={"max_steps": 3, "batch_size": 2, "grad_accum": 2, "eval_every": 100}))
+    b = _run(dpo_dict("accum", objective={"reference": "precompute"},
+                      train={"max_steps": 3, "batch_size": 2, "grad_accum": 2, "eval_every": 100}))
+    assert (Path(b["run_dir"]) / "reference_logps.pt").is_file()
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], abs=1e-5)
-
-
-def test_precomputed_reference_is_cached_in_the_run_folder(dpo_dict):
-    s = _run(dpo_dict("pre", objective={"reference": "precompute"}, train={"max_steps": 2, "eval_every": 100}))
-    copy_run = _run(dpo_dict("copy", train={"max_steps": 2, "eval_every": 100}))
-    assert (Path(s["run_dir"]) / "reference_logps.pt").is_file()
-    assert [h["loss"] for h in s["history"]] == pytest.approx([h["loss"] for h in copy_run["history"]], abs=1e-5)
+    assert a["evals"][-1]["val_loss"] == pytest.approx(b["evals"][-1]["val_loss"], abs=1e-5)
 
 
 # ------------------------------------------------------------------------------ the teaching recipe
@@ -194,24 +191,16 @@ def test_record_missing_rejected_names_file_and_index(dpo_dict, tmp_path):
         _run(dpo_dict(data={"sources": [{"path": str(p)}]}))
 
 
-def test_identical_pair_is_an_error_unless_skipped(dpo_dict, tmp_path):
+def test_identical_pair_is_an_error_unless_skipped_and_field_names(dpo_dict, tmp_path):
     p = tmp_path / "same.jsonl"
-    rows = [{"prompt": f"What is {i}?", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(12)]
-    rows[3]["rejected"] = rows[3]["chosen"]
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match="record 3: chosen and rejected are identical"):
-        _run(dpo_dict(data={"sources": [{"path": str(p)}]}))
-    s = _run(dpo_dict("skip", data={"sources": [{"path": str(p)}], "val_fraction": 0.2},
-                      objective={"skip_identical": True}, train={"max_steps": 1}))
-    assert s["steps"] == 1
-
-
-def test_custom_field_names(dpo_dict, tmp_path):
-    p = tmp_path / "named.jsonl"
     rows = [{"question": f"What is {i}?", "good": f" {i}", "bad": f" {i + 1}"} for i in range(12)]
+    rows[3]["bad"] = rows[3]["good"]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    s = _run(dpo_dict(data={"sources": [{"path": str(p)}], "val_fraction": 0.2}, train={"max_steps": 1},
-                      objective={"prompt_field": "question", "chosen_field": "good", "rejected_field": "bad"}))
+    names = {"prompt_field": "question", "chosen_field": "good", "rejected_field": "bad"}
+    with pytest.raises(DataError, match="record 3: chosen and rejected are identical"):
+        _run(dpo_dict(data={"sources": [{"path": str(p)}]}, objective=names))
+    s = _run(dpo_dict("skip", data={"sources": [{"path": str(p)}], "val_fraction": 0.2},
+                      objective={**names, "skip_identical": True}, train={"max_steps": 1}))
     assert s["steps"] == 1
 
 

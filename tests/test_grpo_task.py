@@ -95,8 +95,15 @@ def test_kl_to_reference_is_zero_at_step0(grpo_dict):
     assert m["kl"] == pytest.approx(0, abs=1e-7)
 
 
-def test_grpo_end_to_end_evaluates_and_writes_samples(grpo_dict):
-    s = _run(grpo_dict(objective={"eval_pass_k": 2, "loss_type": "dapo"}))
+def test_grpo_end_to_end_evaluates_and_writes_samples(grpo_dict, tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def short(completions):
+            return [1.0 if len(c) < 4 else 0.0 for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = _run(grpo_dict(objective={"eval_pass_k": 2, "loss_type": "dapo",
+                                  "rewards": ["exact_match", {"name": "my_rewards:short", "weight": 0.5}]}))
+    assert "rewards/my_rewards:short" in s["history"][0] and "rewards/exact_match" in s["history"][0]
     run_dir = Path(s["run_dir"])
     ev = s["evals"][-1]
     assert 0 <= ev["val_exact_match"] <= 1 and 0 <= ev["val_pass_at_2"] <= 1
@@ -125,17 +132,6 @@ def test_exact_resume_with_rollout_rng(grpo_dict, monkeypatch):
     for key in ("loss", "reward", "completion_length"):
         got = [h[key] for h in first["history"] + second["history"]]
         assert got == pytest.approx([h[key] for h in straight["history"]], abs=1e-6), key
-
-
-def test_user_reward_function_weighted(grpo_dict, tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
-        def short(completions):
-            return [1.0 if len(c) < 4 else 0.0 for c in completions]
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    s = _run(grpo_dict(objective={"rewards": ["exact_match", {"name": "my_rewards:short", "weight": 0.5}]},
-                       train={"max_steps": 1}))
-    assert "rewards/my_rewards:short" in s["history"][0]
 
 
 # ------------------------------------------------------------------------------ bad input
