@@ -170,7 +170,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                 ctx.say(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in reports[split].items() if k != "pairs"))
         text = json.dumps(reports, indent=2)
         atomic_write(ctx.run_dir / "eval_report.json", lambda p: p.write_text(text))
-        return {"reports": reports}
+        return {"eval_report": reports}
 
     counts = ", ".join(f"{s} {len(e)}" for s, e in enc.items())
     cut = ", ".join(f"{s}: {e.prompts_cut} prompts, {e.completions_cut} completions" for s, e in enc.items()

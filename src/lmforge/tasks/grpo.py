@@ -91,7 +91,7 @@ def _build(ctx: TaskContext) -> TaskParts:
         ctx.say("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items()))
         text = json.dumps({"val": report}, indent=2)
         atomic_write(ctx.run_dir / "eval_report.json", lambda p: p.write_text(text))
-        return {"reports": {"val": report}}
+        return {"eval_report": {"val": report}}
 
     K = o.num_generations
     return TaskParts(
