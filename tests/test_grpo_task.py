@@ -96,14 +96,14 @@ def test_kl_to_reference_is_zero_at_step0(grpo_dict):
 
 
 def test_grpo_end_to_end_evaluates_and_writes_samples(grpo_dict, tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+    (tmp_path / "grpo_task_test_rewards.py").write_text(textwrap.dedent("""
         def short(completions):
             return [1.0 if len(c) < 4 else 0.0 for c in completions]
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     s = _run(grpo_dict(objective={"eval_pass_k": 2, "loss_type": "dapo",
-                                  "rewards": ["exact_match", {"name": "my_rewards:short", "weight": 0.5}]}))
-    assert "rewards/my_rewards:short" in s["history"][0] and "rewards/exact_match" in s["history"][0]
+                                  "rewards": ["exact_match", {"name": "grpo_task_test_rewards:short", "weight": 0.5}]}))
+    assert "rewards/grpo_task_test_rewards:short" in s["history"][0] and "rewards/exact_match" in s["history"][0]
     run_dir = Path(s["run_dir"])
     ev = s["evals"][-1]
     assert 0 <= ev["val_exact_match"] <= 1 and 0 <= ev["val_pass_at_2"] <= 1
@@ -153,10 +153,10 @@ def test_val_loss_best_metric_is_a_config_error(grpo_dict):
 
 
 def test_reward_of_the_wrong_shape_is_one_line(grpo_dict, tmp_path, monkeypatch):
-    (tmp_path / "bad_rewards.py").write_text("def one(completions):\n    return [1.0]\n")
+    (tmp_path / "grpo_task_test_bad_rewards.py").write_text("def one(completions):\n    return [1.0]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="returned 1 values for 8 completions"):
-        _run(grpo_dict(objective={"rewards": ["bad_rewards:one"]}, train={"max_steps": 1}))
+        _run(grpo_dict(objective={"rewards": ["grpo_task_test_bad_rewards:one"]}, train={"max_steps": 1}))
 
 
 def test_prompt_longer_than_the_context_is_one_clear_line(grpo_dict, tmp_path):

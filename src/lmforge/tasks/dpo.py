@@ -36,9 +36,10 @@ BUILTIN_PAIRS = {"builtin:arithmetic": "correct vs wrong answers to generated ar
 
 
 # ------------------------------------------------------------------------------ records
-def source_pairs(spec: SourceSpec, o: DPOOptions) -> list[tuple[str, PreferencePair]]:
+def source_pairs(spec: SourceSpec, o: DPOOptions, skipped: dict | None = None) -> list[tuple[str, PreferencePair]]:
     """``(where, pair)`` for every usable record of one source; bad records are a one-line
-    DataError naming the source and the record index."""
+    DataError naming the source and the record index. Records dropped by skip_identical /
+    skip_empty are counted into ``skipped`` ({"identical": n, "empty": m})."""
     if spec.path.startswith("builtin:"):
         if spec.path not in BUILTIN_PAIRS:
             raise DataError(f"{spec.path}: task dpo has no such built-in preference data; expected "
@@ -52,32 +53,37 @@ def source_pairs(spec: SourceSpec, o: DPOOptions) -> list[tuple[str, PreferenceP
                 if field != std and field in r:
                     r[std] = r.pop(field)
             records.append(r)
-    pairs, _ = parse_preference_records(records, o.format, spec.path, o.skip_identical, o.skip_empty)
+    pairs, dropped = parse_preference_records(records, o.format, spec.path, o.skip_identical, o.skip_empty)
+    if skipped is not None:
+        for why in dropped.values():
+            skipped[why] = skipped.get(why, 0) + 1
     return [(spec.path, p) for p in pairs]
 
 
-def read_pairs(specs: list[SourceSpec] | None, o: DPOOptions) -> list[tuple[str, PreferencePair]]:
+def read_pairs(specs: list[SourceSpec] | None, o: DPOOptions, skipped: dict | None = None
+               ) -> list[tuple[str, PreferencePair]]:
     out = []
     for spec in specs or []:
-        out.extend(source_pairs(spec, o))
+        out.extend(source_pairs(spec, o, skipped))
     return out
 
 
 def split_for_run(cfg: RunConfig) -> dict[str, list[tuple[str, PreferencePair]]]:
     """train/val/test pairs: the sources split by the ``data:`` fractions, unless val/test have
-    sources of their own."""
+    sources of their own; ``"skipped"``: how many records skip_identical / skip_empty dropped."""
     o, d = cfg.objective, cfg.data
-    pairs = read_pairs(source_specs(d.sources), o)
+    skipped: dict[str, int] = {}
+    pairs = read_pairs(source_specs(d.sources), o, skipped)
     val_frac = 0.0 if d.val_sources else d.val_fraction
     test_frac = 0.0 if d.test_sources else d.test_fraction
     train, val, test = split_records(pairs, (val_frac, test_frac), cfg.run.seed)
     if d.val_sources:
-        val = read_pairs(source_specs(d.val_sources), o)
+        val = read_pairs(source_specs(d.val_sources), o, skipped)
     if d.test_sources:
-        test = read_pairs(source_specs(d.test_sources), o)
+        test = read_pairs(source_specs(d.test_sources), o, skipped)
     if not train:
         raise DataError("task dpo: no training pairs left after the validation/test split")
-    return {"train": train, "val": val, "test": test}
+    return {"train": train, "val": val, "test": test, "skipped": skipped}
 
 
 # ------------------------------------------------------------------------------ tokens
@@ -133,6 +139,7 @@ def _texts(splits):
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
     splits = split_for_run(cfg)
+    skipped = splits.pop("skipped")
     if not splits["val"]:
         raise ConfigError("data.val_fraction: the validation split is empty; raise val_fraction or give val_sources")
     tokenizer = build_tokenizer(ctx, _texts(splits))
@@ -179,7 +186,8 @@ def _build(ctx: TaskContext) -> TaskParts:
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=objective, train_data=train_data, eval_data=batches["val"],
         flops_per_token=fpt, finish=finish,
-        describe=[f"data: {counts} preference pairs; max_length {max_length}; cut to fit: {cut or 'none'}",
+        describe=[f"data: {counts} preference pairs; max_length {max_length}; cut to fit: {cut or 'none'}; "
+                  f"skipped records: " + (", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"),
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters; loss {o.loss_type} beta {o.beta}; "
                   f"reference: {objective.kind}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
