@@ -22,6 +22,8 @@ TASKS: dict[str, str] = {
     "mlm": "lmforge.tasks.lm:MLM",
     "classify": "lmforge.tasks.classify:CLASSIFY",
     "sft": "lmforge.tasks.sft:SFT",
+    "dpo": "lmforge.tasks.dpo:DPO_TASK",
+    "grpo": "lmforge.tasks.grpo:GRPO_TASK",
 }
 
 

@@ -1,0 +1,56 @@
+"""Greedy exact match (and pass@k with sampling) of models on the held-out prompts of a GRPO
+recipe: the before/after figures of the alignment teaching recipes.
+
+    .venv/bin/python benchmarks/eval_arithmetic.py --model runs/arithmetic-sft runs/dpo-scratch runs/grpo-arithmetic
+
+Each --model is a run folder (its best checkpoint) or a checkpoint. The held-out prompts are the
+ones configs/grpo-arithmetic.yaml evaluates on (its data section and seed). Results are printed
+and written to benchmarks/results/eval_arithmetic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge import from_pretrained
+from lmforge.config import load_config
+from lmforge.objectives.grpo import GRPO, eval_batches
+from lmforge.rewards import build_rewards
+from lmforge.tasks.common import resolve_init_path
+from lmforge.tasks.grpo import split_for_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "grpo-arithmetic.yaml"))
+    ap.add_argument("--model", nargs="+", required=True)
+    ap.add_argument("--pass-k", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_arithmetic.json"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = load_config(args.config, [f"objective.eval_pass_k={args.pass_k}", "objective.sample_completions=0"])
+    held = split_for_run(cfg)["val"]
+    rows = {}
+    for name in args.model:
+        model, tok = from_pretrained(resolve_init_path(name), with_tokenizer=True)
+        objective = GRPO(cfg.objective, build_rewards(cfg.objective.rewards), tok)
+        t0 = time.time()
+        m = objective.evaluate(model.eval(), eval_batches(held, tok, 100)())
+        rows[name] = {**m, "prompts": len(held), "seconds": round(time.time() - t0, 1)}
+        print(f"{name:32s} greedy exact match {m['exact_match']:.3f}  pass@{args.pass_k} "
+              f"{m.get(f'pass_at_{args.pass_k}', float('nan')):.3f}  ({len(held)} held-out prompts)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"config": args.config, "results": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""``task: dpo``: preference learning (DPO and its family) on prompt/chosen/rejected pairs.
+
+Data: the sources' records in any layout :mod:`lmforge.data.preference_format` reads (Hugging Face
+prompt/chosen/rejected with strings or messages, the book's instruction format, HH-RLHF
+transcripts), or ``builtin:arithmetic`` (correct vs wrong answers to generated problems, no
+download). Prompt and completions are tokenized separately; each step draws pairs through the
+step sampler, so resume and gradient accumulation are exact. Validation reports the loss and the
+preference metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracy,
+logps/chosen, logps/rejected) on held-out pairs.
+
+The model usually starts from an SFT or pretrained run (``model.init_from``), which is also the
+reference (see :mod:`lmforge.objectives.dpo`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lmforge.config import RunConfig
+from lmforge.data.builtin_tasks import arithmetic_preference_pairs
+from lmforge.data.formats import split_records
+from lmforge.data.preference_format import PreferencePair, parse_preference_records, render_pair
+from lmforge.data.sampler import ExampleBatches, StepSampler
+from lmforge.data.sources import SourceSpec, iter_records
+from lmforge.errors import ConfigError, DataError
+from lmforge.fsutil import atomic_write
+from lmforge.model import count_parameters, flops_per_token
+from lmforge.objectives.dpo import DPO, DPOOptions, option_problems
+from lmforge.objectives.logprobs import preference_collate, tokenize_pair
+from lmforge.tasks import Task
+from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+
+BUILTIN_PAIRS = {"builtin:arithmetic": "correct vs wrong answers to generated arithmetic problems"}
+
+
+# ------------------------------------------------------------------------------ records
+def source_pairs(spec: SourceSpec, o: DPOOptions, skipped: dict | None = None) -> list[tuple[str, PreferencePair]]:
+    """``(where, pair)`` for every usable record of one source; bad records are a one-line
+    DataError naming the source and the record index. Records dropped by skip_identical /
+    skip_empty are counted into ``skipped`` ({"identical": n, "empty": m})."""
+    if spec.path.startswith("builtin:"):
+        if spec.path not in BUILTIN_PAIRS:
+            raise DataError(f"{spec.path}: task dpo has no such built-in preference data; expected "
+                            f"{', '.join(BUILTIN_PAIRS)}")
+        records = arithmetic_preference_pairs(spec.limit or spec.num_docs, spec.seed)
+    else:
+        records = []
+        for r in iter_records(spec):
+            r = {k: v for k, v in r.items() if k != "_where"}
+            for field, std in ((o.prompt_field, "prompt"), (o.chosen_field, "chosen"), (o.rejected_field, "rejected")):
+                if field != std and field in r:
+                    r[std] = r.pop(field)
+            records.append(r)
+    pairs, dropped = parse_preference_records(records, o.format, spec.path, o.skip_identical, o.skip_empty)
+    if skipped is not None:
+        for why in dropped.values():
+            skipped[why] = skipped.get(why, 0) + 1
+    return [(spec.path, p) for p in pairs]
+
+
+def read_pairs(specs: list[SourceSpec] | None, o: DPOOptions, skipped: dict | None = None
+               ) -> list[tuple[str, PreferencePair]]:
+    out = []
+    for spec in specs or []:
+        out.extend(source_pairs(spec, o, skipped))
+    return out
+
+
+def split_for_run(cfg: RunConfig) -> dict[str, list[tuple[str, PreferencePair]]]:
+    """train/val/test pairs: the sources split by the ``data:`` fractions, unless val/test have
+    sources of their own; ``"skipped"``: how many records skip_identical / skip_empty dropped."""
+    o, d = cfg.objective, cfg.data
+    skipped: dict[str, int] = {}
+    pairs = read_pairs(source_specs(d.sources), o, skipped)
+    val_frac = 0.0 if d.val_sources else d.val_fraction
+    test_frac = 0.0 if d.test_sources else d.test_fraction
+    train, val, test = split_records(pairs, (val_frac, test_frac), cfg.run.seed)
+    if d.val_sources:
+        val = read_pairs(source_specs(d.val_sources), o, skipped)
+    if d.test_sources:
+        test = read_pairs(source_specs(d.test_sources), o, skipped)
+    if not train:
+        raise DataError("task dpo: no training pairs left after the validation/test split")
+    return {"train": train, "val": val, "test": test, "skipped": skipped}
+
+
+# ------------------------------------------------------------------------------ tokens
+class EncodedPairs:
+    """Token ids (prompt, chosen, rejected) of one split's pairs, and what was cut to fit."""
+
+    def __init__(self, pairs, tokenizer, o: DPOOptions, max_length: int, context_note: str):
+        self.ids: list[tuple[list[int], list[int], list[int]]] = []
+        self.prompts_cut = 0
+        for where, pair in pairs:
+            prompt, chosen, rejected = render_pair(pair)
+            p, c, r = tokenize_pair(tokenizer, prompt, chosen, rejected, add_eos=o.add_eos)
+            if o.max_prompt_length is not None and len(p) > o.max_prompt_length:
+                p = p[-o.max_prompt_length:]  # keep the end: the question sits next to the answer
+                self.prompts_cut += 1
+            if len(p) >= max_length:
+                raise DataError(f"{where}: record {pair.index}: the prompt has {len(p)} tokens, which leaves no "
+                                f"room for a completion within {context_note}; expected a shorter prompt (or set "
+                                f"objective.max_prompt_length)")
+            self.ids.append((p, c, r))
+        self.completions_cut = sum(len(p) + max(len(c), len(r)) > max_length for p, c, r in self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def collate(enc: EncodedPairs, indices: list[int], pad: int, max_length: int, split: str) -> dict:
+    b = preference_collate([enc.ids[i] for i in indices], pad, max_length)
+    b.pop("truncated")
+    b["pair_index"] = torch.tensor(indices, dtype=torch.long)  # (B,) rows of a precomputed reference
+    b["split"] = split
+    return b
+
+
+def fixed_batches(enc: EncodedPairs, batch_size: int, pad: int, max_length: int, split: str):
+    """A callable giving the same batches of ``enc`` each time, in order."""
+    def batches():
+        for s in range(0, len(enc), batch_size):
+            yield collate(enc, list(range(s, min(s + batch_size, len(enc)))), pad, max_length, split)
+    return batches
+
+
+# ------------------------------------------------------------------------------ builder
+def _texts(splits):
+    def texts():
+        for _, pair in splits["train"]:
+            prompt, chosen, rejected = render_pair(pair)
+            yield prompt + chosen
+            yield rejected
+    return texts
+
+
+def _build(ctx: TaskContext) -> TaskParts:
+    cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
+    splits = split_for_run(cfg)
+    skipped = splits.pop("skipped")
+    if not splits["val"]:
+        raise ConfigError("data.val_fraction: the validation split is empty; raise val_fraction or give val_sources")
+    tokenizer = build_tokenizer(ctx, _texts(splits))
+    model = build_model(ctx, tokenizer.vocab_size)
+    mcfg = model.config
+    if mcfg.arch not in ("decoder",):
+        raise ConfigError(f"task: dpo trains a causal decoder; model.arch is {mcfg.arch!r}")
+    max_length = o.max_length or mcfg.context_length
+    if max_length > mcfg.context_length:
+        raise ConfigError(f"objective.max_length: {max_length} is longer than the model's context_length "
+                          f"{mcfg.context_length}")
+    note = (f"objective.max_length {o.max_length}" if o.max_length else f"the model's context_length {max_length}")
+    enc = {s: EncodedPairs(p, tokenizer, o, max_length, note) for s, p in splits.items() if p}
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    eb = t.eval_batch_size
+    batches = {s: fixed_batches(e, eb, pad, max_length, s) for s, e in enc.items()}
+    precompute = {"batches": {s: {"size": len(e), "batches": batches[s]} for s, e in enc.items()},
+                  "path": ctx.run_dir / "reference_logps.pt"}
+    objective = DPO(o, precompute)
+    train = enc["train"]
+    sampler = StepSampler(len(train), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
+    train_data = ExampleBatches(sampler, lambda idx: collate(train, idx, pad, max_length, "train"), dist.rank)
+    fpt = flops_per_token(mcfg, max_length) * (4 / 3 if objective.kind == "copy" else 1)  # + reference forward
+
+    def finish(best_model, summary: dict) -> dict:
+        if not dist.is_main:
+            return {}
+        device = next(best_model.parameters()).device
+        reports = {}
+        for split in ("val", "test"):
+            if split in enc:
+                reports[split] = objective.evaluate(best_model, ({k: v.to(device) if torch.is_tensor(v) else v
+                                                                  for k, v in b.items()} for b in batches[split]()))
+                reports[split]["pairs"] = len(enc[split])
+                ctx.say(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in reports[split].items() if k != "pairs"))
+        text = json.dumps(reports, indent=2)
+        atomic_write(ctx.run_dir / "eval_report.json", lambda p: p.write_text(text))
+        return {"eval_report": reports}
+
+    counts = ", ".join(f"{s} {len(e)}" for s, e in enc.items())
+    cut = ", ".join(f"{s}: {e.prompts_cut} prompts, {e.completions_cut} completions" for s, e in enc.items()
+                    if e.prompts_cut or e.completions_cut)
+    steps_per_epoch = len(train) / sampler.global_batch
+    return TaskParts(
+        model=model, tokenizer=tokenizer, objective=objective, train_data=train_data, eval_data=batches["val"],
+        flops_per_token=fpt, finish=finish,
+        describe=[f"data: {counts} preference pairs; max_length {max_length}; cut to fit: {cut or 'none'}; "
+                  f"skipped records: " + (", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"),
+                  f"model: {mcfg.arch} {count_parameters(model):,} parameters; loss {o.loss_type} beta {o.beta}; "
+                  f"reference: {objective.kind}",
+                  f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
+                  f"pairs/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
+                  f"on {dist.device}"])
+
+
+def _check(cfg: RunConfig) -> list[str]:
+    o = cfg.objective
+    p = option_problems(o)
+    if not cfg.init_from:
+        mcfg = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
+        if mcfg.arch != "decoder":
+            p.append(f"model.arch: task dpo trains a causal decoder; got {mcfg.arch!r}")
+        if o.max_length is not None and o.max_length > mcfg.context_length:
+            p.append(f"objective.max_length: {o.max_length} is longer than model.context_length {mcfg.context_length}")
+    return p
+
+
+DPO_TASK = Task("dpo", "preference learning (DPO, IPO, cDPO/robust, hinge, SimPO, ORPO) on chosen/rejected pairs",
+                DPOOptions, _build, _check)

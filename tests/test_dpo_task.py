@@ -1,0 +1,224 @@
+"""``task: dpo`` on the one trainer: step 0 with policy == reference (ln 2, margins 0) for every
+kind of reference, preference metrics and the eval report, exact resume (N + N == 2N), gradient
+accumulation, the shipped teaching recipes' golden curve, and bad input with one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import config_from_dict, load_config
+from lmforge.errors import ConfigError, DataError
+from lmforge.tasks import get_task
+from lmforge.tasks.common import TaskContext
+from lmforge.train.distributed import DistInfo
+from lmforge.train.run import run
+from lmforge.train.trainer import Trainer
+
+from conftest import deep_merge
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "dpo_scratch_tiny.json"
+
+
+def quiet(*a, **k):
+    pass
+
+
+def _run(d):
+    return run(config_from_dict(d), progress=False, print_fn=quiet)
+
+
+@pytest.fixture(scope="module")
+def sft_run(run_dict, tmp_path_factory):
+    """A tiny causal LM pretrained on built-in arithmetic text: the reference for DPO."""
+    out = tmp_path_factory.mktemp("dpo") / "sft"
+    d = run_dict(out, data={"sources": [{"path": "builtin:arithmetic", "num_docs": 400, "seed": 0}]},
+                 model={"context_length": 40},
+                 train={"max_steps": 4, "checkpoint_every": 4})
+    return _run(d)["run_dir"]
+
+
+@pytest.fixture
+def dpo_dict(sft_run, tiny_dict):
+    def make(name="dpo", **sections):
+        base = tiny_dict(name, task="dpo", model={"init_from": sft_run},
+                         data={"sources": [{"path": "builtin:arithmetic", "num_docs": 48, "seed": 1}],
+                               "val_fraction": 0.25},
+                         objective={"beta": 0.1},
+                         train={"max_steps": 4, "batch_size": 4, "lr": 3e-3, "eval_every": 2, "eval_batch_size": 8})
+        base["model"] = {"init_from": sft_run}  # no fresh-model fields next to init_from
+        return deep_merge(base, sections)
+    return make
+
+
+def _parts(d, tmp_path):
+    cfg = config_from_dict(d)
+    ctx = TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=False, say=quiet)
+    return get_task("dpo").build(ctx)
+
+
+# ------------------------------------------------------------------------------ step 0
+@pytest.mark.parametrize("reference", ["copy", "precompute"])
+def test_step0_policy_equals_reference_gives_ln2_and_zero_margins(dpo_dict, tmp_path, reference):
+    parts = _parts(dpo_dict(objective={"reference": reference}), tmp_path)
+    parts.objective.setup(parts.model, torch.device("cpu"))
+    batch = parts.train_data.batch(0, 0)
+    loss, m = parts.objective.loss(parts.model, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/margins"] == pytest.approx(0, abs=1e-6) and m["rewards/accuracy"] == 0
+    assert m["logps/chosen"] < 0 and m["logps/rejected"] < 0
+    assert parts.objective.targets_in(batch) == 4  # pairs, not rows
+    assert batch["input_ids"].shape[0] == 8  # chosen and rejected stacked: one forward pass
+
+
+def test_adapters_disabled_reference_needs_no_copy(dpo_dict, tmp_path):
+    """A model that can switch its adapters off (LoRA) is its own reference: no deep copy."""
+    import contextlib
+
+    parts = _parts(dpo_dict(), tmp_path)
+    model = parts.model
+    calls = []
+
+    @contextlib.contextmanager
+    def adapters_disabled():
+        calls.append(1)
+        yield
+
+    model.adapters_disabled = adapters_disabled
+    parts.objective.setup(model, torch.device("cpu"))
+    assert parts.objective.kind == "adapters" and parts.objective.reference is model
+    loss, _ = parts.objective.loss(model, parts.train_data.batch(0, 0))
+    assert calls and loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_reference_free_losses_hold_no_reference(dpo_dict, tmp_path):
+    parts = _parts(dpo_dict(objective={"loss_type": "simpo", "beta": 2.0}), tmp_path)
+    parts.objective.setup(parts.model, torch.device("cpu"))
+    assert parts.objective.kind == "none" and parts.objective.reference is None
+    loss, _ = parts.objective.loss(parts.model, parts.train_data.batch(0, 0))
+    assert torch.isfinite(loss)
+
+
+# ------------------------------------------------------------------------------ training
+def test_dpo_end_to_end_metrics_and_report(dpo_dict):
+    s = _run(dpo_dict(train={"max_steps": 8, "eval_every": 4, "lr": 3e-2}))
+    run_dir = Path(s["run_dir"])
+    first = s["history"][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1 sees policy == reference
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "logps/chosen",
+              "logps/rejected"):
+        assert k in first and f"val_{k}" in s["evals"][-1]
+    assert s["evals"][-1]["val_rewards/margins"] > 0 and s["evals"][-1]["val_loss"] < math.log(2)
+    report = json.loads((run_dir / "eval_report.json").read_text())
+    assert report["val"]["pairs"] == 12
+
+
+def test_exact_resume_n_plus_n_equals_2n(dpo_dict, monkeypatch):
+    n = 3
+    sections = dict(train={"max_steps": 2 * n, "eval_every": 100})
+    straight = _run(dpo_dict("straight", **sections))
+    original = Trainer.train_step
+
+    def stop_after_n(self):
+        m = original(self)
+        if self.step == n:
+            self.request_stop()
+        return m
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "train_step", stop_after_n)
+        first = _run(dpo_dict("resumed", **sections))
+    assert first["stopped_early"]
+    second = _run(dpo_dict("resumed", **sections))
+    got = [h["loss"] for h in first["history"] + second["history"]]
+    assert got == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
+
+
+def test_grad_accum_and_precomputed_reference_match_one_big_batch_with_a_copy(dpo_dict):
+    """2 x 2 pairs with accumulation and cached reference log-probs == 4 pairs with a frozen copy."""
+    a = _run(dpo_dict("big", train={"max_steps": 3, "batch_size": 4, "grad_accum": 1, "eval_every": 100}))
+    b = _run(dpo_dict("accum", objective={"reference": "precompute"},
+                      train={"max_steps": 3, "batch_size": 2, "grad_accum": 2, "eval_every": 100}))
+    assert (Path(b["run_dir"]) / "reference_logps.pt").is_file()
+    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], abs=1e-5)
+    assert a["evals"][-1]["val_loss"] == pytest.approx(b["evals"][-1]["val_loss"], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ the teaching recipe
+def test_dpo_scratch_recipes_golden_curve(tmp_path, token_cache):
+    """configs/arithmetic-sft.yaml then configs/dpo-scratch.yaml, shrunk to a few steps. Regenerate
+    after a deliberate change with LMFORGE_UPDATE_GOLDEN=1 (and commit the file)."""
+    import yaml
+
+    sft = yaml.safe_load((ROOT / "configs" / "arithmetic-sft.yaml").read_text())
+    sft["run"]["out_dir"] = str(tmp_path / "sft")
+    sft["model"].update(n_layer=1, n_embd=32, n_head=2)
+    sft["data"]["cache_dir"] = str(token_cache)
+    sft["data"]["sources"][0]["num_docs"] = 300
+    sft["train"].update(max_steps=6, eval_every=6, checkpoint_every=6, batch_size=8, progress=False)
+    sft["sample"]["max_new_tokens"] = 0
+    raw = yaml.safe_load((ROOT / "configs" / "dpo-scratch.yaml").read_text())
+    raw["run"]["out_dir"] = str(tmp_path / "dpo")
+    raw["model"]["init_from"] = str(tmp_path / "sft")
+    raw["train"].update(max_steps=6, eval_every=3, batch_size=4, progress=False)
+    raw["data"]["sources"][0]["num_docs"] = 40
+    sft = config_from_dict(sft)
+    run(sft, progress=False, print_fn=quiet)
+    s = run(config_from_dict(raw), progress=False, print_fn=quiet)
+    record = {"losses": [h["loss"] for h in s["history"]],
+              "val_margins": [e["val_rewards/margins"] for e in s["evals"]], "torch": torch.__version__}
+    if os.environ.get("LMFORGE_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps({"description": "tests/test_dpo_task.py::test_dpo_scratch_recipes_golden_curve",
+                                      **record}, indent=1) + "\n")
+    assert GOLDEN.is_file(), "no golden curve: run with LMFORGE_UPDATE_GOLDEN=1 once and commit it"
+    golden = json.loads(GOLDEN.read_text())
+    assert record["losses"] == pytest.approx(golden["losses"], abs=2e-4)
+    assert record["val_margins"] == pytest.approx(golden["val_margins"], abs=2e-4)
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_record_missing_rejected_names_file_and_index(dpo_dict, tmp_path):
+    p = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q2", "chosen": "a"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows * 1))
+    with pytest.raises(DataError, match=r"prefs.jsonl: record 1: no 'rejected' field"):
+        _run(dpo_dict(data={"sources": [{"path": str(p)}]}))
+
+
+def test_identical_pair_is_an_error_unless_skipped_and_field_names(dpo_dict, tmp_path):
+    p = tmp_path / "same.jsonl"
+    rows = [{"question": f"What is {i}?", "good": f" {i}", "bad": f" {i + 1}"} for i in range(12)]
+    rows[3]["bad"] = rows[3]["good"]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = {"prompt_field": "question", "chosen_field": "good", "rejected_field": "bad"}
+    with pytest.raises(DataError, match="record 3: chosen and rejected are identical"):
+        _run(dpo_dict(data={"sources": [{"path": str(p)}]}, objective=names))
+    s = _run(dpo_dict("skip", data={"sources": [{"path": str(p)}], "val_fraction": 0.2},
+                      objective={**names, "skip_identical": True}, train={"max_steps": 1}))
+    assert s["steps"] == 1
+
+
+@pytest.mark.parametrize("objective,needle", [
+    ({"beta": 0}, "objective.beta: got 0"),
+    ({"beta": -1.0}, "objective.beta"),
+    ({"loss_type": "kto"}, "objective.loss_type: got 'kto'"),
+    ({"reference": "none"}, "objective.reference: the sigmoid loss needs a reference"),
+    ({"label_smoothing": 0.5, "loss_type": "robust"}, "objective.label_smoothing"),
+])
+def test_bad_options_are_config_errors(dpo_dict, objective, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(dpo_dict(objective=objective))
+
+
+def test_prompt_longer_than_the_context_is_one_clear_line(dpo_dict, tmp_path):
+    p = tmp_path / "long.jsonl"
+    rows = [{"prompt": "1" * (60 if i == 5 else 5), "chosen": " a", "rejected": " b"} for i in range(12)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"long.jsonl: record 5: the prompt has 60 tokens.*context_length 40"):
+        _run(dpo_dict(data={"sources": [{"path": str(p)}]}))

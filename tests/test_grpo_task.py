@@ -1,0 +1,167 @@
+"""``task: grpo`` on the one trainer: rollouts through lmforge's generation inside the batch
+source (seeded by step: the same completions on a rerun), the logged metrics, greedy exact-match
+evaluation with samples.jsonl, exact resume with the rollout RNG (N + N == 2N), and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import config_from_dict
+from lmforge.errors import ConfigError, DataError
+from lmforge.objectives.grpo import rollout_rows
+from lmforge.tasks import get_task
+from lmforge.tasks.common import TaskContext
+from lmforge.train.distributed import DistInfo
+from lmforge.train.run import run
+from lmforge.train.trainer import Trainer
+
+from conftest import deep_merge
+
+
+def quiet(*a, **k):
+    pass
+
+
+def _run(d):
+    return run(config_from_dict(d), progress=False, print_fn=quiet)
+
+
+@pytest.fixture(scope="module")
+def lm_run(run_dict, tmp_path_factory):
+    """A tiny causal LM pretrained on built-in arithmetic text: the GRPO starting point."""
+    out = tmp_path_factory.mktemp("grpo") / "lm"
+    d = run_dict(out, data={"sources": [{"path": "builtin:arithmetic", "num_docs": 400, "seed": 0}]},
+                 model={"context_length": 40}, train={"max_steps": 4, "checkpoint_every": 4})
+    return _run(d)["run_dir"]
+
+
+@pytest.fixture
+def grpo_dict(lm_run, tiny_dict):
+    def make(name="grpo", **sections):
+        base = tiny_dict(name, task="grpo",
+                         data={"sources": [{"path": "builtin:arithmetic", "num_docs": 40, "seed": 3}],
+                               "val_fraction": 0.2},
+                         objective={"num_generations": 4, "max_completion_length": 6},
+                         train={"max_steps": 2, "batch_size": 2, "lr": 1e-3, "eval_every": 2, "eval_batch_size": 8,
+                                "best_metric": "val_exact_match", "best_mode": "max"})
+        base["model"] = {"init_from": lm_run}
+        return deep_merge(base, sections)
+    return make
+
+
+def _parts(d):
+    cfg = config_from_dict(d)
+    ctx = TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=False, say=quiet)
+    return get_task("grpo").build(ctx)
+
+
+def test_rollout_rows_mask_only_completion_tokens_and_score_eos():
+    b = rollout_rows([[5, 6], [7]], [[1, 2], [3, 4, 4]], [True, False], eos_id=0, pad=9)
+    assert b["input_ids"].tolist() == [[5, 6, 1, 2, 0], [7, 3, 4, 4, 9]]
+    assert b["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 1, 0]]
+
+
+def test_rollouts_are_groups_of_k_seeded_by_step(grpo_dict):
+    parts = _parts(grpo_dict())
+    parts.objective.setup(parts.model, torch.device("cpu"))
+    a = parts.train_data.batch(0, 0)
+    assert a["input_ids"].shape[0] == 2 * 4 and a["advantages"].shape == (8,)
+    # group advantages: each group of K sums to zero
+    assert a["advantages"].view(2, 4).sum(1).abs().max() < 1e-5
+    again = _parts(grpo_dict("again"))
+    again.objective.setup(again.model, torch.device("cpu"))
+    torch.testing.assert_close(again.train_data.batch(0, 0)["input_ids"], a["input_ids"])  # same seed, same rollouts
+    other = parts.train_data.batch(1, 0)
+    assert other["input_ids"].shape != a["input_ids"].shape or not torch.equal(other["input_ids"], a["input_ids"])
+    loss, m = parts.objective.loss(parts.model, a)
+    assert torch.isfinite(loss)
+    for k in ("reward", "reward_std", "rewards/exact_match", "accuracy", "frac_zero_std", "clip_ratio/region",
+              "entropy", "completion_length", "completion_length_max", "truncated"):
+        assert k in m, k
+    assert m["clip_ratio/region"] == 0  # one update per rollout batch: ratio 1, nothing clipped
+    assert parts.objective.targets_in(a) == 8
+
+
+def test_kl_to_reference_is_zero_at_step0(grpo_dict):
+    parts = _parts(grpo_dict(objective={"beta": 0.1}))
+    parts.objective.setup(parts.model, torch.device("cpu"))
+    _, m = parts.objective.loss(parts.model, parts.train_data.batch(0, 0))
+    assert m["kl"] == pytest.approx(0, abs=1e-7)
+
+
+def test_grpo_end_to_end_evaluates_and_writes_samples(grpo_dict, tmp_path, monkeypatch):
+    (tmp_path / "grpo_task_test_rewards.py").write_text(textwrap.dedent("""
+        def short(completions):
+            return [1.0 if len(c) < 4 else 0.0 for c in completions]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = _run(grpo_dict(objective={"eval_pass_k": 2, "loss_type": "dapo",
+                                  "rewards": ["exact_match", {"name": "grpo_task_test_rewards:short", "weight": 0.5}]}))
+    assert "rewards/grpo_task_test_rewards:short" in s["history"][0] and "rewards/exact_match" in s["history"][0]
+    run_dir = Path(s["run_dir"])
+    ev = s["evals"][-1]
+    assert 0 <= ev["val_exact_match"] <= 1 and 0 <= ev["val_pass_at_2"] <= 1
+    rows = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert rows and {"step", "prompt", "completion", "answer", "correct"} <= set(rows[0])
+    assert json.loads((run_dir / "eval_report.json").read_text())["val"]["prompts"] == 8
+
+
+def test_exact_resume_with_rollout_rng(grpo_dict, monkeypatch):
+    n = 2
+    sections = dict(train={"max_steps": 2 * n, "eval_every": 100})
+    straight = _run(grpo_dict("straight", **sections))
+    original = Trainer.train_step
+
+    def stop_after_n(self):
+        m = original(self)
+        if self.step == n:
+            self.request_stop()
+        return m
+
+    with monkeypatch.context() as mp:
+        mp.setattr(Trainer, "train_step", stop_after_n)
+        first = _run(grpo_dict("resumed", **sections))
+    assert first["stopped_early"]
+    second = _run(grpo_dict("resumed", **sections))
+    for key in ("loss", "reward", "completion_length"):
+        got = [h[key] for h in first["history"] + second["history"]]
+        assert got == pytest.approx([h[key] for h in straight["history"]], abs=1e-6), key
+
+
+# ------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("objective,needle", [
+    ({"num_generations": 1}, "objective.num_generations: got 1, expected K >= 2"),
+    ({"max_completion_length": 0}, "objective.max_completion_length: got 0"),
+    ({"rewards": ["no_such_module_xyz:f"]}, "cannot import module 'no_such_module_xyz'"),
+    ({"num_iterations": 2}, "objective.num_iterations"),
+    ({"scale_rewards": "batch"}, "objective.scale_rewards"),
+])
+def test_bad_options_are_config_errors(grpo_dict, objective, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(grpo_dict(objective=objective))
+
+
+def test_val_loss_best_metric_is_a_config_error(grpo_dict):
+    with pytest.raises(ConfigError, match="train.best_metric: task grpo evaluates val_exact_match"):
+        config_from_dict(grpo_dict(train={"best_metric": "val_loss"}))
+
+
+def test_reward_of_the_wrong_shape_is_one_line(grpo_dict, tmp_path, monkeypatch):
+    (tmp_path / "grpo_task_test_bad_rewards.py").write_text("def one(completions):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="returned 1 values for 8 completions"):
+        _run(grpo_dict(objective={"rewards": ["grpo_task_test_bad_rewards:one"]}, train={"max_steps": 1}))
+
+
+def test_prompt_longer_than_the_context_is_one_clear_line(grpo_dict, tmp_path):
+    p = tmp_path / "long.jsonl"
+    rows = [{"prompt": "1" * (38 if i == 2 else 4), "answer": "1"} for i in range(10)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"has 38 tokens; with objective.max_completion_length 6 that exceeds"):
+        _run(grpo_dict(data={"sources": [{"path": str(p)}], "val_fraction": 0.2}))
