@@ -37,11 +37,13 @@ class MaskedLM(Objective):
         return {"input_ids": ids, "targets": targets}
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], batch.get("attention_mask"), head="mlm")  # (B, T, V)
-        if not (batch["targets"] != -100).any():  # nothing was masked: no signal, but a valid graph
+        chosen = batch["targets"] != -100  # (B, T)
+        if not chosen.any():  # nothing was masked: no signal, but a valid graph
+            logits = model(batch["input_ids"], batch.get("attention_mask"), head="mlm")
             return logits.sum() * 0.0, {"mlm_acc": 0.0}
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
-                               ignore_index=-100)
-        acc = ((logits.argmax(-1) == batch["targets"]) & (batch["targets"] != -100)).sum()
-        n = (batch["targets"] != -100).sum().clamp(min=1)
-        return loss, {"mlm_acc": float(acc) / float(n)}
+        # the head runs on the chosen positions only: (N, vocab) instead of (B, T, vocab)
+        logits = model(batch["input_ids"], batch.get("attention_mask"), head="mlm", positions=chosen)
+        targets = batch["targets"][chosen]  # (N,)
+        loss = F.cross_entropy(logits.float(), targets)
+        acc = (logits.argmax(-1) == targets).float().mean()
+        return loss, {"mlm_acc": float(acc)}
