@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA wheel. Override on a GPU box: make test TORCH_SPEC='torch>=2.4'
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/lmforge pretrain --config configs/demo.yaml
 
+# the suite, without the checks marked slow (real-model parity with transformers, headless-browser
+# screenshots); `make test-all` runs those too
 test: venv
+	$(PY) -m pytest tests -m "not slow"
+
+test-all: venv
 	$(PY) -m pytest tests
 
 bench: venv

@@ -244,12 +244,13 @@ def test_eval_and_classify_verbs(clf_dict, tmp_path, capsys):
     # bad input: an unseen label, a missing label field, a zero batch count, no text given
     bad = tmp_path / "bad.tsv"
     bad.write_text("text\tlabel\nthe day was good\tmeh\n")
-    assert_cli_error(cli(capsys, "eval", "--model", s["run_dir"], "--data", bad), "never seen")
-    assert_cli_error(cli(capsys, "eval", "--model", s["run_dir"], "--data", data, "--label-field", "mood"),
+    best = Path(s["run_dir"]) / "checkpoints" / "best"  # a checkpoint: no run-folder note on stderr
+    assert_cli_error(cli(capsys, "eval", "--model", best, "--data", bad), "never seen")
+    assert_cli_error(cli(capsys, "eval", "--model", best, "--data", data, "--label-field", "mood"),
                      "no label field 'mood'")
-    assert_cli_error(cli(capsys, "eval", "--model", s["run_dir"], "--data", data, "--max-batches", "0"),
+    assert_cli_error(cli(capsys, "eval", "--model", best, "--data", data, "--max-batches", "0"),
                      "--max-batches")
-    assert_cli_error(cli(capsys, "classify", "--model", s["run_dir"]), "--text")
+    assert_cli_error(cli(capsys, "classify", "--model", best), "--text")
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.sft_format import (
+from lmforge.data.sft_format import (alpaca_fields, 
     IGNORE,
     SFTExample,
     alpaca_messages,
@@ -96,8 +96,14 @@ def test_oasst_paths():
     assert every == [["Q1", "A1-best", "Q2", "A2"], ["Q1", "A1-best"], ["Q1", "A1-second"]]
 
 
+def test_empty_alpaca_response_is_dropped_and_counted():
+    counts = build_examples([REC, {"instruction": "x", "output": "  "}], ByteTokenizer(), "alpaca", "book")
+    assert counts.kept == 1 and counts.dropped_nothing_to_train == 1
+    with pytest.raises(DataError, match="output: empty response"):  # asked for directly, it is an error
+        alpaca_fields({"instruction": "x", "output": "  "})
+
+
 @pytest.mark.parametrize("record,match", [
-    ({"instruction": "x", "output": "  "}, "output: empty response"),
     ({"instruction": "x"}, "missing field 'output'"),
     ({"instruction": "x", "output": 3}, "output: expected a string"),
 ])
