@@ -90,3 +90,18 @@ def tiny_yaml(tiny_dict, tmp_path):
         return path
 
     return make
+
+
+def run_in_two_parts(make_config, n: int) -> tuple[dict, dict]:
+    """``make_config()`` run stopped after step ``n`` (as SIGINT would), then run again, which
+    resumes from that checkpoint (train.resume: auto): the two summaries."""
+    from lmforge.train.callbacks import StopAtStep
+    from lmforge.train.run import run
+
+    def quiet(*a, **k):
+        pass
+
+    first = run(make_config(), progress=False, print_fn=quiet, callbacks=[StopAtStep(n)])
+    assert first["stopped_early"] and first["steps"] == n
+    second = run(make_config(), progress=False, print_fn=quiet)
+    return first, second

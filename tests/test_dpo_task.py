@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import config_from_dict, load_config
+from lmforge.config import config_from_dict
 from lmforge.errors import ConfigError, DataError
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
 from lmforge.train.run import run
-from lmforge.train.trainer import Trainer
 
-from conftest import deep_merge
+from conftest import deep_merge, run_in_two_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "dpo_scratch_tiny.json"
@@ -119,23 +118,11 @@ def test_dpo_end_to_end_metrics_and_report(dpo_dict):
     assert report["val"]["pairs"] == 12
 
 
-def test_exact_resume_n_plus_n_equals_2n(dpo_dict, monkeypatch):
+def test_exact_resume_n_plus_n_equals_2n(dpo_dict):
     n = 3
     sections = dict(train={"max_steps": 2 * n, "eval_every": 100})
     straight = _run(dpo_dict("straight", **sections))
-    original = Trainer.train_step
-
-    def stop_after_n(self):
-        m = original(self)
-        if self.step == n:
-            self.request_stop()
-        return m
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "train_step", stop_after_n)
-        first = _run(dpo_dict("resumed", **sections))
-    assert first["stopped_early"]
-    second = _run(dpo_dict("resumed", **sections))
+    first, second = run_in_two_parts(lambda: config_from_dict(dpo_dict("resumed", **sections)), n)
     got = [h["loss"] for h in first["history"] + second["history"]]
     assert got == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
 

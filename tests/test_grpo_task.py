@@ -5,7 +5,6 @@ evaluation with samples.jsonl, exact resume with the rollout RNG (N + N == 2N), 
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
 from lmforge.train.run import run
-from lmforge.train.trainer import Trainer
 
-from conftest import deep_merge
+from conftest import deep_merge, run_in_two_parts
 
 
 def quiet(*a, **k):
@@ -112,23 +110,11 @@ def test_grpo_end_to_end_evaluates_and_writes_samples(grpo_dict, tmp_path, monke
     assert json.loads((run_dir / "eval_report.json").read_text())["val"]["prompts"] == 8
 
 
-def test_exact_resume_with_rollout_rng(grpo_dict, monkeypatch):
+def test_exact_resume_with_rollout_rng(grpo_dict):
     n = 2
     sections = dict(train={"max_steps": 2 * n, "eval_every": 100})
     straight = _run(grpo_dict("straight", **sections))
-    original = Trainer.train_step
-
-    def stop_after_n(self):
-        m = original(self)
-        if self.step == n:
-            self.request_stop()
-        return m
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "train_step", stop_after_n)
-        first = _run(grpo_dict("resumed", **sections))
-    assert first["stopped_early"]
-    second = _run(grpo_dict("resumed", **sections))
+    first, second = run_in_two_parts(lambda: config_from_dict(grpo_dict("resumed", **sections)), n)
     for key in ("loss", "reward", "completion_length"):
         got = [h[key] for h in first["history"] + second["history"]]
         assert got == pytest.approx([h[key] for h in straight["history"]], abs=1e-6), key

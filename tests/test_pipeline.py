@@ -18,9 +18,9 @@ from lmforge.tasks import TASKS, get_task
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.logging import read_metrics
 from lmforge.train.run import run
-from lmforge.train.trainer import Trainer
 
-from test_cli import assert_one_line_error, lmforge
+from conftest import run_in_two_parts
+from test_cli import lmforge
 
 
 def cli(capsys, *args):
@@ -162,23 +162,11 @@ def test_classifier_learns_the_task(clf_dict):
     assert s["reports"]["test"]["accuracy"] >= 0.9
 
 
-def test_exact_resume_for_classification(clf_dict, monkeypatch):
+def test_exact_resume_for_classification(clf_dict):
     n = 4
     sections = dict(model={"dropout": 0.1}, train={"max_steps": 2 * n, "eval_every": 100})
     straight = _run(clf_dict("straight", **sections))
-    original = Trainer.train_step
-
-    def stop_after_n(self):
-        m = original(self)
-        if self.step == n:
-            self.request_stop()
-        return m
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "train_step", stop_after_n)
-        first = _run(clf_dict("resumed", **sections))
-    assert first["stopped_early"]
-    second = _run(clf_dict("resumed", **sections))
+    first, second = run_in_two_parts(lambda: config_from_dict(clf_dict("resumed", **sections)), n)
     got = [h["loss"] for h in first["history"]] + [h["loss"] for h in second["history"]]
     assert got == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
     a = from_pretrained(straight["last_checkpoint"]).state_dict()

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_in_two_parts
 from lmforge import from_pretrained
 from lmforge.config import config_from_dict
 from lmforge.data.sft_format import IGNORE, SFTExample
 from lmforge.tasks.sft import collate_sft
 from lmforge.train.run import run
-from lmforge.train.trainer import Trainer
 
 
 def _records(path: Path, n: int = 40) -> Path:
@@ -75,20 +75,10 @@ def test_lora_trains_only_the_adapters(sft_dict):
             torch.testing.assert_close(later[k], v)
 
 
-def test_exact_resume_for_sft(sft_dict, monkeypatch):
+def test_exact_resume_for_sft(sft_dict):
     n = 2
     straight = _run(sft_dict("straight", train={"max_steps": 2 * n, "eval_every": 100}))
-    original = Trainer.train_step
-
-    def stop_after_n(self):
-        m = original(self)
-        if self.step == n:
-            self.request_stop()
-        return m
-
-    with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "train_step", stop_after_n)
-        first = _run(sft_dict("resumed", train={"max_steps": 2 * n, "eval_every": 100}))
-    second = _run(sft_dict("resumed", train={"max_steps": 2 * n, "eval_every": 100}))
+    first, second = run_in_two_parts(
+        lambda: config_from_dict(sft_dict("resumed", train={"max_steps": 2 * n, "eval_every": 100})), n)
     got = [h["loss"] for h in first["history"] + second["history"]]
     assert got == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)

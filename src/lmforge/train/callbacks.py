@@ -28,6 +28,18 @@ class Callback:
     def on_fit_end(self, trainer, result) -> None: ...
 
 
+class StopAtStep(Callback):
+    """Ends the run after step ``step`` as SIGINT would (a checkpoint, then ``resume=auto``
+    continues it): the way to test and demonstrate exact resume."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if trainer.step == self.step:
+            trainer.request_stop()
+
+
 class CurvePlotter(Callback):
     """Redraws ``training_curves.png`` after each evaluation in a low-priority child process, so
     training neither waits for matplotlib nor shares its cores with it. The child starts once
