@@ -45,5 +45,5 @@ def test_records_auto_and_fields(tmp_path):
     assert read_prompt_answer_file(f)[0]["answer"] == "9"
     txt = tmp_path / "gsm.txt"
     txt.write_text("")
-    with pytest.raises(DataError, match="unsupported file type"):
+    with pytest.raises(DataError, match="unsupported prompt/answer file type"):
         read_prompt_answer_file(txt)

@@ -7,7 +7,6 @@ Any other records work when they have a prompt field and an answer field (names 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -73,26 +72,8 @@ def parse_prompt_answer_records(records: Iterable[Any], prompt_field: str = "pro
 def read_prompt_answer_file(path: str | Path, prompt_field: str = "prompt",
                             answer_field: str = "answer", format: str = "auto") -> list[dict]:
     """Read a .jsonl or .json (array) file of prompt/answer records."""
+    from lmforge.data.sources import read_json_records
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: prompt/answer file not found")
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-    elif path.suffix.lower() == ".json":
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON array of records")
-    else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .json or .jsonl")
+    records = read_json_records(path, "prompt/answer")
     return parse_prompt_answer_records(records, prompt_field, answer_field, format, str(path))

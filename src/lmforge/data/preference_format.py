@@ -26,7 +26,6 @@ Problems are one-line :class:`~lmforge.errors.DataError` naming the file and the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,29 +242,9 @@ def parse_preference_records(records: Iterable[Any], format: str = "auto",
 
 
 def _load_records(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"{path}: preference file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-        return records
-    if suffix == ".json":
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-        return data
-    raise DataError(f"{path}: unsupported preference file type {suffix!r}; expected .json or .jsonl")
+    from lmforge.data.sources import read_json_records
+
+    return read_json_records(path, "preference")
 
 
 def read_preference_file(path: str | Path, format: str = "auto", skip_identical: bool = False,

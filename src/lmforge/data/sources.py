@@ -198,6 +198,35 @@ def iter_documents(spec: SourceSpec) -> Iterator[str]:
         raise DataError(f"{spec.path}: empty corpus, no non-empty documents found{where}")
 
 
+def read_json_records(path: str | os.PathLike, what: str = "record") -> list:
+    """A whole ``.jsonl`` or ``.json`` (array) file as a list, for readers that need every record
+    at once (preference pairs, prompt/answer sets); bad JSON names its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        return records
+    if suffix == ".json":
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+        return data
+    raise DataError(f"{path}: unsupported {what} file type {suffix!r}; expected .json or .jsonl")
+
+
 def source_fingerprint(spec: SourceSpec) -> str:
     """A short hash of the spec and, for local files, each file's (path, size, mtime_ns).
 
