@@ -340,12 +340,7 @@ def build(config: ModelConfig | str | dict, seed: int = 0, abstract: bool = Fals
     Flax's initializers one parameter at a time. ``abstract=True`` gives shapes only.
     Constructing a module directly (``DecoderLM(cfg, rngs=nnx.Rngs(0))``) uses the Flax
     initializers written in the modules above: the same distributions, other numbers."""
-    if isinstance(config, str):
-        config = ModelConfig.from_preset(config)
-    elif isinstance(config, dict):
-        d = dict(config)
-        preset = d.pop("preset", None)
-        config = ModelConfig.from_preset(preset, **d) if preset else ModelConfig.from_dict(d)
+    config = ModelConfig.coerce(config)
     check_supported(config)
     cls = {"decoder": DecoderLM, "bigram": BigramLM}[config.arch]
     model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))

@@ -23,12 +23,7 @@ __all__ = [
 
 def build(config: ModelConfig | str | dict) -> nn.Module:
     """A model for ``config``: a ModelConfig, a preset name, or a dict of fields (may name a preset)."""
-    if isinstance(config, str):
-        config = ModelConfig.from_preset(config)
-    elif isinstance(config, dict):
-        d = dict(config)
-        preset = d.pop("preset", None)
-        config = ModelConfig.from_preset(preset, **d) if preset else ModelConfig.from_dict(d)
+    config = ModelConfig.coerce(config)
     config.validate()
     return {"decoder": DecoderLM, "encoder": Encoder, "bigram": BigramLM}[config.arch](config)
 

@@ -144,6 +144,17 @@ class ModelConfig:
         return cls(**d)
 
     @classmethod
+    def coerce(cls, config: "ModelConfig | str | dict") -> "ModelConfig":
+        """A ModelConfig from itself, a preset name, or a dict of fields (which may name a preset)."""
+        if isinstance(config, str):
+            return cls.from_preset(config)
+        if isinstance(config, dict):
+            d = dict(config)
+            preset = d.pop("preset", None)
+            return cls.from_preset(preset, **d) if preset else cls.from_dict(d)
+        return config
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {name!r} (expected one of {', '.join(sorted(PRESETS))})")
