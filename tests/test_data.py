@@ -315,6 +315,36 @@ def test_hf_without_datasets_says_what_to_install(monkeypatch):
         list(iter_documents(SourceSpec("hf:owner/name")))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
+    """No host outside the machine is contacted: the hub endpoint is a closed local port."""
+    pytest.importorskip("datasets")
+    import time
+
+    from lmforge.data.sources import hub_reachable
+
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=r"cannot reach the Hugging Face hub.*HF_DATASETS_OFFLINE=1"):
+        list(iter_documents(SourceSpec("hf:owner/name")))
+    assert time.monotonic() - t0 < 5
+    import socket
+
+    with socket.socket() as server:  # a listening port is reachable
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert hub_reachable(f"http://127.0.0.1:{server.getsockname()[1]}")
+
+
 # --------------------------------------------------------------------------------------------
 # Token store
 # --------------------------------------------------------------------------------------------

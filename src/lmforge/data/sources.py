@@ -451,6 +451,47 @@ def _hf_local_files(spec: SourceSpec) -> list[Path]:
     return out
 
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the Hugging Face hub (``HF_ENDPOINT`` or huggingface.co) open
+    within ``timeout`` seconds? Name lookup included (it runs in a thread: sockets' own timeout
+    does not cover it)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "", url.port or (80 if url.scheme == "http" else 443)
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok and ok[0])
+
+
+def _check_hub_reachable(spec: SourceSpec) -> None:
+    """Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set), ``datasets`` reads its cache; otherwise
+    an unreachable hub is one clear line now instead of ~25 s of retries and a traceback."""
+    if _hub_offline() or hub_reachable():
+        return
+    host = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    raise DataError(f"{spec.path}: cannot reach the Hugging Face hub ({host}); for a dataset already in "
+                    f"the local cache set HF_DATASETS_OFFLINE=1, or point the source at local files "
+                    f"(path: FILE.jsonl / hf:json with data_files)")
+
+
 def _hf(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     try:
         import datasets
@@ -462,6 +503,8 @@ def _hf(spec: SourceSpec) -> Iterator[dict[str, Any]]:
         raise DataError(f"{spec.path}: expected hf:<owner/name> or hf:json with data_files")
     if spec.data_files is not None and not _hf_local_files(spec):
         raise DataError(f"{spec.path}: data_files {spec.data_files!r} matched no files")
+    if spec.data_files is None:  # a hub dataset: fail in seconds, not after the client's retries
+        _check_hub_reachable(spec)
     kwargs: dict[str, Any] = {"split": spec.split, "streaming": spec.streaming}
     if spec.data_files is not None:
         kwargs["data_files"] = spec.data_files
