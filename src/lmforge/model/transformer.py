@@ -29,6 +29,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None  # post-LN ends normed
         self.check_inputs = True  # validate ids/lengths; the trainer turns it off once data is checked
+        self.unpad = True  # encoders skip padding tokens (see _unpadded_blocks); False: the padded path
+        self.unpad_tokens = 1024  # at most this many tokens attend together in one unpadded group
 
     def _check(self, input_ids: torch.Tensor, past: int) -> None:
         cfg = self.config
@@ -75,12 +77,46 @@ class Transformer(nn.Module):
         x = dropout(self.drop, x)
         rope = self.rope(position_ids) if self.rope is not None else None
 
+        if self._can_unpad(attention_mask, cache):
+            x = self._unpadded_blocks(x, attention_mask)
+            return self.norm(x) if self.norm is not None else x
         mask, is_causal = self._mask(attention_mask, B, T, past, x.device)
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x) if self.norm is not None else x
+
+    def _can_unpad(self, attention_mask, cache) -> bool:
+        """An encoder with padding skips it (below) unless attention weights are being recorded."""
+        if not self.unpad or self.config.causal or attention_mask is None or cache is not None:
+            return False
+        if any(b.attn.record_weights for b in self.blocks):
+            return False
+        return not bool(attention_mask.bool().all())
+
+    def _unpadded_blocks(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The blocks on real tokens only: an encoder's linear layers do no work on padding.
+
+        The real tokens of several rows go through the blocks as one long row, each attending only
+        to tokens of its own sentence (a block-diagonal mask); positions and token types were
+        already added per row, so every token sees what it would see padded. Rows are grouped so a
+        group holds at most ``unpad_tokens`` tokens (attention grows with the square of a group).
+        Padding positions come back as zeros (pooling and heads never read them).
+        """
+        B, T, C = x.shape
+        keep = attention_mask.bool()  # (B, T)
+        flat = x.reshape(B * T, C)
+        out = x.new_zeros(B * T, C)
+        for rows in _row_groups(keep.sum(1).tolist(), max(self.unpad_tokens, T)):
+            idx = keep[rows].reshape(-1).nonzero().squeeze(1) + rows.start * T  # (N,) flat token index
+            seq = idx // T  # (N,) the row of each token
+            h = flat.index_select(0, idx)[None]  # (1, N, C)
+            mask = (seq[:, None] == seq[None, :])[None, None]  # (1, 1, N, N) block-diagonal
+            for block in self.blocks:
+                h = block(h, None, mask, False, None)
+            out = out.index_copy(0, idx, h[0])
+        return out.view(B, T, C)
 
     def _mask(self, attention_mask, B, T, past, device):
         """The attention mask for SDPA: None + is_causal on the fast path, else bool (B, 1, T, S)."""
@@ -99,6 +135,18 @@ class Transformer(nn.Module):
             # a padding query would see no key at all (NaN); let every query see itself
             allowed = (allowed & keys) | (k_pos == q_pos)[None, None]
         return allowed.expand(B, 1, T, S), False
+
+
+def _row_groups(lengths: list[int], budget: int) -> list[slice]:
+    """Consecutive rows in groups of at most ``budget`` real tokens (a longer row is a group alone)."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and total + n > budget:
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += n
+    groups.append(slice(start, len(lengths)))
+    return groups
 
 
 class DecoderLM(nn.Module):
