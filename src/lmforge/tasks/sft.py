@@ -6,6 +6,14 @@ the loss covers the response tokens only (every assistant turn of a conversation
 ``train_on_prompt``. Validation reports loss and perplexity on response tokens, and at each
 evaluation the model's greedy answers to a fixed set of validation prompts are appended to
 ``sft_samples.jsonl`` in the run folder (a person reads them).
+
+``objective.packing`` packs each micro-batch's examples into fewer rows of at most ``max_length``
+tokens (greedy first-fit, in the sampler's order, so a step's batch stays a pure function of the
+step). Every example is shifted on its own before packing (its inputs ``ids[:-1]``, its targets
+``labels[1:]``), so no target crosses into the next example; positions restart at 0 per example
+and ``segment_ids`` give the model a block-diagonal causal mask. The targets of a micro-batch are
+the same as unpacked, so the loss (a mean over targets, weighted by target counts) is unchanged.
+Validation batches are not packed.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class SFTOptions:
     oasst_mode: str = "rank0"  # OpenAssistant: rank0 (best replies) or all root-to-leaf paths
     sample_prompts: int = 3  # validation prompts answered (greedily) at each evaluation
     sample_tokens: int = 64  # tokens per answer
+    packing: bool = False  # pack each micro-batch's examples into rows of max_length tokens
 
 
 def collate_sft(examples: list, pad_id: int) -> dict:
@@ -53,6 +62,57 @@ def collate_sft(examples: list, pad_id: int) -> dict:
         ids[i, :n] = torch.tensor(e.input_ids[:-1])
         tgt[i, :n] = torch.tensor(e.labels[1:])
     return {"input_ids": ids, "targets": tgt}
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Greedy first-fit: example i (``lengths[i]`` tokens) goes into the first row with room,
+    in the given order; returns the example indices of each row."""
+    rows, used = [], []
+    for i, n in enumerate(lengths):
+        r = next((r for r, u in enumerate(used) if u + n <= capacity), len(rows))
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(i)
+        used[r] += n
+    return rows
+
+
+def collate_packed(examples: list, pad_id: int, capacity: int) -> dict:
+    """Examples packed into rows of at most ``capacity`` positions: input_ids, targets,
+    position_ids (restarting at 0 per example) and segment_ids (1, 2, ... per example; 0 on
+    padding), all (R, T). Each example is shifted on its own, so targets never cross examples."""
+    lengths = [len(e.input_ids) - 1 for e in examples]
+    rows = pack_rows(lengths, capacity)
+    T = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    tgt = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    seg = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, i in enumerate(row, start=1):
+            e, n = examples[i], lengths[i]
+            ids[r, at:at + n] = torch.tensor(e.input_ids[:-1])
+            tgt[r, at:at + n] = torch.tensor(e.labels[1:])
+            pos[r, at:at + n] = torch.arange(n)
+            seg[r, at:at + n] = s
+            at += n
+    return {"input_ids": ids, "targets": tgt, "position_ids": pos, "segment_ids": seg}
+
+
+def packing_line(sampler: StepSampler, lengths: list[int], capacity: int, max_steps: int) -> str:
+    """How full packed rows are over (up to) one epoch of rank 0's micro-batches, beside unpacked padding."""
+    steps = max(1, min(max_steps, -(-sampler.n // sampler.global_batch), 200))
+    real = rows = padded = 0
+    for step in range(steps):
+        g = sampler.global_indices(step)
+        for m in range(sampler.grad_accum):
+            n = [lengths[i] - 1 for i in g[sampler.slice_of(m, 0)].tolist()]
+            real, rows, padded = real + sum(n), rows + len(pack_rows(n, capacity)), padded + len(n) * max(n)
+    return (f"packing: {capacity}-token rows, {real / (rows * capacity):.1%} of row capacity filled "
+            f"({sampler.micro_batch} examples -> {rows / (steps * sampler.grad_accum):.2f} rows per micro-batch; "
+            f"unpacked rows are {real / padded:.1%} real tokens), over {steps} steps")
 
 
 class SampleAnswers(Callback):
@@ -120,7 +180,12 @@ def _build(ctx: TaskContext) -> TaskParts:
                         f"expected at least one of each (data.val_fraction / data.val_sources)")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     sampler = StepSampler(len(train.examples), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
-    train_data = ExampleBatches(sampler, lambda idx: collate_sft([train.examples[i] for i in idx], pad), dist.rank)
+
+    def collate(idx: list[int]) -> dict:
+        batch = [train.examples[i] for i in idx]
+        return collate_packed(batch, pad, o.max_length) if o.packing else collate_sft(batch, pad)
+
+    train_data = ExampleBatches(sampler, collate, dist.rank)
     ev = val.examples
 
     def val_batches():
@@ -137,7 +202,9 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"])
+                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"]
+        + ([packing_line(sampler, [len(e.input_ids) for e in train.examples], o.max_length, t.max_steps)]
+           if o.packing else []))
 
 
 def _check(cfg: RunConfig) -> list[str]:
