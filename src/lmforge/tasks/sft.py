@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import split_records
+from lmforge.data.formats import ordered_split, split_records
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sft_format import IGNORE, alpaca_prompt, build_examples
 from lmforge.errors import ConfigError, DataError
@@ -157,14 +157,29 @@ def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
         return None
 
 
+def _records(sources) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(sources))]
+
+
+def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train, validation and test records: val/test sources of their own, or fractions of the
+    training sources (seeded shuffle, or file order with ``data.split: ordered``)."""
+    d = cfg.data
+    fracs = (0.0 if d.val_sources else d.val_fraction, 0.0 if d.test_sources else d.test_fraction)
+    records = _records(d.sources)
+    if d.split == "ordered":
+        train, val, test = ordered_split(records, *fracs)
+    elif any(fracs):
+        train, val, test = split_records(records, fracs, cfg.run.seed)
+    else:
+        train, val, test = records, [], []
+    val = _records(d.val_sources) if d.val_sources else val
+    return train, val, _records(d.test_sources) if d.test_sources else test
+
+
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
-    records = [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(cfg.data.sources))]
-    if cfg.data.val_sources:
-        train_recs = records
-        val_recs = [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(cfg.data.val_sources))]
-    else:
-        train_recs, val_recs, _ = split_records(records, (cfg.data.val_fraction, 0.0), cfg.run.seed)
+    train_recs, val_recs, test_recs = _splits(cfg)
     tokenizer = build_tokenizer(ctx, lambda: (json.dumps(r, ensure_ascii=False) for r in train_recs))
     model = build_model(ctx, tokenizer.vocab_size)
     if model.config.arch != "decoder":
@@ -175,6 +190,7 @@ def _build(ctx: TaskContext) -> TaskParts:
     kw = dict(kind=o.format, template=o.template, max_length=o.max_length, overflow=o.overflow,
               train_on_prompt=o.train_on_prompt, oasst_mode=o.oasst_mode)
     train, val = build_examples(train_recs, tokenizer, **kw), build_examples(val_recs, tokenizer, **kw)
+    test = build_examples(test_recs, tokenizer, **kw).examples
     if not train.examples or not val.examples:
         raise DataError(f"task sft: {len(train.examples)} training and {len(val.examples)} validation examples; "
                         f"expected at least one of each (data.val_fraction / data.val_sources)")
@@ -188,17 +204,23 @@ def _build(ctx: TaskContext) -> TaskParts:
     train_data = ExampleBatches(sampler, collate, dist.rank)
     ev = val.examples
 
-    def val_batches():
-        for s in range(0, len(ev), t.eval_batch_size):
-            yield collate_sft(ev[s:s + t.eval_batch_size], pad)
+    def val_batches(examples=ev):
+        for s in range(0, len(examples), t.eval_batch_size):
+            yield collate_sft(examples[s:s + t.eval_batch_size], pad)
+
+    def finish(best_model, summary: dict) -> dict:
+        """Loss and perplexity on the held-out test examples' response tokens (the best model)."""
+        device = next(best_model.parameters()).device
+        metrics = CausalLM().evaluate(best_model, ({k: v.to(device) for k, v in b.items()} for b in val_batches(test)))
+        return {f"test_{k}": v for k, v in metrics.items()}
 
     prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
     mcfg = model.config
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
         flops_per_token=flops_per_token(mcfg, o.max_length),
-        callbacks=[SampleAnswers(ctx.run_dir, tokenizer, prompts, o.sample_tokens)],
-        describe=[f"data: train {train.as_dict()}, val {val.as_dict()} (format {o.format}, template {o.template}, "
+        callbacks=[SampleAnswers(ctx.run_dir, tokenizer, prompts, o.sample_tokens)], finish=finish if test else None,
+        describe=[f"data: train {train.as_dict()}, val {val.as_dict()}, test {len(test)} examples, {cfg.data.split} split (format {o.format}, template {o.template}, "
                   f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
