@@ -112,3 +112,17 @@ def test_sft_test_fraction_is_held_out_and_evaluated_at_the_end(sft_dict):
     s = _run(sft_dict(data={"split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1},
                       train={"max_steps": 2, "eval_every": 2}))
     assert s["test_loss"] > 0 and s["test_ppl"] > 1
+
+
+def test_smollm2_lora_recipe_has_the_books_935_55_110_split(monkeypatch):
+    from lmforge.config import load_config
+    from lmforge.tasks.sft import _splits
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "configs" / "sft-smollm2-lora.yaml")
+    if not Path(cfg.data.sources[0].path).is_file():
+        pytest.skip("../shared/data/instruction_small is not here")
+    train, val, test = _splits(cfg)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train[0]["instruction"].startswith("Evaluate the following phrase")  # the file's first record
