@@ -126,3 +126,13 @@ def test_smollm2_lora_recipe_has_the_books_935_55_110_split(monkeypatch):
     train, val, test = _splits(cfg)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert train[0]["instruction"].startswith("Evaluate the following phrase")  # the file's first record
+
+
+def test_fresh_tokenizers_learn_from_the_rendered_prompt_not_json():
+    from lmforge.tasks.sft import SFTOptions, _tokenizer_text
+
+    rec = {"instruction": "Name a colour.", "input": "", "output": "Blue.\nOr red."}
+    text = _tokenizer_text(rec, SFTOptions(template="book"))
+    assert text.endswith("### Response:\nBlue.\nOr red.") and "\\n" not in text  # real newlines, no escapes
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    assert json.loads(_tokenizer_text(chat, SFTOptions(format="messages"))) == chat

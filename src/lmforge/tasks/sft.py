@@ -157,6 +157,17 @@ def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
         return None
 
 
+def _tokenizer_text(record: dict, opts: SFTOptions) -> str:
+    """What a fresh (char, bpe) tokenizer learns from: the rendered prompt and response of an Alpaca
+    record (so the template's characters and real newlines are in it), else the record as JSON."""
+    if opts.format == "alpaca" and opts.template != "chat":
+        try:
+            return "".join(alpaca_prompt(record, opts.template))
+        except DataError:
+            pass
+    return json.dumps(record, ensure_ascii=False)
+
+
 def _records(sources) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(sources))]
 
@@ -180,7 +191,7 @@ def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
     train_recs, val_recs, test_recs = _splits(cfg)
-    tokenizer = build_tokenizer(ctx, lambda: (json.dumps(r, ensure_ascii=False) for r in train_recs))
+    tokenizer = build_tokenizer(ctx, lambda: (_tokenizer_text(r, o) for r in train_recs))
     model = build_model(ctx, tokenizer.vocab_size)
     if model.config.arch != "decoder":
         raise ConfigError(f"task: sft trains a decoder; model.arch is {model.config.arch!r}")
@@ -211,7 +222,8 @@ def _build(ctx: TaskContext) -> TaskParts:
     def finish(best_model, summary: dict) -> dict:
         """Loss and perplexity on the held-out test examples' response tokens (the best model)."""
         device = next(best_model.parameters()).device
-        metrics = CausalLM().evaluate(best_model, ({k: v.to(device) for k, v in b.items()} for b in val_batches(test)))
+        batches = ({k: v.to(device) for k, v in b.items()} for b in val_batches(test))
+        metrics = CausalLM().evaluate(best_model, batches)
         return {f"test_{k}": v for k, v in metrics.items()}
 
     prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
@@ -220,7 +232,8 @@ def _build(ctx: TaskContext) -> TaskParts:
         model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
         flops_per_token=flops_per_token(mcfg, o.max_length),
         callbacks=[SampleAnswers(ctx.run_dir, tokenizer, prompts, o.sample_tokens)], finish=finish if test else None,
-        describe=[f"data: train {train.as_dict()}, val {val.as_dict()}, test {len(test)} examples, {cfg.data.split} split (format {o.format}, template {o.template}, "
+        describe=[f"data: train {train.as_dict()}, val {val.as_dict()}, test {len(test)} examples, {cfg.data.split} "
+                  f"split (format {o.format}, template {o.template}, "
                   f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
