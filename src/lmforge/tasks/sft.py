@@ -85,10 +85,10 @@ def collate_packed(examples: list, pad_id: int, capacity: int) -> dict:
     lengths = [len(e.input_ids) - 1 for e in examples]
     rows = pack_rows(lengths, capacity)
     T = max(sum(lengths[i] for i in row) for row in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    tgt = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(rows), T), dtype=torch.long)
-    seg = torch.zeros((len(rows), T), dtype=torch.long)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    tgt = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (R, T)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    seg = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T): 0 on padding
     for r, row in enumerate(rows):
         at = 0
         for s, i in enumerate(row, start=1):
