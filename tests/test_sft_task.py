@@ -82,3 +82,57 @@ def test_exact_resume_for_sft(sft_dict):
         lambda: config_from_dict(sft_dict("resumed", train={"max_steps": 2 * n, "eval_every": 100})), n)
     got = [h["loss"] for h in first["history"] + second["history"]]
     assert got == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
+
+
+def test_ordered_split_is_the_books_layout(sft_dict, tmp_path):
+    from lmforge.data.formats import ordered_split
+    from lmforge.tasks.sft import _splits
+
+    recs = [{"i": i} for i in range(1100)]
+    train, val, test = ordered_split(recs, 0.05, 0.10)  # the book: first 85% train, next 10% test, last 5% val
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train == recs[:935] and test == recs[935:1045] and val == recs[1045:]
+    cfg = config_from_dict(sft_dict(data={"split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1}))
+    train, val, test = _splits(cfg)
+    in_file = json.loads(Path(cfg.data.sources[0].path).read_text())
+    assert train + test + val == in_file  # file order, nothing shuffled
+    assert (len(train), len(test), len(val)) == (33, 4, 4)
+
+
+def test_ordered_split_is_for_sft_only(tiny_dict):
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.split"):
+        config_from_dict(tiny_dict(data={"split": "ordered"}))
+    with pytest.raises(ConfigError, match="data.split"):
+        config_from_dict(tiny_dict(task="sft", data={"split": "sorted"}))
+
+
+def test_sft_test_fraction_is_held_out_and_evaluated_at_the_end(sft_dict):
+    s = _run(sft_dict(data={"split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1},
+                      train={"max_steps": 2, "eval_every": 2}))
+    assert s["test_loss"] > 0 and s["test_ppl"] > 1
+
+
+def test_smollm2_lora_recipe_has_the_books_935_55_110_split(monkeypatch):
+    from lmforge.config import load_config
+    from lmforge.tasks.sft import _splits
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "configs" / "sft-smollm2-lora.yaml")
+    if not Path(cfg.data.sources[0].path).is_file():
+        pytest.skip("../shared/data/instruction_small is not here")
+    train, val, test = _splits(cfg)
+    assert (len(train), len(val), len(test)) == (935, 55, 110)
+    assert train[0]["instruction"].startswith("Evaluate the following phrase")  # the file's first record
+
+
+def test_fresh_tokenizers_learn_from_the_rendered_prompt_not_json():
+    from lmforge.tasks.sft import SFTOptions, _tokenizer_text
+
+    rec = {"instruction": "Name a colour.", "input": "", "output": "Blue.\nOr red."}
+    text = _tokenizer_text(rec, SFTOptions(template="book"))
+    assert text.endswith("### Response:\nBlue.\nOr red.") and "\\n" not in text  # real newlines, no escapes
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    assert json.loads(_tokenizer_text(chat, SFTOptions(format="messages"))) == chat

@@ -141,6 +141,14 @@ def split_records(records: list[dict], fractions: tuple[float, ...], seed: int,
     return parts  # [rest (train), fractions[0] part, fractions[1] part, ...]
 
 
+def ordered_split(records: list[dict], val_fraction: float, test_fraction: float) -> list[list[dict]]:
+    """[train, val, test] in file order, laid out as the classic book splits its instruction data:
+    the first records train, the next ``test_fraction`` test, the last ``val_fraction`` validate."""
+    n_val, n_test = int(round(val_fraction * len(records))), int(round(test_fraction * len(records)))
+    n_train = len(records) - n_val - n_test
+    return [records[:n_train], records[n_train + n_test:], records[n_train:n_train + n_test]]
+
+
 def balance_records(records: list[dict], key, seed: int) -> list[dict]:
     """Undersample every group to the size of the smallest one (the book's 747/747 spam set)."""
     rng = random.Random(seed)

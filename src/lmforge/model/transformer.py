@@ -48,12 +48,15 @@ class Transformer(nn.Module):
                 raise InputError(f"token id {bad} is out of range: expected 0 <= id < vocab_size={cfg.vocab_size}")
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, segment_ids=None) -> torch.Tensor:
         """input_ids (B, T) -> hidden states (B, T, C).
 
         attention_mask (B, S) marks real tokens with 1 and padding with 0; with a cache it covers
         the cached positions too (S = past + T). position_ids default to the count of real tokens
         before each position, so left-padded prompts get the same positions as unpadded ones.
+        segment_ids (B, T) number the documents packed into a row: a token attends only to earlier
+        tokens of its own segment (a block-diagonal causal mask; no cache). Pass position_ids
+        restarting at 0 per segment with them.
         """
         cfg = self.config
         past = cache.length if cache is not None else 0
@@ -77,10 +80,12 @@ class Transformer(nn.Module):
         x = dropout(self.drop, x)
         rope = self.rope(position_ids) if self.rope is not None else None
 
+        if segment_ids is not None and (cache is not None or not cfg.causal):
+            raise InputError("segment_ids (packed documents) need a causal model and no KV cache")
         if self._can_unpad(attention_mask, cache):
             x = self._unpadded_blocks(x, attention_mask)
             return self.norm(x) if self.norm is not None else x
-        mask, is_causal = self._mask(attention_mask, B, T, past, x.device)
+        mask, is_causal = self._mask(attention_mask, B, T, past, x.device, segment_ids)
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
@@ -118,18 +123,20 @@ class Transformer(nn.Module):
             out = out.index_copy(0, idx, h[0])
         return out.view(B, T, C)
 
-    def _mask(self, attention_mask, B, T, past, device):
+    def _mask(self, attention_mask, B, T, past, device, segment_ids=None):
         """The attention mask for SDPA: None + is_causal on the fast path, else bool (B, 1, T, S)."""
         S = past + T
         if not self.config.causal:
             if attention_mask is None:
                 return None, False
             return attention_mask.bool()[:, None, None, :].expand(B, 1, T, S), False
-        if attention_mask is None and (past == 0 or T == 1):
+        if attention_mask is None and segment_ids is None and (past == 0 or T == 1):
             return None, T > 1  # plain causal, or one new token that may see everything
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if segment_ids is not None:  # packed rows: block-diagonal causal (past == 0, so S == T)
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
         if attention_mask is not None:
             keys = attention_mask.bool()[:, None, None, :S]  # (B, 1, 1, S)
             # a padding query would see no key at all (NaN); let every query see itself
@@ -163,9 +170,11 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.transformer.tok_emb.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                last_only: bool = False, head: str | None = None) -> torch.Tensor:
-        """Next-token logits (B, T, vocab); ``head="cls"`` returns class logits (B, num_classes)."""
-        h = self.transformer(input_ids, attention_mask, position_ids, cache=cache)  # (B, T, C)
+                last_only: bool = False, head: str | None = None, segment_ids=None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab); ``head="cls"`` returns class logits (B, num_classes).
+        ``segment_ids`` (B, T): documents packed into one row attend only within themselves."""
+        h = self.transformer(input_ids, attention_mask, position_ids, cache=cache,
+                             segment_ids=segment_ids)  # (B, T, C)
         if head is not None:
             return _classify(self, h, attention_mask, head)
         if last_only:  # generation needs only the next-token distribution

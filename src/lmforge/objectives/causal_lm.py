@@ -16,7 +16,9 @@ class CausalLM(Objective):
         return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
 
     def loss(self, model, batch):
-        logits = model(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+        # packed rows (task sft, objective.packing) also carry per-document positions and segment ids
+        packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+        logits = model(batch["input_ids"], batch.get("attention_mask"), **packed)  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
                                ignore_index=-100)
         return loss, {}

@@ -6,6 +6,14 @@ the loss covers the response tokens only (every assistant turn of a conversation
 ``train_on_prompt``. Validation reports loss and perplexity on response tokens, and at each
 evaluation the model's greedy answers to a fixed set of validation prompts are appended to
 ``sft_samples.jsonl`` in the run folder (a person reads them).
+
+``objective.packing`` packs each micro-batch's examples into fewer rows of at most ``max_length``
+tokens (greedy first-fit, in the sampler's order, so a step's batch stays a pure function of the
+step). Every example is shifted on its own before packing (its inputs ``ids[:-1]``, its targets
+``labels[1:]``), so no target crosses into the next example; positions restart at 0 per example
+and ``segment_ids`` give the model a block-diagonal causal mask. The targets of a micro-batch are
+the same as unpacked, so the loss (a mean over targets, weighted by target counts) is unchanged.
+Validation batches are not packed.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import split_records
+from lmforge.data.formats import ordered_split, split_records
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sft_format import IGNORE, alpaca_prompt, build_examples
 from lmforge.errors import ConfigError, DataError
@@ -41,6 +49,7 @@ class SFTOptions:
     oasst_mode: str = "rank0"  # OpenAssistant: rank0 (best replies) or all root-to-leaf paths
     sample_prompts: int = 3  # validation prompts answered (greedily) at each evaluation
     sample_tokens: int = 64  # tokens per answer
+    packing: bool = False  # pack each micro-batch's examples into rows of max_length tokens
 
 
 def collate_sft(examples: list, pad_id: int) -> dict:
@@ -53,6 +62,57 @@ def collate_sft(examples: list, pad_id: int) -> dict:
         ids[i, :n] = torch.tensor(e.input_ids[:-1])
         tgt[i, :n] = torch.tensor(e.labels[1:])
     return {"input_ids": ids, "targets": tgt}
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Greedy first-fit: example i (``lengths[i]`` tokens) goes into the first row with room,
+    in the given order; returns the example indices of each row."""
+    rows, used = [], []
+    for i, n in enumerate(lengths):
+        r = next((r for r, u in enumerate(used) if u + n <= capacity), len(rows))
+        if r == len(rows):
+            rows.append([])
+            used.append(0)
+        rows[r].append(i)
+        used[r] += n
+    return rows
+
+
+def collate_packed(examples: list, pad_id: int, capacity: int) -> dict:
+    """Examples packed into rows of at most ``capacity`` positions: input_ids, targets,
+    position_ids (restarting at 0 per example) and segment_ids (1, 2, ... per example; 0 on
+    padding), all (R, T). Each example is shifted on its own, so targets never cross examples."""
+    lengths = [len(e.input_ids) - 1 for e in examples]
+    rows = pack_rows(lengths, capacity)
+    T = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (R, T)
+    tgt = torch.full((len(rows), T), IGNORE, dtype=torch.long)  # (R, T)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T)
+    seg = torch.zeros((len(rows), T), dtype=torch.long)  # (R, T): 0 on padding
+    for r, row in enumerate(rows):
+        at = 0
+        for s, i in enumerate(row, start=1):
+            e, n = examples[i], lengths[i]
+            ids[r, at:at + n] = torch.tensor(e.input_ids[:-1])
+            tgt[r, at:at + n] = torch.tensor(e.labels[1:])
+            pos[r, at:at + n] = torch.arange(n)
+            seg[r, at:at + n] = s
+            at += n
+    return {"input_ids": ids, "targets": tgt, "position_ids": pos, "segment_ids": seg}
+
+
+def packing_line(sampler: StepSampler, lengths: list[int], capacity: int, max_steps: int) -> str:
+    """How full packed rows are over (up to) one epoch of rank 0's micro-batches, beside unpacked padding."""
+    steps = max(1, min(max_steps, -(-sampler.n // sampler.global_batch), 200))
+    real = rows = padded = 0
+    for step in range(steps):
+        g = sampler.global_indices(step)
+        for m in range(sampler.grad_accum):
+            n = [lengths[i] - 1 for i in g[sampler.slice_of(m, 0)].tolist()]
+            real, rows, padded = real + sum(n), rows + len(pack_rows(n, capacity)), padded + len(n) * max(n)
+    return (f"packing: {capacity}-token rows, {real / (rows * capacity):.1%} of row capacity filled "
+            f"({sampler.micro_batch} examples -> {rows / (steps * sampler.grad_accum):.2f} rows per micro-batch; "
+            f"unpacked rows are {real / padded:.1%} real tokens), over {steps} steps")
 
 
 class SampleAnswers(Callback):
@@ -97,15 +157,41 @@ def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
         return None
 
 
+def _tokenizer_text(record: dict, opts: SFTOptions) -> str:
+    """What a fresh (char, bpe) tokenizer learns from: the rendered prompt and response of an Alpaca
+    record (so the template's characters and real newlines are in it), else the record as JSON."""
+    if opts.format == "alpaca" and opts.template != "chat":
+        try:
+            return "".join(alpaca_prompt(record, opts.template))
+        except DataError:
+            pass
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _records(sources) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(sources))]
+
+
+def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
+    """Train, validation and test records: val/test sources of their own, or fractions of the
+    training sources (seeded shuffle, or file order with ``data.split: ordered``)."""
+    d = cfg.data
+    fracs = (0.0 if d.val_sources else d.val_fraction, 0.0 if d.test_sources else d.test_fraction)
+    records = _records(d.sources)
+    if d.split == "ordered":
+        train, val, test = ordered_split(records, *fracs)
+    elif any(fracs):
+        train, val, test = split_records(records, fracs, cfg.run.seed)
+    else:
+        train, val, test = records, [], []
+    val = _records(d.val_sources) if d.val_sources else val
+    return train, val, _records(d.test_sources) if d.test_sources else test
+
+
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
-    records = [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(cfg.data.sources))]
-    if cfg.data.val_sources:
-        train_recs = records
-        val_recs = [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(cfg.data.val_sources))]
-    else:
-        train_recs, val_recs, _ = split_records(records, (cfg.data.val_fraction, 0.0), cfg.run.seed)
-    tokenizer = build_tokenizer(ctx, lambda: (json.dumps(r, ensure_ascii=False) for r in train_recs))
+    train_recs, val_recs, test_recs = _splits(cfg)
+    tokenizer = build_tokenizer(ctx, lambda: (_tokenizer_text(r, o) for r in train_recs))
     model = build_model(ctx, tokenizer.vocab_size)
     if model.config.arch != "decoder":
         raise ConfigError(f"task: sft trains a decoder; model.arch is {model.config.arch!r}")
@@ -115,29 +201,45 @@ def _build(ctx: TaskContext) -> TaskParts:
     kw = dict(kind=o.format, template=o.template, max_length=o.max_length, overflow=o.overflow,
               train_on_prompt=o.train_on_prompt, oasst_mode=o.oasst_mode)
     train, val = build_examples(train_recs, tokenizer, **kw), build_examples(val_recs, tokenizer, **kw)
+    test = build_examples(test_recs, tokenizer, **kw).examples
     if not train.examples or not val.examples:
         raise DataError(f"task sft: {len(train.examples)} training and {len(val.examples)} validation examples; "
                         f"expected at least one of each (data.val_fraction / data.val_sources)")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     sampler = StepSampler(len(train.examples), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
-    train_data = ExampleBatches(sampler, lambda idx: collate_sft([train.examples[i] for i in idx], pad), dist.rank)
+
+    def collate(idx: list[int]) -> dict:
+        batch = [train.examples[i] for i in idx]
+        return collate_packed(batch, pad, o.max_length) if o.packing else collate_sft(batch, pad)
+
+    train_data = ExampleBatches(sampler, collate, dist.rank)
     ev = val.examples
 
-    def val_batches():
-        for s in range(0, len(ev), t.eval_batch_size):
-            yield collate_sft(ev[s:s + t.eval_batch_size], pad)
+    def val_batches(examples=ev):
+        for s in range(0, len(examples), t.eval_batch_size):
+            yield collate_sft(examples[s:s + t.eval_batch_size], pad)
+
+    def finish(best_model, summary: dict) -> dict:
+        """Loss and perplexity on the held-out test examples' response tokens (the best model)."""
+        device = next(best_model.parameters()).device
+        batches = ({k: v.to(device) for k, v in b.items()} for b in val_batches(test))
+        metrics = CausalLM().evaluate(best_model, batches)
+        return {f"test_{k}": v for k, v in metrics.items()}
 
     prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
     mcfg = model.config
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
         flops_per_token=flops_per_token(mcfg, o.max_length),
-        callbacks=[SampleAnswers(ctx.run_dir, tokenizer, prompts, o.sample_tokens)],
-        describe=[f"data: train {train.as_dict()}, val {val.as_dict()} (format {o.format}, template {o.template}, "
+        callbacks=[SampleAnswers(ctx.run_dir, tokenizer, prompts, o.sample_tokens)], finish=finish if test else None,
+        describe=[f"data: train {train.as_dict()}, val {val.as_dict()}, test {len(test)} examples, {cfg.data.split} "
+                  f"split (format {o.format}, template {o.template}, "
                   f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"])
+                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"]
+        + ([packing_line(sampler, [len(e.input_ids) for e in train.examples], o.max_length, t.max_steps)]
+           if o.packing else []))
 
 
 def _check(cfg: RunConfig) -> list[str]:
