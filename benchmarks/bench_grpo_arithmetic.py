@@ -53,6 +53,8 @@ def stage(config: str, overrides: list[str], quiet: bool) -> tuple[dict, dict]:
     say = (lambda *a, **k: None) if quiet else print
     before, t0 = loadavg(), time.time()
     summary = run(cfg, progress=False, print_fn=say)
+    if summary.get("stopped_early"):  # SIGINT/SIGTERM: the trainer saved and stopped; so does the benchmark
+        raise SystemExit(f"{config}: stopped at step {summary.get('steps')}; no figures written")
     return summary, {"seconds": round(time.time() - t0, 1), "load_start": before, "load_end": loadavg()}
 
 
