@@ -44,6 +44,13 @@ def test_override_lists_and_mappings_reach_the_config():
     assert cfg.train.lr == 3e-4
 
 
+def test_arithmetic_difficulty_is_a_source_option():
+    cfg = load_config(None, ["data.sources=[{path: builtin:arithmetic, ops: '+-', max_operand: 999}]"])
+    assert (cfg.data.sources[0].ops, cfg.data.sources[0].max_operand) == ("+-", 999)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].max_operand: expected int"):
+        load_config(None, ["data.sources=[{path: builtin:arithmetic, max_operand: lots}]"])
+
+
 def test_exponent_without_dot_is_a_float(tmp_path):
     # PyYAML (YAML 1.1) reads 3e-4 as a string; lmforge reads it as the float everyone means
     f = tmp_path / "c.yaml"

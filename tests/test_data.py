@@ -180,6 +180,49 @@ def test_builtin_sources():
         list(iter_documents(SourceSpec("builtin:poems")))
 
 
+def test_builtin_arithmetic_difficulty_options_reach_every_reader():
+    """ops / max_operand pick the difficulty of the pretraining text, the GRPO prompts and the
+    DPO pairs alike; unset, they keep the generator's defaults."""
+    from lmforge.data.builtin_tasks import arithmetic_preference_pairs
+    from lmforge.objectives.grpo import GRPOOptions
+    from lmforge.objectives.dpo import DPOOptions
+    from lmforge.tasks.dpo import source_pairs
+    from lmforge.tasks.grpo import source_records
+
+    spec = SourceSpec("builtin:arithmetic", num_docs=40, seed=2, ops="+ -", max_operand=9)
+    assert spec.builtin_options() == {"max_operand": 9, "ops": ("+", "-")}
+    assert SourceSpec("builtin:arithmetic").builtin_options() == {}
+    docs = list(iter_documents(spec))
+    assert docs == arithmetic_documents(40, seed=2, max_operand=9, ops=("+", "-"))
+    assert docs != arithmetic_documents(40, seed=2)
+    ops = {re.fullmatch(r"What is (\d+) ([-+*/]) (\d+)\? Answer: \d+", d)[2] for d in docs}
+    assert ops == {"+", "-"}
+    assert source_records(spec, GRPOOptions()) == arithmetic(40, seed=2, max_operand=9, ops=("+", "-"))
+    pairs = [p for _, p in source_pairs(spec, DPOOptions())]
+    want = arithmetic_preference_pairs(40, seed=2, max_operand=9, ops=("+", "-"))
+    assert [(p.prompt, p.chosen) for p in pairs][:5] == [(w["prompt"], w["chosen"]) for w in want][:5]
+    assert source_fingerprint(spec) != source_fingerprint(SourceSpec("builtin:arithmetic", num_docs=40, seed=2))
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"ops": "+%"}, r"ops must be a string of distinct operations from '\+-\*/'.*'\+%'"),
+    ({"ops": "++"}, "ops must be a string of distinct operations"),
+    ({"ops": ""}, "ops must be"),
+    ({"max_operand": 0}, "max_operand must be an integer >= 1, got 0"),
+    ({"max_operand": True}, "max_operand must be an integer >= 1"),
+])
+def test_builtin_arithmetic_bad_difficulty_is_one_clear_error(kwargs, needle):
+    with pytest.raises(DataError, match=needle):
+        SourceSpec("builtin:arithmetic", **kwargs)
+
+
+def test_arithmetic_options_on_other_sources_are_an_error():
+    with pytest.raises(DataError, match="builtin:stories: ops applies to builtin:arithmetic only"):
+        SourceSpec("builtin:stories", ops="+")
+    with pytest.raises(DataError, match="data.jsonl: max_operand applies to builtin:arithmetic only"):
+        SourceSpec("data.jsonl", max_operand=9)
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class SourceSection:
     part_split: list[float] | None = None  # [val, test] fractions of that split
     part_seed: int = 0  # its seed (equal to a classifier's run.seed: the same split as that run makes)
     part_stratify: str | None = None  # the field it stratifies by (a label field)
+    max_operand: int | None = None  # builtin:arithmetic: operands drawn from 0..max_operand (default 99)
+    ops: str | None = None  # builtin:arithmetic: the operations, e.g. "+-" (default "+-*"; "/" also exists)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from lmforge.errors import DataError
 __all__ = [
     "BUILTIN_VERSION",
     "BUILTIN_CORPORA",
+    "ARITHMETIC_OPS",
     "stories",
     "iter_stories",
     "arithmetic",
@@ -642,7 +643,7 @@ def stories(n: int, seed: int = 0) -> list[str]:
 # Arithmetic
 # --------------------------------------------------------------------------------------------
 
-_OPS = ("+", "-", "*", "/")
+ARITHMETIC_OPS = _OPS = ("+", "-", "*", "/")
 
 
 def arithmetic(
@@ -708,15 +709,16 @@ def arithmetic_documents(n: int, seed: int = 0, max_operand: int = 99,
 # Registry used by sources.py ("builtin:<name>")
 # --------------------------------------------------------------------------------------------
 
-BUILTIN_CORPORA: dict[str, Callable[[int, int], Iterator[str] | list[str]]] = {
+BUILTIN_CORPORA: dict[str, Callable[..., Iterator[str] | list[str]]] = {
     "stories": iter_stories,
-    "arithmetic": lambda n, seed: arithmetic_documents(n, seed),
+    "arithmetic": arithmetic_documents,
 }
 
 
-def builtin_documents(name: str, n: int, seed: int = 0) -> Iterator[str]:
-    """Documents of the built-in corpus ``name`` ("stories" or "arithmetic")."""
+def builtin_documents(name: str, n: int, seed: int = 0, **options) -> Iterator[str]:
+    """Documents of the built-in corpus ``name`` ("stories" or "arithmetic"); ``options`` are
+    the generator's own (arithmetic: ``max_operand``, ``ops``)."""
     if name not in BUILTIN_CORPORA:
         raise DataError(f"builtin:{name}: unknown built-in corpus; expected one of "
                         f"{', '.join('builtin:' + k for k in BUILTIN_CORPORA)}")
-    yield from BUILTIN_CORPORA[name](n, seed)
+    yield from BUILTIN_CORPORA[name](n, seed, **options)

@@ -9,7 +9,9 @@ spec or the files behind it change, which is what the token cache keys on.
 
 Paths:
 
-* ``builtin:stories`` / ``builtin:arithmetic`` -- generated offline (``num_docs``, ``seed``).
+* ``builtin:stories`` / ``builtin:arithmetic`` -- generated offline (``num_docs``, ``seed``);
+  arithmetic also takes its difficulty: ``max_operand`` (operands 0..max_operand) and ``ops``
+  (a string of operations such as ``"+-"``).
 * a local file: ``.txt`` / ``.md`` (plain text; ``doc_separator`` splits it into documents),
   ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of objects), ``.csv`` / ``.tsv``
   (header row), ``.parquet``.
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.builtin import BUILTIN_CORPORA, BUILTIN_VERSION, builtin_documents
+from lmforge.data.builtin import ARITHMETIC_OPS, BUILTIN_CORPORA, BUILTIN_VERSION, builtin_documents
 from lmforge.errors import DataError
 
 __all__ = [
@@ -82,6 +84,9 @@ class SourceSpec:
     part_split: list[float] | None = None
     part_seed: int = 0
     part_stratify: str | None = None
+    # builtin:arithmetic difficulty; None keeps the generator's defaults (0..99, "+-*").
+    max_operand: int | None = None
+    ops: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -112,6 +117,29 @@ class SourceSpec:
         if self.columns is not None and (not isinstance(self.columns, (list, tuple)) or not self.columns
                                          or not all(isinstance(c, str) and c for c in self.columns)):
             raise DataError(f"{self.path}: columns must be a non-empty list of column names, got {self.columns!r}")
+        self._check_arithmetic_options()
+
+    def _check_arithmetic_options(self) -> None:
+        for key in ("max_operand", "ops"):
+            if getattr(self, key) is not None and self.path != "builtin:arithmetic":
+                raise DataError(f"{self.path}: {key} applies to builtin:arithmetic only")
+        if self.max_operand is not None and (not _is_int(self.max_operand) or self.max_operand < 1):
+            raise DataError(f"{self.path}: max_operand must be an integer >= 1, got {self.max_operand!r}")
+        if self.ops is not None:
+            ops = self.ops.replace(" ", "") if isinstance(self.ops, str) else None
+            if not ops or any(o not in ARITHMETIC_OPS for o in ops) or len(set(ops)) != len(ops):
+                raise DataError(f"{self.path}: ops must be a string of distinct operations from "
+                                f"{''.join(ARITHMETIC_OPS)!r} (e.g. \"+-\"), got {self.ops!r}")
+
+    def builtin_options(self) -> dict[str, Any]:
+        """The generator options this spec sets (``max_operand``, ``ops`` as a tuple), for
+        ``builtin:arithmetic`` and the tasks that read it as prompts or preference pairs."""
+        out: dict[str, Any] = {}
+        if self.max_operand is not None:
+            out["max_operand"] = self.max_operand
+        if self.ops is not None:
+            out["ops"] = tuple(self.ops.replace(" ", ""))
+        return out
 
     @property
     def kind(self) -> str:
@@ -290,7 +318,7 @@ def _builtin(spec: SourceSpec) -> Iterator[str]:
     if name not in BUILTIN_CORPORA:
         raise DataError(f"{spec.path}: unknown built-in corpus; expected one of "
                         f"{', '.join('builtin:' + k for k in BUILTIN_CORPORA)}")
-    yield from builtin_documents(name, spec.num_docs, spec.seed)
+    yield from builtin_documents(name, spec.num_docs, spec.seed, **spec.builtin_options())
 
 
 # --------------------------------------------------------------------------------------------

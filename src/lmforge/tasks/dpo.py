@@ -44,7 +44,7 @@ def source_pairs(spec: SourceSpec, o: DPOOptions, skipped: dict | None = None) -
         if spec.path not in BUILTIN_PAIRS:
             raise DataError(f"{spec.path}: task dpo has no such built-in preference data; expected "
                             f"{', '.join(BUILTIN_PAIRS)}")
-        records = arithmetic_preference_pairs(spec.limit or spec.num_docs, spec.seed)
+        records = arithmetic_preference_pairs(spec.limit or spec.num_docs, spec.seed, **spec.builtin_options())
     else:
         records = []
         for r in iter_records(spec):

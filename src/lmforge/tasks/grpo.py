@@ -33,7 +33,7 @@ def source_records(spec: SourceSpec, o: GRPOOptions) -> list[dict]:
     if spec.path.startswith("builtin:"):
         if spec.path != "builtin:arithmetic":
             raise DataError(f"{spec.path}: task grpo has no such built-in prompts; expected builtin:arithmetic")
-        return arithmetic(spec.limit or spec.num_docs, spec.seed)
+        return arithmetic(spec.limit or spec.num_docs, spec.seed, **spec.builtin_options())
     records = [{k: v for k, v in r.items() if k != "_where"} for r in iter_records(spec)]
     return parse_prompt_answer_records(records, o.prompt_field, o.answer_field, o.format, spec.path)
 
