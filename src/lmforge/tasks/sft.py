@@ -49,6 +49,7 @@ class SFTOptions:
     oasst_mode: str = "rank0"  # OpenAssistant: rank0 (best replies) or all root-to-leaf paths
     sample_prompts: int = 3  # validation prompts answered (greedily) at each evaluation
     sample_tokens: int = 64  # tokens per answer
+    test_response_tokens: int = 128  # the best model answers every test prompt (test_responses.jsonl); 0: skip
     packing: bool = False  # pack each micro-batch's examples into rows of max_length tokens
 
 
@@ -188,6 +189,26 @@ def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
     return train, val, _records(d.test_sources) if d.test_sources else test
 
 
+def write_test_responses(path, model, tokenizer, records: list[dict], o: SFTOptions, batch_size: int) -> int:
+    """Greedy answers to the test records' prompts (batched, left-padded KV-cache decoding), one
+    JSON line each beside the reference answer; returns how many were written."""
+    from lmforge.generate import generate_text
+
+    rows = [(r, p) for r in records if (p := _prompt_text(r, o, tokenizer))]
+    was = model.training
+    model.eval()
+    with open(path, "w", encoding="utf-8") as f:
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            answers = generate_text(model, tokenizer, [p for _, p in chunk], max_new_tokens=o.test_response_tokens,
+                                    temperature=0.0)
+            for (r, p), a in zip(chunk, answers, strict=True):
+                f.write(json.dumps({"prompt": p, "reference": r.get("output"), "response": a.strip()},
+                                   ensure_ascii=False) + "\n")
+    model.train(was)
+    return len(rows)
+
+
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
     train_recs, val_recs, test_recs = _splits(cfg)
@@ -224,6 +245,10 @@ def _build(ctx: TaskContext) -> TaskParts:
         device = next(best_model.parameters()).device
         batches = ({k: v.to(device) for k, v in b.items()} for b in val_batches(test))
         metrics = CausalLM().evaluate(best_model, batches)
+        if o.test_response_tokens > 0 and dist.is_main:
+            n = write_test_responses(ctx.run_dir / "test_responses.jsonl", best_model, tokenizer, test_recs, o,
+                                     t.eval_batch_size)
+            print(f"test: {n} greedy responses of the best model in {ctx.run_dir / 'test_responses.jsonl'}")
         return {f"test_{k}": v for k, v in metrics.items()}
 
     prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
@@ -250,6 +275,8 @@ def _check(cfg: RunConfig) -> list[str]:
         p.append(f"objective.template: got {o.template!r}, expected alpaca, book or chat")
     if o.overflow not in ("truncate", "drop"):
         p.append(f"objective.overflow: got {o.overflow!r}, expected truncate or drop")
+    if o.test_response_tokens < 0:
+        p.append(f"objective.test_response_tokens: got {o.test_response_tokens}, expected an integer >= 0")
     if o.max_length < 2:
         p.append(f"objective.max_length: got {o.max_length}, expected an integer >= 2")
     return p
