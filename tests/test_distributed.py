@@ -186,9 +186,32 @@ def test_two_processes_match_one_for_sft_with_uneven_masking(tiny_yaml, tmp_path
                      "input": "", "output": (f"{i} " * (12 if long else 1)).strip()})
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(recs))
-    sections = dict(task="sft", tokenizer={"kind": "byte"}, model={"context_length": 128, "bias": False},
-                    objective={"max_length": 128, "sample_prompts": 0},
+    sections = dict(task="sft", tokenizer={"kind": "byte"}, model={"context_length": 256, "bias": False},
+                    objective={"max_length": 256, "sample_prompts": 0},  # the alpaca prompt is ~190 bytes
                     data={"sources": [{"path": str(data)}], "val_fraction": 0.25},
                     train={"max_steps": 4, "batch_size": BATCH, "log_every": 1, "eval_every": 2, "warmup_steps": 1,
                            "eval_batch_size": 6})
-    _one_and_two(tmp_path, tiny_yaml("one", **sections), tiny_yaml("two", **sections), BATCH)
+    one_cfg, two_cfg = tiny_yaml("one", **sections), tiny_yaml("two", **sections)
+    _check_ranks_train_unequal_token_counts(two_cfg, BATCH // 2)
+    _one_and_two(tmp_path, one_cfg, two_cfg, BATCH)
+
+
+def _check_ranks_train_unequal_token_counts(cfg_path: Path, micro: int) -> None:
+    """The two ranks' halves of the first steps hold different numbers of trained tokens (what
+    makes a per-rank mean differ from the global one): each rank's slice, as the run takes it."""
+    from lmforge.config import load_config
+    from lmforge.data.sampler import ExampleBatches, StepSampler
+    from lmforge.tasks import get_task
+    from lmforge.tasks.common import TaskContext
+    from lmforge.train.distributed import DistInfo
+
+    cfg = load_config(cfg_path, [f"run.out_dir={cfg_path.parent / 'scratch'}"])
+    ctx = TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=False,
+                      say=lambda *a, **k: None)
+    parts = get_task("sft").build(ctx)
+    n = parts.train_data.sampler.n
+    counts = []
+    for rank in (0, 1):
+        data = ExampleBatches(StepSampler(n, micro, 1, 2, cfg.run.seed), parts.train_data.collate, rank)
+        counts.append([parts.objective.targets_in(data.batch(step, 0)) for step in range(4)])
+    assert any(abs(a - b) > 10 for a, b in zip(*counts)), counts
