@@ -17,7 +17,10 @@ from typing import Callable
 def cmd_train(args) -> int:
     from lmforge.config import load_config
     from lmforge.train.run import run
+    from lmforge.train.stages import is_pipeline
 
+    if is_pipeline(args.config):
+        return _train_stages(args)
     cfg = load_config(args.config, args.overrides)
     if args.print_config or args.dry_run:
         import yaml
@@ -33,6 +36,26 @@ def cmd_train(args) -> int:
     if summary.get("stopped_early"):
         how = "the same command" + ("" if cfg.train.resume == "auto" else " plus train.resume=auto")
         print(f"stopped at step {summary['steps']}; resume with {how}")
+    for split, r in (summary.get("reports") or {}).items():
+        print(json.dumps({"split": split, "accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4),
+                          "examples": r["examples"]}))
+    return 0
+
+
+def _train_stages(args) -> int:
+    """A multi-stage recipe (top-level ``stages:``): every stage in turn, in one run folder."""
+    from lmforge.train.stages import format_plan, load_pipeline, run_pipeline
+
+    pipe = load_pipeline(args.config, args.overrides)
+    if args.print_config or args.dry_run:
+        print(format_plan(pipe), end="")
+        if args.dry_run:
+            print(f"# dry run: the {len(pipe.stages)} stages are valid; nothing was trained")
+        if args.dry_run or args.print_config == "exit":
+            return 0
+    summary = run_pipeline(pipe, progress=not args.quiet)
+    if summary["stopped_early"]:
+        print(f"stopped at step {summary['steps']} of stage {summary['stage']}; resume with the same command")
     for split, r in (summary.get("reports") or {}).items():
         print(json.dumps({"split": split, "accuracy": round(r["accuracy"], 4), "macro_f1": round(r["macro_f1"], 4),
                           "examples": r["examples"]}))
@@ -443,8 +466,10 @@ def _train_args(p):
                 "src/lmforge/model/config.py; objective keys are the task's options):\n"
                 "  task, run, model, tokenizer, data, objective, train, logging, sample\n"
                 "tasks:\n" + "\n".join(f"  {name:<9} {get_task(name).summary}" for name in TASKS))
-    p.add_argument("--config", "-c", required=True, help="YAML recipe (see configs/); its task: picks what is trained")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6")
+    p.add_argument("--config", "-c", required=True, help="YAML recipe (see configs/); its task: picks what is trained "
+                   "(a recipe with stages: runs each stage in turn)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=500 model.n_layer=6 "
+                   "(multi-stage recipes: for every stage, or STAGE.train.max_steps=500 for one)")
     p.add_argument("--print-config", nargs="?", const="run", default=None, choices=["run", "exit"],
                    help="print the resolved config first (--print-config exit: print it and stop)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, train nothing")

@@ -239,7 +239,7 @@ def _optional(tp) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def _range_problems(cfg: RunConfig) -> list[str]:
+def _range_problems(cfg: RunConfig, pending: tuple[str, ...] = ()) -> list[str]:
     p: list[str] = []
     t = cfg.train
 
@@ -292,12 +292,12 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     p += _device_problems(cfg.run.device)
     out = Path(cfg.run.out_dir)
     need(not out.exists() or out.is_dir(), f"run.out_dir: {out} exists and is not a folder; expected a folder path")
-    p += _init_from_problems(cfg.model.get("init_from"))
+    p += _init_from_problems(cfg.model.get("init_from"), pending)
     return p
 
 
-def _init_from_problems(init) -> list[str]:
-    if init is None:
+def _init_from_problems(init, pending: tuple[str, ...] = ()) -> list[str]:
+    if init is None or init in pending:  # pending: a folder an earlier stage of a pipeline will write
         return []
     if not isinstance(init, str) or not init.strip():
         return [f"model.init_from: got {init!r}, expected a path"]
@@ -365,17 +365,23 @@ def _task_problems(cfg: RunConfig, problems: list[str]) -> None:
             pass  # the model section's own problems are reported by the model check below
 
 
-def config_from_dict(data: dict) -> RunConfig:
-    """Build and validate a RunConfig; raises one ConfigError listing every problem."""
+def config_from_dict(data: dict, *, pending_paths: tuple[str, ...] = ()) -> RunConfig:
+    """Build and validate a RunConfig; raises one ConfigError listing every problem.
+
+    ``pending_paths``: ``model.init_from`` values that need not exist yet (the run folder an
+    earlier stage of a multi-stage recipe writes, lmforge.train.stages)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    if "stages" in data:
+        raise ConfigError("stages: a multi-stage recipe is not one run; run it with lmforge train -c FILE "
+                          "(lmforge.train.stages.load_pipeline reads it)")
     problems: list[str] = []
     cfg = _build(RunConfig, data, "config", problems)
     problems = [p.removeprefix("config.") for p in problems]
     # Range checks run even after type problems (a field of the wrong type kept its default, so
     # it is not reported twice): every problem of the config is reported at once.
     typed = {p.split(":", 1)[0] for p in problems}
-    problems += [p for p in _range_problems(cfg) if p.split(":", 1)[0] not in typed]
+    problems += [p for p in _range_problems(cfg, tuple(pending_paths)) if p.split(":", 1)[0] not in typed]
     _task_problems(cfg, problems)
     if not cfg.init_from:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
         try:
