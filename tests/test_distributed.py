@@ -105,22 +105,7 @@ def test_two_processes_match_one_for_classification(tiny_yaml, tmp_path):
                     data={"sources": [{"path": str(data)}], "val_fraction": 0.2},
                     train={"max_steps": 6, "batch_size": BATCH, "log_every": 1, "eval_every": 3,
                            "warmup_steps": 2, "best_metric": "val_accuracy", "best_mode": "max"})
-    one_cfg, two_cfg = tiny_yaml("one", **sections), tiny_yaml("two", **sections)
-    one = _run([sys.executable, "-m", "lmforge.cli", "train", "-c", str(one_cfg), "--quiet"], tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "lmforge.cli", "train", "-c", str(two_cfg), "--quiet", f"train.batch_size={BATCH // 2}"],
-               tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    rec_one, rec_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    for split in ("train", "val"):
-        a = [r["loss"] for r in rec_one if r["split"] == split]
-        b = [r["loss"] for r in rec_two if r["split"] == split]
-        assert len(a) == len(b) > 0 and b == pytest.approx(a, abs=1e-5), split
-    w1 = load_file(str(ckpt.latest_checkpoint(tmp_path / "one" / "checkpoints") / "model.safetensors"))
-    w2 = load_file(str(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints") / "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0, msg=lambda m: f"{k}: {m}")
+    _one_and_two(tmp_path, tiny_yaml("one", **sections), tiny_yaml("two", **sections), BATCH)
     assert (tmp_path / "two" / "eval_report.json").is_file()
 
 
