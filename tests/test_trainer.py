@@ -101,6 +101,18 @@ def test_exact_resume_continues_the_straight_run(tiny_config, monkeypatch):
     assert steps == list(range(1, 2 * n + 1))
 
 
+def test_eval_at_start_logs_step_zero_and_changes_no_step(tiny_config):
+    """train.eval_at_start: a validation row at step 0 (the untrained model), the same training."""
+    sections = dict(model={"dropout": 0.1}, train={"max_steps": 3, "eval_every": 3})
+    plain = run(tiny_config("plain", **sections))
+    first = run(tiny_config("first", model={"dropout": 0.1}, train={**sections["train"], "eval_at_start": True}))
+    assert [e["step"] for e in first["evals"]] == [0, 3] and [e["step"] for e in plain["evals"]] == [3]
+    assert first["evals"][0]["val_loss"] > first["evals"][1]["val_loss"]
+    assert losses(first) == pytest.approx(losses(plain), abs=1e-7)
+    val_rows = [r["step"] for r in read_metrics(Path(first["run_dir"])) if r["split"] == "val"]
+    assert val_rows == [0, 3]
+
+
 def test_resume_never_starts_over(tiny_config):
     run(tiny_config(train={"max_steps": 2}))
     again = run(tiny_config(train={"max_steps": 2, "resume": "never"}))

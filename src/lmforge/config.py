@@ -91,6 +91,7 @@ class TrainSection:
     precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling, GPU only)
     compile: bool = False
     eval_every: int = 200
+    eval_at_start: bool = False  # also evaluate before the first step (step 0: the "before" figures)
     eval_batches: int = 20
     eval_batch_size: int = 16  # fixed, so validation losses compare across batch sizes and process counts
     log_every: int = 10

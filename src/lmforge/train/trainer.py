@@ -251,6 +251,16 @@ class Trainer:
             raise ConfigError(f"train.best_metric: got {name!r}, but the evaluation returns "
                               f"{', '.join(sorted(ev))}; expected one of those (or null)")
 
+    def _evaluate_and_log(self, result: FitResult, progress) -> dict:
+        """Evaluate now: the metrics go to the result, metrics.jsonl, the progress line and callbacks."""
+        ev = self.evaluate()
+        if ev:
+            result.evals.append({"step": self.step, **ev})
+            self.logger.log(self.step, {k.removeprefix("val_"): v for k, v in ev.items()}, split="val")
+            progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            self._callback("on_evaluate", ev)
+        return ev
+
     def fit(self) -> FitResult:
         cfg = self.cfg
         result = FitResult(step=self.step)
@@ -265,6 +275,9 @@ class Trainer:
         self._callback("on_fit_start")
         tok_window, time_window, t_last = 0, 0.0, time.perf_counter()
         try:
+            if cfg.eval_at_start and self.step == 0:  # the "before" figures (not a best checkpoint)
+                self._evaluate_and_log(result, progress)
+                t_last = time.perf_counter()
             while self.step < cfg.max_steps:
                 self._callback("on_step_start")
                 m = self.train_step()
@@ -284,14 +297,9 @@ class Trainer:
                     tok_window, time_window = 0, 0.0
                 last = self.step == cfg.max_steps
                 if self.step % cfg.eval_every == 0 or last:
-                    ev = self.evaluate()
-                    if ev:
-                        result.evals.append({"step": self.step, **ev})
-                        self.logger.log(self.step, {k.removeprefix("val_"): v for k, v in ev.items()}, split="val")
-                        progress.write(f"step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                        self._callback("on_evaluate", ev)
-                        if cfg.best_metric and cfg.best_metric in ev and self.policy.is_best(ev):
-                            result.best_checkpoint = self.save("best", ev)
+                    ev = self._evaluate_and_log(result, progress)
+                    if ev and cfg.best_metric and cfg.best_metric in ev and self.policy.is_best(ev):
+                        result.best_checkpoint = self.save("best", ev)
                 saved_now = False
                 if self.policy.due(self.step) or last:
                     result.last_checkpoint = self.save(ckpt.step_name(self.step), {"loss": m["loss"]})
