@@ -112,6 +112,8 @@ def test_sft_test_fraction_is_held_out_and_evaluated_at_the_end(sft_dict):
     s = _run(sft_dict(data={"split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1},
                       train={"max_steps": 2, "eval_every": 2}))
     assert s["test_loss"] > 0 and s["test_ppl"] > 1
+    saved = json.loads((Path(s["run_dir"]) / "results.json").read_text())
+    assert saved["test_loss"] == pytest.approx(s["test_loss"]) and saved["step"] == 2
     rows = [json.loads(x) for x in (Path(s["run_dir"]) / "test_responses.jsonl").read_text().splitlines()]
     assert rows and all(set(r) == {"prompt", "reference", "response"} for r in rows)
     assert all(r["prompt"].rstrip().endswith("### Response:") for r in rows)  # the alpaca template's prompt

@@ -13,6 +13,7 @@ Nothing here knows which task it runs.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -135,7 +136,12 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         if result.best_checkpoint is not None or (cfg.train.best_metric and best.is_dir()):
             ckpt.load_checkpoint(best).load_weights_into(model)  # the task's results are the best model's
             summary["evaluated_checkpoint"] = str(best)
-        summary.update(parts.finish(model, summary) or {})
+        results = parts.finish(model, summary) or {}
+        summary.update(results)
+        scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars and dist.is_main:  # e.g. sft's test_loss / test_ppl: printed and kept in the run folder
+            say("results: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+            (run_dir / "results.json").write_text(json.dumps({"step": result.step, **scalars}, indent=1) + "\n")
     if dist.is_main and summary.get("sample"):
         from lmforge.inspect.report import log_sample
 
