@@ -121,7 +121,12 @@ def test_explicit_attention_equals_sdpa_encoder_padding():
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[1, 10:] = 0
     mask[2, 4:] = 0
+    unpadded = model(ids, attention_mask=mask)  # the default encoder path skips padding
+    model.transformer.unpad = False  # layer by layer, both paths on the padded layout
     weights = _sdpa_vs_explicit(model, ids, attention_mask=mask)
+    with record_attention(model):  # the explicit path agrees with the unpadded one where tokens are real
+        explicit = model(ids, attention_mask=mask)
+    torch.testing.assert_close(explicit[mask.bool()], unpadded[mask.bool()], atol=1e-5, rtol=0)
     for w in weights:
         assert torch.all(w[1, :, :, 10:] == 0) and torch.all(w[2, :, :, 4:] == 0)  # padding columns
         upper = torch.ones(10, 10, dtype=torch.bool).triu(1)
