@@ -117,7 +117,7 @@ class Transformer(nn.Module):
             idx = keep[rows].reshape(-1).nonzero().squeeze(1) + rows.start * T  # (N,) flat token index
             seq = idx // T  # (N,) the row of each token
             h = flat.index_select(0, idx)[None]  # (1, N, C)
-            mask = (seq[:, None] == seq[None, :])[None, None]  # (1, 1, N, N) block-diagonal
+            mask, _ = self._mask(None, 1, len(idx), 0, x.device, seq[None])  # (1, 1, N, N) block-diagonal
             for block in self.blocks:
                 h = block(h, None, mask, False, None)
             out = out.index_copy(0, idx, h[0])
@@ -126,7 +126,12 @@ class Transformer(nn.Module):
     def _mask(self, attention_mask, B, T, past, device, segment_ids=None):
         """The attention mask for SDPA: None + is_causal on the fast path, else bool (B, 1, T, S)."""
         S = past + T
+        same = None  # packed rows: a token sees only tokens of its own segment
+        if segment_ids is not None:
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
         if not self.config.causal:
+            if same is not None:  # (unpadded encoder rows)
+                return same, False
             if attention_mask is None:
                 return None, False
             return attention_mask.bool()[:, None, None, :].expand(B, 1, T, S), False
@@ -135,8 +140,8 @@ class Transformer(nn.Module):
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
-        if segment_ids is not None:  # packed rows: block-diagonal causal (past == 0, so S == T)
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
+        if same is not None:  # block-diagonal causal (past == 0, so S == T)
+            allowed = allowed & same  # (B, 1, T, T)
         if attention_mask is not None:
             keys = attention_mask.bool()[:, None, None, :S]  # (B, 1, 1, S)
             # a padding query would see no key at all (NaN); let every query see itself

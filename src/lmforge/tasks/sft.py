@@ -126,16 +126,25 @@ class SampleAnswers(Callback):
     def on_evaluate(self, trainer, metrics):
         if not trainer.dist.is_main or not self.prompts:
             return
-        from lmforge.generate import generate_text
-
-        model = trainer.model
-        was = model.training
-        model.eval()
+        answers = greedy_answers(trainer.model, self.tokenizer, self.prompts, self.max_new_tokens, batch_size=1)
         with open(self.path, "a", encoding="utf-8") as f:
-            for p in self.prompts:
-                answer = generate_text(model, self.tokenizer, p, max_new_tokens=self.max_new_tokens, temperature=0.0)
+            for p, answer in zip(self.prompts, answers, strict=True):
                 f.write(json.dumps({"step": trainer.step, "time": time.time(), "prompt": p, "answer": answer},
                                    ensure_ascii=False) + "\n")
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """The model's greedy continuation of each prompt, ``batch_size`` prompts per KV-cache decode
+    (left-padded), in eval mode; the model's train/eval mode is restored after."""
+    from lmforge.generate import generate_text
+
+    was = model.training
+    model.eval()
+    try:
+        return [a for s in range(0, len(prompts), batch_size)
+                for a in generate_text(model, tokenizer, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                                       temperature=0.0)]
+    finally:
         model.train(was)
 
 
@@ -190,22 +199,14 @@ def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def write_test_responses(path, model, tokenizer, records: list[dict], o: SFTOptions, batch_size: int) -> int:
-    """Greedy answers to the test records' prompts (batched, left-padded KV-cache decoding), one
-    JSON line each beside the reference answer; returns how many were written."""
-    from lmforge.generate import generate_text
-
+    """Greedy answers to the test records' prompts (batched), one JSON line each beside the
+    reference answer; returns how many were written."""
     rows = [(r, p) for r in records if (p := _prompt_text(r, o, tokenizer))]
-    was = model.training
-    model.eval()
+    answers = greedy_answers(model, tokenizer, [p for _, p in rows], o.test_response_tokens, batch_size)
     with open(path, "w", encoding="utf-8") as f:
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s:s + batch_size]
-            answers = generate_text(model, tokenizer, [p for _, p in chunk], max_new_tokens=o.test_response_tokens,
-                                    temperature=0.0)
-            for (r, p), a in zip(chunk, answers, strict=True):
-                f.write(json.dumps({"prompt": p, "reference": r.get("output"), "response": a.strip()},
-                                   ensure_ascii=False) + "\n")
-    model.train(was)
+        for (r, p), a in zip(rows, answers, strict=True):
+            f.write(json.dumps({"prompt": p, "reference": r.get("output"), "response": a.strip()},
+                               ensure_ascii=False) + "\n")
     return len(rows)
 
 
@@ -248,7 +249,7 @@ def _build(ctx: TaskContext) -> TaskParts:
         if o.test_response_tokens > 0 and dist.is_main:
             n = write_test_responses(ctx.run_dir / "test_responses.jsonl", best_model, tokenizer, test_recs, o,
                                      t.eval_batch_size)
-            print(f"test: {n} greedy responses of the best model in {ctx.run_dir / 'test_responses.jsonl'}")
+            ctx.say(f"test: {n} greedy responses of the best model in {ctx.run_dir / 'test_responses.jsonl'}")
         return {f"test_{k}": v for k, v in metrics.items()}
 
     prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]

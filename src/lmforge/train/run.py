@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lmforge.config import RunConfig
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.fsutil import atomic_write
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train import checkpoint as ckpt
@@ -141,7 +142,7 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars and dist.is_main:  # e.g. sft's test_loss / test_ppl: printed and kept in the run folder
             say("results: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
-            (run_dir / "results.json").write_text(json.dumps({"step": result.step, **scalars}, indent=1) + "\n")
+            atomic_write(run_dir / "results.json", json.dumps({"step": result.step, **scalars}, indent=1) + "\n")
     if dist.is_main and summary.get("sample"):
         from lmforge.inspect.report import log_sample
 
