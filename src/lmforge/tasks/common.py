@@ -56,7 +56,11 @@ def build_tokenizer(ctx: TaskContext, texts: Callable[[], Iterable[str]], extra_
     saved = ctx.run_dir / "tokenizer.json"
     if t.kind == "file":
         return load_tokenizer(t.path)
-    if saved.is_file():
+    resumed = saved.is_file()
+    # every rank looks before rank 0 may write the file: a rank that looked later would see it,
+    # skip the barrier below and leave rank 0 waiting there forever
+    barrier(dist)
+    if resumed:
         return load_tokenizer(saved)
     if dist.is_main:
         if cfg.init_from:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,10 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        # LMFORGE_DIST_TIMEOUT (seconds) bounds how long a rank waits for the others (default: torch's 30 min)
+        timeout = os.environ.get("LMFORGE_DIST_TIMEOUT")
+        kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", **kwargs)
     return DistInfo(rank, world, local, dev)
 
 
