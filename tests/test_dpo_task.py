@@ -169,6 +169,19 @@ def test_dpo_scratch_recipes_golden_curve(tmp_path, token_cache):
     assert record["val_margins"] == pytest.approx(golden["val_margins"], abs=2e-4)
 
 
+def test_ordered_split_is_the_books_layout_for_preference_pairs(dpo_dict, tmp_path):
+    from lmforge.tasks.dpo import split_for_run
+
+    p = tmp_path / "prefs.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f" a{i}", "rejected": f" b{i}"}) + "\n"
+                         for i in range(20)))
+    d = dpo_dict(data={"sources": [{"path": str(p)}], "split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1})
+    parts = split_for_run(config_from_dict(d))
+    prompts = {s: [pair.prompt for _, pair in parts[s]] for s in ("train", "val", "test")}
+    # the book: the first 85% train (here 80%), the next 10% test, the last 5% (here 10%) validate
+    assert prompts == {"train": [f"q{i}" for i in range(16)], "test": ["q16", "q17"], "val": ["q18", "q19"]}
+
+
 # ------------------------------------------------------------------------------ bad input
 def test_record_missing_rejected_names_file_and_index(dpo_dict, tmp_path):
     p = tmp_path / "prefs.jsonl"

@@ -99,10 +99,10 @@ def test_ordered_split_is_the_books_layout(sft_dict, tmp_path):
     assert (len(train), len(test), len(val)) == (33, 4, 4)
 
 
-def test_ordered_split_is_for_sft_only(tiny_dict):
+def test_ordered_split_is_for_record_tasks_only(tiny_dict):
     from lmforge.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data.split"):
+    with pytest.raises(ConfigError, match="data.split: ordered splits the records of tasks sft, dpo"):
         config_from_dict(tiny_dict(data={"split": "ordered"}))
     with pytest.raises(ConfigError, match="data.split"):
         config_from_dict(tiny_dict(task="sft", data={"split": "sorted"}))

@@ -69,7 +69,7 @@ class DataSection:
     test_sources: list[SourceSection] | None = None  # example tasks: evaluated once, after training
     test_fraction: float = 0.0  # example tasks: share of the training records held out as a test split
     stratify: bool = True  # example tasks: split train/val/test per label, keeping label proportions
-    split: str = "shuffled"  # shuffled (seeded), or ordered (task sft): file order, train then test then val
+    split: str = "shuffled"  # shuffled (seeded), or ordered (record tasks): file order, train then test then val
     balance: bool = False  # classification: undersample every label to the rarest one's count first
     cache_dir: str = ".lmforge_cache"
 
@@ -174,6 +174,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+ORDERED_SPLIT_TASKS = ("sft", "dpo", "classify", "grpo")  # tasks whose records data.split: ordered lays out
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # exponent form only
 
 
@@ -284,7 +285,9 @@ def _range_problems(cfg: RunConfig, pending: tuple[str, ...] = ()) -> list[str]:
     need(0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
          f"data.test_fraction: got {d.test_fraction}, expected a number in [0, 1) with val_fraction + test_fraction < 1")
     need(d.split in ("shuffled", "ordered"), f"data.split: got {d.split!r}, expected shuffled or ordered")
-    need(d.split == "shuffled" or cfg.task == "sft", f"data.split: ordered is supported by task sft only, not {cfg.task}")
+    need(d.split == "shuffled" or cfg.task in ORDERED_SPLIT_TASKS,
+         f"data.split: ordered splits the records of tasks {', '.join(ORDERED_SPLIT_TASKS)}; task {cfg.task} reads "
+         f"token streams (use data.val_fraction)")
     s = cfg.sample
     need(s.max_new_tokens >= 0, f"sample.max_new_tokens: got {s.max_new_tokens}, expected an integer >= 0")
     need(s.temperature >= 0, f"sample.temperature: got {s.temperature}, expected a number >= 0 (0: greedy)")

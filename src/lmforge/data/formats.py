@@ -141,6 +141,16 @@ def split_records(records: list[dict], fractions: tuple[float, ...], seed: int,
     return parts  # [rest (train), fractions[0] part, fractions[1] part, ...]
 
 
+def split_for_data(records: list, data, seed: int, key=None) -> list[list]:
+    """[train, val, test] of ``records`` as a ``data:`` section asks: fractions of the training
+    sources unless val/test have sources of their own (then that part stays empty here), in file
+    order with ``data.split: ordered`` or seeded-shuffled (stratified by ``key``) otherwise."""
+    fracs = (0.0 if data.val_sources else data.val_fraction, 0.0 if data.test_sources else data.test_fraction)
+    if data.split == "ordered":
+        return ordered_split(records, *fracs)
+    return split_records(records, fracs, seed, key)
+
+
 def ordered_split(records: list[dict], val_fraction: float, test_fraction: float) -> list[list[dict]]:
     """[train, val, test] in file order, laid out as the classic book splits its instruction data:
     the first records train, the next ``test_fraction`` test, the last ``val_fraction`` validate."""

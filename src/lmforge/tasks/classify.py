@@ -15,7 +15,7 @@ import torch
 
 from lmforge.config import RunConfig
 from lmforge.data.formats import (ClassificationExamples, balance_records, collate_classification,
-                                  encode_classification, label_set, record_label, record_text, split_records)
+                                  encode_classification, label_set, record_label, record_text, split_for_data)
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
 from lmforge.errors import ConfigError, DataError
@@ -45,9 +45,7 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[dict]]:
         record_label(r, o.label_field), record_text(r, o.text_field)  # a missing field fails fast, clearly
     if d.balance:
         records = balance_records(records, key, cfg.run.seed)
-    val_frac = 0.0 if d.val_sources else d.val_fraction
-    test_frac = 0.0 if d.test_sources else d.test_fraction
-    train, val, test = split_records(records, (val_frac, test_frac), cfg.run.seed, key if d.stratify else None)
+    train, val, test = split_for_data(records, d, cfg.run.seed, key if d.stratify else None)
     if d.val_sources:
         val = read_records(source_specs(d.val_sources))
     if d.test_sources:

@@ -20,7 +20,7 @@ import torch
 
 from lmforge.config import RunConfig
 from lmforge.data.builtin_tasks import arithmetic_preference_pairs
-from lmforge.data.formats import split_records
+from lmforge.data.formats import split_for_data
 from lmforge.data.preference_format import PreferencePair, parse_preference_records, render_pair
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
@@ -74,9 +74,7 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[tuple[str, PreferencePair]]]
     o, d = cfg.objective, cfg.data
     skipped: dict[str, int] = {}
     pairs = read_pairs(source_specs(d.sources), o, skipped)
-    val_frac = 0.0 if d.val_sources else d.val_fraction
-    test_frac = 0.0 if d.test_sources else d.test_fraction
-    train, val, test = split_records(pairs, (val_frac, test_frac), cfg.run.seed)
+    train, val, test = split_for_data(pairs, d, cfg.run.seed)
     if d.val_sources:
         val = read_pairs(source_specs(d.val_sources), o, skipped)
     if d.test_sources:

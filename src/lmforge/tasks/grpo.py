@@ -12,11 +12,12 @@ appended to ``samples.jsonl``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from lmforge.config import RunConfig
 from lmforge.data.answer_format import parse_prompt_answer_records
 from lmforge.data.builtin import arithmetic
-from lmforge.data.formats import split_records
+from lmforge.data.formats import split_for_data
 from lmforge.data.sampler import StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
 from lmforge.errors import ConfigError, DataError
@@ -49,7 +50,7 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[dict]]:
     """train/val prompts; training prompts that also appear in the validation set are dropped."""
     o, d = cfg.objective, cfg.data
     records = read_records(source_specs(d.sources), o)
-    train, val, _ = split_records(records, (0.0 if d.val_sources else d.val_fraction, 0.0), cfg.run.seed)
+    train, val, _ = split_for_data(records, replace(d, test_fraction=0.0), cfg.run.seed)  # held-out = val
     if d.val_sources:
         val = read_records(source_specs(d.val_sources), o)
     held = {r["prompt"] for r in val}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import ordered_split, split_records
+from lmforge.data.formats import split_for_data
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sft_format import IGNORE, alpaca_prompt, build_examples
 from lmforge.errors import ConfigError, DataError
@@ -188,10 +188,8 @@ def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
     d = cfg.data
     fracs = (0.0 if d.val_sources else d.val_fraction, 0.0 if d.test_sources else d.test_fraction)
     records = _records(d.sources)
-    if d.split == "ordered":
-        train, val, test = ordered_split(records, *fracs)
-    elif any(fracs):
-        train, val, test = split_records(records, fracs, cfg.run.seed)
+    if d.split == "ordered" or any(fracs):
+        train, val, test = split_for_data(records, d, cfg.run.seed)
     else:
         train, val, test = records, [], []
     val = _records(d.val_sources) if d.val_sources else val
