@@ -86,6 +86,23 @@ def test_rollouts_are_groups_of_k_seeded_by_step(grpo_dict):
     assert parts.objective.targets_in(a) == 8
 
 
+def test_chat_template_wraps_each_prompt_as_one_user_turn():
+    from lmforge.chat import LMFORGE_TEMPLATE, render
+    from lmforge.objectives.grpo import GRPOOptions
+    from lmforge.tasks.grpo import render_prompts
+    from lmforge.tokenizer import ByteTokenizer
+
+    recs = [{"prompt": "What is 2+3?", "answer": "5"}]
+    assert render_prompts(recs, ByteTokenizer(), GRPOOptions()) == recs  # template none: as it is
+    out = render_prompts(recs, ByteTokenizer(), GRPOOptions(template="chat", system_prompt="Be brief."))
+    # lmforge's byte tokenizer carries its own chat format's markers, so that template is the default
+    assert out == [{"prompt": "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2+3?<|end|>\n<|assistant|>\n",
+                    "answer": "5"}]
+    assert out[0]["prompt"] == render([{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "What is 2+3?"}], template=LMFORGE_TEMPLATE,
+                                      add_generation_prompt=True)
+
+
 def test_kl_to_reference_is_zero_at_step0(grpo_dict):
     parts = _parts(grpo_dict(objective={"beta": 0.1}))
     parts.objective.setup(parts.model, torch.device("cpu"))
@@ -127,6 +144,8 @@ def test_exact_resume_with_rollout_rng(grpo_dict):
     ({"rewards": ["no_such_module_xyz:f"]}, "cannot import module 'no_such_module_xyz'"),
     ({"num_iterations": 2}, "objective.num_iterations"),
     ({"scale_rewards": "batch"}, "objective.scale_rewards"),
+    ({"template": "alpaca"}, "objective.template: got 'alpaca', expected none"),
+    ({"system_prompt": "Be brief."}, "objective.system_prompt: only used with objective.template: chat"),
 ])
 def test_bad_options_are_config_errors(grpo_dict, objective, needle):
     with pytest.raises(ConfigError, match=needle):

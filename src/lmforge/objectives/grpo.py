@@ -62,6 +62,8 @@ class GRPOOptions:
     mask_truncated: bool = False  # no loss on completions cut off by max_completion_length
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    template: str = "none"  # none: the prompt text as it is; chat: one user turn in the model's chat template
+    system_prompt: str | None = None  # template chat: a system turn first
     format: str = "auto"  # auto, gsm8k, fields
     eval_pass_k: int = 0  # > 1: also pass@k with sampling on the held-out prompts
     sample_completions: int = 4  # held-out completions written to samples.jsonl at each evaluation
@@ -88,6 +90,11 @@ def option_problems(o: GRPOOptions) -> list[str]:
                  f"supported so far")
     if o.eval_pass_k < 0 or o.eval_pass_k == 1:
         p.append(f"objective.eval_pass_k: got {o.eval_pass_k}, expected 0 (off) or k >= 2")
+    if o.template not in ("none", "chat"):
+        p.append(f"objective.template: got {o.template!r}, expected none (the prompt as it is) or chat (the "
+                 f"model's chat template)")
+    if o.system_prompt is not None and o.template != "chat":
+        p.append("objective.system_prompt: only used with objective.template: chat")
     if o.format not in ("auto", "gsm8k", "fields"):
         p.append(f"objective.format: got {o.format!r}, expected auto, gsm8k or fields")
     return p

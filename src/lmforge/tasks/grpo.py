@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+from lmforge.chat import render
 from lmforge.config import RunConfig
 from lmforge.data.answer_format import parse_prompt_answer_records
 from lmforge.data.builtin import arithmetic
@@ -62,11 +63,22 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[dict]]:
     return {"train": train, "val": val}
 
 
+def render_prompts(records: list[dict], tokenizer, o: GRPOOptions) -> list[dict]:
+    """``template: chat``: each prompt becomes one user turn (after the system prompt, if any) in
+    the model's chat template, ending where the assistant's reply starts; ``none``: unchanged."""
+    if o.template == "none":
+        return records
+    system = [{"role": "system", "content": o.system_prompt}] if o.system_prompt else []
+    return [{**r, "prompt": render(system + [{"role": "user", "content": r["prompt"]}], tokenizer,
+                                   add_generation_prompt=True)} for r in records]
+
+
 # ------------------------------------------------------------------------------ builder
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
     splits = split_for_run(cfg)
     tokenizer = build_tokenizer(ctx, lambda: (f"{r['prompt']} {r['answer']}" for r in splits["train"]))
+    splits = {s: render_prompts(recs, tokenizer, o) for s, recs in splits.items()}
     model = build_model(ctx, tokenizer.vocab_size)
     mcfg = model.config
     if mcfg.arch != "decoder":
