@@ -172,14 +172,17 @@ def test_dpo_scratch_recipes_golden_curve(tmp_path, token_cache):
 def test_ordered_split_is_the_books_layout_for_preference_pairs(dpo_dict, tmp_path):
     from lmforge.tasks.dpo import split_for_run
 
+    rows = [{"prompt": f"q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(20)]
+    rows[3]["rejected"] = rows[3]["chosen"]  # skipped: the boundaries stay those of the file (as in the book's data)
     p = tmp_path / "prefs.jsonl"
-    p.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f" a{i}", "rejected": f" b{i}"}) + "\n"
-                         for i in range(20)))
-    d = dpo_dict(data={"sources": [{"path": str(p)}], "split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1})
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = dpo_dict(data={"sources": [{"path": str(p)}], "split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1},
+                 objective={"skip_identical": True})
     parts = split_for_run(config_from_dict(d))
     prompts = {s: [pair.prompt for _, pair in parts[s]] for s in ("train", "val", "test")}
     # the book: the first 85% train (here 80%), the next 10% test, the last 5% (here 10%) validate
-    assert prompts == {"train": [f"q{i}" for i in range(16)], "test": ["q16", "q17"], "val": ["q18", "q19"]}
+    assert prompts == {"train": [f"q{i}" for i in range(16) if i != 3], "test": ["q16", "q17"], "val": ["q18", "q19"]}
+    assert parts["skipped"] == {"identical": 1}
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -141,22 +141,33 @@ def split_records(records: list[dict], fractions: tuple[float, ...], seed: int,
     return parts  # [rest (train), fractions[0] part, fractions[1] part, ...]
 
 
-def split_for_data(records: list, data, seed: int, key=None) -> list[list]:
+def split_for_data(records: list, data, seed: int, key=None, positions: list[int] | None = None,
+                   total: int | None = None) -> list[list]:
     """[train, val, test] of ``records`` as a ``data:`` section asks: fractions of the training
     sources unless val/test have sources of their own (then that part stays empty here), in file
-    order with ``data.split: ordered`` or seeded-shuffled (stratified by ``key``) otherwise."""
+    order with ``data.split: ordered`` (see :func:`ordered_split`) or seeded-shuffled (stratified
+    by ``key``) otherwise."""
     fracs = (0.0 if data.val_sources else data.val_fraction, 0.0 if data.test_sources else data.test_fraction)
     if data.split == "ordered":
-        return ordered_split(records, *fracs)
+        return ordered_split(records, *fracs, positions=positions, total=total)
     return split_records(records, fracs, seed, key)
 
 
-def ordered_split(records: list[dict], val_fraction: float, test_fraction: float) -> list[list[dict]]:
+def ordered_split(records: list, val_fraction: float, test_fraction: float, positions: list[int] | None = None,
+                  total: int | None = None) -> list[list]:
     """[train, val, test] in file order, laid out as the classic book splits its instruction data:
-    the first records train, the next ``test_fraction`` test, the last ``val_fraction`` validate."""
-    n_val, n_test = int(round(val_fraction * len(records))), int(round(test_fraction * len(records)))
-    n_train = len(records) - n_val - n_test
-    return [records[:n_train], records[n_train + n_test:], records[n_train:n_train + n_test]]
+    the first records train, the next ``test_fraction`` test, the last ``val_fraction`` validate.
+
+    ``positions``/``total``: each record's position among ``total`` source records, when some
+    were dropped (e.g. unusable pairs): the boundaries are then those of the full file."""
+    total = len(records) if total is None else total
+    positions = range(len(records)) if positions is None else positions
+    n_val, n_test = int(round(val_fraction * total)), int(round(test_fraction * total))
+    n_train = total - n_val - n_test
+    parts: list[list] = [[], [], []]
+    for r, pos in zip(records, positions, strict=True):
+        parts[0 if pos < n_train else 2 if pos < n_train + n_test else 1].append(r)
+    return parts
 
 
 def balance_records(records: list[dict], key, seed: int) -> list[dict]:

@@ -40,6 +40,11 @@ def source_pairs(spec: SourceSpec, o: DPOOptions, skipped: dict | None = None) -
     """``(where, pair)`` for every usable record of one source; bad records are a one-line
     DataError naming the source and the record index. Records dropped by skip_identical /
     skip_empty are counted into ``skipped`` ({"identical": n, "empty": m})."""
+    return _source_pairs(spec, o, skipped)[0]
+
+
+def _source_pairs(spec: SourceSpec, o: DPOOptions, skipped: dict | None) -> tuple[list[tuple[str, PreferencePair]], int]:
+    """The source's usable pairs and how many records it holds (skipped ones included)."""
     if spec.path.startswith("builtin:"):
         if spec.path not in BUILTIN_PAIRS:
             raise DataError(f"{spec.path}: task dpo has no such built-in preference data; expected "
@@ -57,14 +62,22 @@ def source_pairs(spec: SourceSpec, o: DPOOptions, skipped: dict | None = None) -
     if skipped is not None:
         for why in dropped.values():
             skipped[why] = skipped.get(why, 0) + 1
-    return [(spec.path, p) for p in pairs]
+    return [(spec.path, p) for p in pairs], len(records)
 
 
-def read_pairs(specs: list[SourceSpec] | None, o: DPOOptions, skipped: dict | None = None
-               ) -> list[tuple[str, PreferencePair]]:
-    out = []
+def read_pairs(specs: list[SourceSpec] | None, o: DPOOptions, skipped: dict | None = None,
+               positions: list[int] | None = None) -> list[tuple[str, PreferencePair]]:
+    """The pairs of all ``specs``; ``positions`` (if given) receives each pair's record position
+    across the sources (skipped records count), and one last entry: the number of records."""
+    out, offset = [], 0
     for spec in specs or []:
-        out.extend(source_pairs(spec, o, skipped))
+        pairs, n = _source_pairs(spec, o, skipped)
+        out.extend(pairs)
+        if positions is not None:
+            positions.extend(offset + p.index for _, p in pairs)
+        offset += n
+    if positions is not None:
+        positions.append(offset)
     return out
 
 
@@ -73,8 +86,12 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[tuple[str, PreferencePair]]]
     sources of their own; ``"skipped"``: how many records skip_identical / skip_empty dropped."""
     o, d = cfg.objective, cfg.data
     skipped: dict[str, int] = {}
-    pairs = read_pairs(source_specs(d.sources), o, skipped)
-    train, val, test = split_for_data(pairs, d, cfg.run.seed)
+    positions: list[int] = []
+    pairs = read_pairs(source_specs(d.sources), o, skipped, positions)
+    if d.split == "ordered":  # by record position, so skipped records do not shift the book's split
+        train, val, test = split_for_data(pairs, d, cfg.run.seed, positions=positions[:-1], total=positions[-1])
+    else:
+        train, val, test = split_for_data(pairs, d, cfg.run.seed)
     if d.val_sources:
         val = read_pairs(source_specs(d.val_sources), o, skipped)
     if d.test_sources:
