@@ -142,6 +142,15 @@ def fixed_batches(enc: EncodedPairs, batch_size: int, pad: int, max_length: int,
 
 
 # ------------------------------------------------------------------------------ builder
+def reference_note(kind: str, model) -> str:
+    """How the reference will be computed, in words (a LoRA model's copy is its adapters-off base)."""
+    if kind == "copy" and hasattr(model, "adapters_disabled"):
+        return "the model with its LoRA adapters switched off (no copy)"
+    return {"copy": "a frozen copy of the starting model", "precompute": "log-probs precomputed once, cached",
+            "none": "none (reference-free loss)"}.get(kind, kind)
+
+
+
 def _texts(splits):
     def texts():
         for _, pair in splits["train"]:
@@ -204,7 +213,7 @@ def _build(ctx: TaskContext) -> TaskParts:
         describe=[f"data: {counts} preference pairs; max_length {max_length}; cut to fit: {cut or 'none'}; "
                   f"skipped records: " + (", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"),
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters; loss {o.loss_type} beta {o.beta}; "
-                  f"reference: {objective.kind}",
+                  f"reference: {reference_note(objective.kind, model)}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
                   f"pairs/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
                   f"on {dist.device}"])
