@@ -76,24 +76,30 @@ def test_step0_policy_equals_reference_gives_ln2_and_zero_margins(dpo_dict, tmp_
     assert batch["input_ids"].shape[0] == 8  # chosen and rejected stacked: one forward pass
 
 
-def test_adapters_disabled_reference_needs_no_copy(dpo_dict, tmp_path):
-    """A model that can switch its adapters off (LoRA) is its own reference: no deep copy."""
-    import contextlib
+def test_lora_model_is_its_own_reference_with_adapters_off(dpo_dict, tmp_path):
+    """A LoRA model's reference is its base (adapters switched off): no deep copy is made."""
+    from lmforge.model.lora import LoraLinear, adapters_disabled
 
-    parts = _parts(dpo_dict(), tmp_path)
+    parts = _parts(dpo_dict(model={"init_from": dpo_dict()["model"]["init_from"],
+                                   "lora": {"rank": 2, "alpha": 4, "targets": ["q", "v"]}}), tmp_path)
     model = parts.model
-    calls = []
-
-    @contextlib.contextmanager
-    def adapters_disabled():
-        calls.append(1)
-        yield
-
-    model.adapters_disabled = adapters_disabled
     parts.objective.setup(model, torch.device("cpu"))
     assert parts.objective.kind == "adapters" and parts.objective.reference is model
-    loss, _ = parts.objective.loss(model, parts.train_data.batch(0, 0))
-    assert calls and loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    batch = parts.train_data.batch(0, 0)
+    loss, m = parts.objective.loss(model, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and m["rewards/margins"] == 0
+    with torch.no_grad():  # move the adapters: the policy changes, the reference stays the base
+        for layer in model.modules():
+            if isinstance(layer, LoraLinear):
+                for p in layer.lora.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+    ref = parts.objective.reference_logps(batch)
+    with adapters_disabled(model):
+        base = parts.objective._pair_logps(model.eval(), batch)
+    model.train()
+    torch.testing.assert_close(ref.chosen, base.chosen)
+    assert not torch.allclose(parts.objective._pair_logps(model, batch).chosen, base.chosen)
+    assert model.training  # the reference pass restored the training mode
 
 
 def test_reference_free_losses_hold_no_reference(dpo_dict, tmp_path):

@@ -110,6 +110,16 @@ def test_kl_to_reference_is_zero_at_step0(grpo_dict):
     assert m["kl"] == pytest.approx(0, abs=1e-7)
 
 
+def test_lora_policy_uses_its_base_as_the_kl_reference(grpo_dict):
+    d = grpo_dict(objective={"beta": 0.1})
+    d["model"]["lora"] = {"rank": 2, "alpha": 4, "targets": ["q", "v"]}
+    parts = _parts(d)
+    parts.objective.setup(parts.model, torch.device("cpu"))
+    assert parts.objective.reference == "adapters"  # no deep copy of the model
+    _, m = parts.objective.loss(parts.model, parts.train_data.batch(0, 0))
+    assert m["kl"] == pytest.approx(0, abs=1e-7)
+
+
 def test_grpo_end_to_end_evaluates_and_writes_samples(grpo_dict, tmp_path, monkeypatch):
     (tmp_path / "grpo_task_test_rewards.py").write_text(textwrap.dedent("""
         def short(completions):

@@ -13,8 +13,8 @@ The reference model, held here, is one of:
 
 * ``copy``: a frozen deep copy of the model as it is when training starts (the SFT or pretrained
   checkpoint of ``model.init_from``), built in :meth:`DPO.setup`;
-* the model itself with its adapters switched off, when it offers ``adapters_disabled()`` (a
-  LoRA model: the frozen base *is* the reference, so no copy is made);
+* the model itself with its adapters switched off (``lmforge.model.lora.adapters_disabled``), when
+  it has LoRA adapters (a LoRA model: the frozen base *is* the reference, so no copy is made);
 * ``precompute``: the reference log-probs of every pair, computed once in eval mode before the
   first step and cached in the run folder (no second model in memory during training);
 * ``none``: reference-free losses (simpo, orpo).
@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
 from lmforge.objectives.logprobs import sequence_logprobs, split_chosen_rejected
 from lmforge.objectives.preference_losses import LOSS_TYPES, REFERENCE_FREE, PairLogps, preference_loss
@@ -114,7 +115,7 @@ class DPO(Objective):
     def setup(self, model, device: torch.device) -> None:
         """Build the reference once, from the model as it is before the first step."""
         if self.kind == "copy":
-            if hasattr(model, "adapters_disabled"):  # LoRA: the frozen base is the reference
+            if has_lora(model):  # LoRA: the frozen base (adapters off) is the reference, no copy
                 self.kind = "adapters"
                 self.reference = model
             else:
@@ -145,7 +146,7 @@ class DPO(Objective):
         if self.kind == "adapters":
             was = self.reference.training
             self.reference.eval()
-            with self.reference.adapters_disabled():
+            with adapters_disabled(self.reference):
                 out = self._pair_logps(self.reference, batch)
             self.reference.train(was)
             return out

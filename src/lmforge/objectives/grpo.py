@@ -35,6 +35,7 @@ import torch
 from lmforge.data.sampler import StepSampler
 from lmforge.errors import ConfigError
 from lmforge.generate import SamplingConfig, generate
+from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
 from lmforge.objectives.grpo_math import (LOSS_AGGREGATIONS, SCALE_REWARDS, entropy_from_logits, group_advantages,
                                           grpo_policy_loss, mask_truncated)
@@ -189,7 +190,7 @@ class GRPO(Objective):
     def setup(self, model, device: torch.device) -> None:
         self.policy = model
         if self.o.beta > 0:
-            if hasattr(model, "adapters_disabled"):
+            if has_lora(model):  # the base with its adapters off: no copy
                 self.reference = "adapters"
             else:
                 self.reference = copy.deepcopy(model).eval()
@@ -200,7 +201,7 @@ class GRPO(Objective):
         if self.reference == "adapters":
             was = self.policy.training
             self.policy.eval()
-            with self.policy.adapters_disabled():
+            with adapters_disabled(self.policy):
                 logits = self.policy(batch["input_ids"])
             self.policy.train(was)
         else:

@@ -27,6 +27,7 @@ from lmforge.data.sources import SourceSpec, iter_records
 from lmforge.errors import ConfigError, DataError
 from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
+from lmforge.model.lora import has_lora
 from lmforge.objectives.dpo import DPO, DPOOptions, option_problems
 from lmforge.objectives.logprobs import preference_collate, tokenize_pair
 from lmforge.tasks import Task
@@ -144,7 +145,7 @@ def fixed_batches(enc: EncodedPairs, batch_size: int, pad: int, max_length: int,
 # ------------------------------------------------------------------------------ builder
 def reference_note(kind: str, model) -> str:
     """How the reference will be computed, in words (a LoRA model's copy is its adapters-off base)."""
-    if kind == "copy" and hasattr(model, "adapters_disabled"):
+    if kind == "copy" and has_lora(model):
         return "the model with its LoRA adapters switched off (no copy)"
     return {"copy": "a frozen copy of the starting model", "precompute": "log-probs precomputed once, cached",
             "none": "none (reference-free loss)"}.get(kind, kind)
