@@ -49,8 +49,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    # a rank left waiting for a lost peer gives up after 2 minutes instead of torch's 30
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LMFORGE_DIST_TIMEOUT": "120"}
+    # a rank left waiting for a lost peer gives up after 3 minutes instead of torch's 30
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LMFORGE_DIST_TIMEOUT": "180"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -131,9 +131,10 @@ def test_two_processes_match_one_for_classification(tiny_yaml, tmp_path):
     assert (tmp_path / "two" / "eval_report.json").is_file()
 
 
-def _one_and_two(tmp_path: Path, one_cfg: Path, two_cfg: Path, batch: int) -> None:
+def _one_and_two(tmp_path: Path, one_cfg: Path, two_cfg: Path, batch: int, train_metrics: tuple = ()) -> None:
     """Train ``one_cfg`` on 1 process with ``batch`` and ``two_cfg`` on 2 gloo processes with
-    ``batch // 2`` each: train and val losses and the final weights agree within 1e-5."""
+    ``batch // 2`` each: train and val losses, the logged ``train_metrics`` (the objective's, over
+    both ranks' pairs, not rank 0's alone) and the final weights agree within 1e-5."""
     one = _run([sys.executable, "-m", "lmforge.cli", "train", "-c", str(one_cfg), "--quiet"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -146,6 +147,10 @@ def _one_and_two(tmp_path: Path, one_cfg: Path, two_cfg: Path, batch: int) -> No
         a = [r["loss"] for r in rec_one if r["split"] == split]
         b = [r["loss"] for r in rec_two if r["split"] == split]
         assert len(a) == len(b) > 0 and b == pytest.approx(a, abs=1e-5), split
+    for key in train_metrics:
+        a = [r[key] for r in rec_one if r["split"] == "train"]
+        b = [r[key] for r in rec_two if r["split"] == "train"]
+        assert b == pytest.approx(a, abs=1e-5), key
     w1 = load_file(str(ckpt.latest_checkpoint(tmp_path / "one" / "checkpoints") / "model.safetensors"))
     w2 = load_file(str(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints") / "model.safetensors"))
     assert w1.keys() == w2.keys()
@@ -176,7 +181,7 @@ def test_two_processes_match_one_for_dpo(tiny_dict, tiny_yaml, tmp_path):
         d["model"] = {"init_from": str(tmp_path / "sft")}  # no fresh-model fields beside init_from
         path.write_text(yaml.safe_dump(d, sort_keys=False))
         cfgs.append(path)
-    _one_and_two(tmp_path, *cfgs, BATCH)
+    _one_and_two(tmp_path, *cfgs, BATCH, train_metrics=("rewards/accuracy", "rewards/margins", "logps/chosen"))
 
 
 @pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with the gloo backend is not available")

@@ -231,3 +231,20 @@ def test_prompt_longer_than_the_context_is_one_clear_line(dpo_dict, tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"long.jsonl: record 5: the prompt has 60 tokens.*context_length 40"):
         _run(dpo_dict(data={"sources": [{"path": str(p)}]}))
+
+
+def test_smollm2_dpo_recipe_has_the_books_split_by_position(monkeypatch):
+    from lmforge.config import load_config
+    from lmforge.tasks.dpo import split_for_run
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    cfg = load_config(root / "configs" / "dpo-smollm2-lora.yaml")
+    if not Path(cfg.data.sources[0].path).is_file():
+        pytest.skip("../shared/data/preference is not here")
+    parts = split_for_run(cfg)
+    # 935 / 110 / 55 by record position; the 6 train records with chosen == rejected are skipped
+    assert (len(parts["train"]), len(parts["test"]), len(parts["val"])) == (929, 110, 55)
+    assert [p.index for _, p in parts["test"]] == list(range(935, 1045))
+    assert [p.index for _, p in parts["val"]] == list(range(1045, 1100))
+    assert parts["skipped"] == {"identical": 6}

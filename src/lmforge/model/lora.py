@@ -99,8 +99,9 @@ class LoraAdapter(nn.Module):
         self.B = nn.Parameter(torch.zeros(n_out, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    def delta(self) -> torch.Tensor:
-        return self.B @ self.A  # (out, in)
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """B A (out, in), computed in ``dtype`` (float64 by default: merging rounds only once)."""
+        return self.B.detach().to(dtype) @ self.A.detach().to(dtype)
 
 
 class LoraLinear(nn.Linear):
@@ -138,10 +139,11 @@ class LoraLinear(nn.Linear):
         return y
 
     def merged_weight(self) -> torch.Tensor:
-        w = self.weight.detach().clone()
+        """W + scale * B A, summed in float64 and rounded once to W's dtype."""
+        w = self.weight.detach().double()
         for role, (a, b) in self.slices.items():
-            w[a:b] += self.scale * self.lora[role].delta().detach().to(w.dtype)
-        return w
+            w[a:b] += self.scale * self.lora[role].delta()  # (rows, in)
+        return w.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora={list(self.slices)}, scale={self.scale:g}"

@@ -18,6 +18,7 @@ import json
 
 import torch
 
+from lmforge.chat import render
 from lmforge.config import RunConfig
 from lmforge.data.builtin_tasks import arithmetic_preference_pairs
 from lmforge.data.formats import split_for_data
@@ -103,14 +104,22 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[tuple[str, PreferencePair]]]
 
 
 # ------------------------------------------------------------------------------ tokens
+def model_template(tokenizer):
+    """Message prompts (HH-RLHF, chat records) rendered with the model's own chat template."""
+    def render_messages(messages, add_generation_prompt: bool = False) -> str:
+        return render(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+    return render_messages
+
+
 class EncodedPairs:
     """Token ids (prompt, chosen, rejected) of one split's pairs, and what was cut to fit."""
 
     def __init__(self, pairs, tokenizer, o: DPOOptions, max_length: int, context_note: str):
         self.ids: list[tuple[list[int], list[int], list[int]]] = []
         self.prompts_cut = 0
+        in_template = model_template(tokenizer)
         for where, pair in pairs:
-            prompt, chosen, rejected = render_pair(pair)
+            prompt, chosen, rejected = render_pair(pair, in_template)
             p, c, r = tokenize_pair(tokenizer, prompt, chosen, rejected, add_eos=o.add_eos)
             if o.max_prompt_length is not None and len(p) > o.max_prompt_length:
                 p = p[-o.max_prompt_length:]  # keep the end: the question sits next to the answer

@@ -74,6 +74,14 @@ def sum_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def max_across(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise maximum of ``value`` over all ranks (on the CPU; itself when not distributed)."""
+    if info.enabled:
+        value = value.to(info.device).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.cpu()
+
+
 def any_across(flag: bool, info: DistInfo) -> bool:
     """True on every rank if it is True on any rank (stop signals must be agreed)."""
     if not info.enabled:

@@ -29,7 +29,7 @@ import torch.nn as nn
 from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import DistInfo, any_across, barrier, sum_across
+from lmforge.train.distributed import DistInfo, any_across, barrier, max_across, sum_across
 from lmforge.train.logging import MetricsLogger, Progress, mfu
 from lmforge.train.optim import make_optimizer, make_scheduler
 
@@ -51,6 +51,21 @@ class FitResult:
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def metrics_across(metrics: dict[str, float], dist) -> dict[str, float]:
+    """An objective's step metrics over all ranks (each rank's is a mean over its micro-batches):
+    the mean of the ranks' values, the maximum for ``*_max`` keys. One or two all-reduces."""
+    if not dist.enabled or not metrics:
+        return metrics
+    keys = sorted(metrics)  # every rank's objective returns the same keys
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)  # (K,)
+    means = sum_across(values, dist).cpu() / dist.world_size
+    out = dict(zip(keys, means.tolist()))
+    peaks = [k for k in keys if k.endswith("_max")]
+    if peaks:
+        out.update(zip(peaks, max_across(torch.tensor([metrics[k] for k in peaks], dtype=torch.float64), dist).tolist()))
+    return out
 
 
 class Trainer:
@@ -205,6 +220,7 @@ class Trainer:
             total_loss = total_loss + loss.detach().float() * share
             for k, v in metrics.items():
                 extra[k] = extra.get(k, 0.0) + v / accum
+        extra = metrics_across(extra, self.dist)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
