@@ -34,7 +34,7 @@ gradient checkpointing off, as lmforge has none, ``--trl-gradient-checkpointing`
 Results: ``benchmarks/results/trl_sft.json`` and a printed table. Run folders go to
 ``runs/bench/trl_sft/`` (wiped at the start). Timings need a quiet machine (load average in the JSON).
 
-    .venv/bin/python benchmarks/bench_trl_sft.py --steps 12             # the timed run (~6-8 min)
+    .venv/bin/python benchmarks/bench_trl_sft.py --steps 12             # the timed run (~5-8 min, quiet)
     .venv/bin/python benchmarks/bench_trl_sft.py --steps 3 --warmup 1 --out-dir /tmp/smoke
 """
 
