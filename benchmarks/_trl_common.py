@@ -154,3 +154,12 @@ def run_side(script: Path, side: str, args: list[str], result: Path, threads: in
 
 def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def warn_if_busy() -> float | None:
+    """The 1-minute load average, with a warning when other work shares the cores."""
+    load = load_average()
+    if load is not None and load > 0.5:
+        print(f"warning: load average {load:.2f} > 0.5: other work shares the cores, timings will be off",
+              flush=True)
+    return load

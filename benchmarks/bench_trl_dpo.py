@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import prepare  # noqa: E402
 from _trl_common import (LORA, SMOLLM2_INIT, hf_clock, hf_smollm2, lmforge_clock, load_average,  # noqa: E402
-                         peak_rss_mb, peft_lora_config, run_side, versions)
+                         peak_rss_mb, peft_lora_config, run_side, versions, warn_if_busy)
 
 DATA = "../shared/data/preference/instruction-data-with-preference.json"
 
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         r = (side_lmforge if args.side == "lmforge" else side_trl)(args, work)
         Path(args.result).write_text(json.dumps(r))
         return 0
-    load = load_average()
+    load = warn_if_busy()
     passed = [a for a in (argv if argv is not None else sys.argv[1:])]
     lm = run_side(Path(__file__).resolve(), "lmforge", passed, work / "lmforge.json", args.threads)
     hf = run_side(Path(__file__).resolve(), "trl", passed, work / "trl.json", args.threads)

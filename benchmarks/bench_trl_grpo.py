@@ -12,12 +12,15 @@ are the raw question strings on both sides (TRL: a plain ``prompt`` column, not 
 * Speed: wall time per optimizer step, generation included, after ``--warmup`` steps; each side
   in its own process (peak RSS of each). Sampling differs between the libraries, so the
   completion lengths (and the time generation takes) are reported for both.
-* Step-0 agreement: the *same* rollouts (the step-0 prompts; per prompt the worked GSM8K
-  solution, the same with a wrong final number, and two completions sampled from the model;
-  rewards by exact match, lmforge's group advantages) go through lmforge's GRPO loss
-  (``GRPO.loss``) and TRL's (``GRPOTrainer.compute_loss``, old log-probs = current ones). With
-  ratio 1 the loss is ``-mean(advantages)`` on both, so the completion log-probs and entropy are
-  compared too. Each trainer's own logged step-0 loss is reported as well.
+* Step-0 agreement: the *same* rollouts (the step-0 prompts; per prompt a correct final answer
+  ``#### N``, a wrong one, and K-2 completions sampled from the model; rewards by exact match,
+  lmforge's group advantages) go through lmforge's GRPO loss (``GRPO.loss``) and TRL's
+  (``GRPOTrainer.compute_loss``, old log-probs = current ones). With ratio 1 the loss value is
+  ``-mean(advantages)`` = 0 on both whatever the model, so the per-token completion log-probs,
+  the entropy and the gradient are compared too: PEFT's LoRA A matrices are set to lmforge's (B
+  is 0 on both), and the norm of each adapter's B gradient must agree (a norm, because it does
+  not depend on the order of the output rows). Each trainer's own logged step-0 loss is
+  reported as well.
 
 Results: ``benchmarks/results/trl_grpo.json`` and a printed table.
 
@@ -39,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import prepare  # noqa: E402
 from _trl_common import (LORA, SMOLLM2_INIT, hf_clock, hf_smollm2, lmforge_clock, load_average,  # noqa: E402
-                         peak_rss_mb, peft_lora_config, run_side, versions)
+                         peak_rss_mb, peft_lora_config, run_side, versions, warn_if_busy)
 
 DATA = "../shared/data/gsm8k/train.jsonl"
 
@@ -157,8 +160,8 @@ def side_trl(args, work: Path) -> dict:
 
 # ------------------------------------------------------------------------------ same rollouts, both losses
 def same_rollouts(args, records: list[dict], model, tok) -> dict:
-    """The step-0 prompts with K completions each: the worked solution, the same with a wrong
-    final number, and K-2 sampled from ``model``; lmforge's rollout rows, rewards, advantages."""
+    """The step-0 prompts with K completions each: a correct final answer, a wrong one, and K-2
+    sampled from ``model``; lmforge's rollout rows, rewards, advantages."""
     from lmforge.generate import generate
     from lmforge.objectives.grpo import rollout_rows, sampling
     from lmforge.objectives.grpo_math import group_advantages
@@ -171,8 +174,8 @@ def same_rollouts(args, records: list[dict], model, tok) -> dict:
                        tokenizer=tok)
     prompts, outs = [], []
     for i, (r, p) in enumerate(zip(records, prompt_ids)):
-        wrong = r["solution"].rsplit("####", 1)[0] + "#### " + r["answer"] + "1"
-        group = [tok.encode(r["solution"]), tok.encode(wrong)] + sampled[i * (K - 2):(i + 1) * (K - 2)]
+        right, wrong = f"#### {r['answer']}", f"#### {r['answer']}1"
+        group = [tok.encode(right), tok.encode(wrong)] + sampled[i * (K - 2):(i + 1) * (K - 2)]
         prompts += [p] * K
         outs += [c[:L] for c in group]
     truncated = [len(c) >= L for c in outs]
@@ -189,6 +192,7 @@ def same_rollouts(args, records: list[dict], model, tok) -> dict:
 
 
 def lmforge_loss(roll: dict, model, tok) -> dict:
+    from lmforge.model.lora import LoraLinear
     from lmforge.objectives.grpo import GRPO
     from lmforge.objectives.logprobs import completion_logprobs
     from lmforge.rewards import build_rewards
@@ -198,11 +202,19 @@ def lmforge_loss(roll: dict, model, tok) -> dict:
     model.train()
     batch = roll["batch"]
     loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    grads = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            layer = int(name.split(".")[2])  # transformer.blocks.{i}.attn.qkv
+            for role, ad in m.lora.items():
+                grads[f"{layer}.{role}"] = float(ad.B.grad.norm())
+    model.zero_grad(set_to_none=True)
     with torch.no_grad():
         logp, mask = completion_logprobs(model(batch["input_ids"]), batch["input_ids"], batch["completion_mask"])
     per_row = [logp[i][mask[i] > 0].tolist() for i in range(logp.shape[0])]  # completion tokens, in order
-    return {"loss": float(loss), "entropy": metrics["entropy"],
-            "mean_token_logp": float((logp * mask).sum() / mask.sum()), "per_row": per_row}
+    return {"loss": float(loss.detach()), "entropy": metrics["entropy"],
+            "mean_token_logp": float((logp * mask).sum() / mask.sum()), "per_row": per_row, "grads": grads}
 
 
 def trl_loss(roll: dict, trainer, tok) -> dict:
@@ -223,14 +235,36 @@ def trl_loss(roll: dict, trainer, tok) -> dict:
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {}
+    for name, prm in trainer.model.named_parameters():
+        if "lora_B" in name:  # ...layers.{i}.self_attn.{q,v}_proj.lora_B.default.weight
+            parts = name.split(".")
+            layer = parts[parts.index("layers") + 1]
+            grads[f"{layer}.{parts[parts.index('self_attn') + 1][0]}"] = float(prm.grad.norm())
+    trainer.model.zero_grad(set_to_none=True)
     with torch.no_grad():
         logps, ent, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
             C, compute_entropy=True)
     m = completion_mask.float()
     per_row = [logps[i, :len(c)].tolist() for i, c in enumerate(roll["completions"])]
-    return {"loss": float(loss), "entropy": float((ent * m).sum() / m.sum()),
-            "mean_token_logp": float((logps * m).sum() / m.sum()), "per_row": per_row}
+    return {"loss": float(loss.detach()), "entropy": float((ent * m).sum() / m.sum()),
+            "mean_token_logp": float((logps * m).sum() / m.sum()), "per_row": per_row, "grads": grads}
+
+
+def copy_lora_a(model, peft_model) -> None:
+    """Set PEFT's LoRA A matrices to lmforge's (both start with B = 0), so the gradients compare."""
+    from lmforge.model.lora import _PEFT_MODULES, LoraLinear
+
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLinear):
+                layer = int(name.split(".")[2])  # transformer.blocks.{i}.attn.qkv
+                for role, ad in m.lora.items():
+                    key = f"base_model.model.model.layers.{layer}.{_PEFT_MODULES[role]}.lora_A.default.weight"
+                    params[key].copy_(ad.A)
 
 
 def side_agree(args, work: Path) -> dict:
@@ -243,13 +277,20 @@ def side_agree(args, work: Path) -> dict:
     roll = same_rollouts(args, records, model, tok)
     ours = lmforge_loss(roll, model, tok)
     trainer, hf_tok = trl_trainer(args, records, work / "trl-agree", 1)
+    copy_lora_a(model, trainer.model)
     theirs = trl_loss(roll, trainer, hf_tok)
     diffs = [abs(a - b) for ra, rb in zip(ours.pop("per_row"), theirs.pop("per_row")) for a, b in zip(ra, rb)]
+    ga, gb = ours.pop("grads"), theirs.pop("grads")
+    if set(ga) != set(gb):
+        raise SystemExit(f"LoRA adapters differ: lmforge {sorted(ga)}, PEFT {sorted(gb)}")
+    ours["grad_norm_B"] = sum(v * v for v in ga.values()) ** 0.5
+    theirs["grad_norm_B"] = sum(v * v for v in gb.values()) ** 0.5
     return {"lmforge": ours, "trl": theirs, "rewards": roll["rewards"],
             "advantages": roll["batch"]["advantages"].tolist(),
             "completion_tokens": [len(c) for c in roll["completions"]],
             "max_abs_token_logp_diff": max(diffs),
             "loss_abs_diff": abs(ours["loss"] - theirs["loss"]),
+            "max_rel_grad_norm_diff": max(abs(ga[k] - gb[k]) / max(ga[k], gb[k], 1e-12) for k in ga),
             "prompt_ids_identical": all(hf_tok(r["prompt"])["input_ids"] == tok.encode(r["prompt"]) for r in records)}
 
 
@@ -276,7 +317,7 @@ def main(argv=None) -> int:
         r = {"lmforge": side_lmforge, "trl": side_trl, "agree": side_agree}[args.side](args, work)
         Path(args.result).write_text(json.dumps(r))
         return 0
-    load = load_average()
+    load = warn_if_busy()
     passed = list(argv if argv is not None else sys.argv[1:])
     script = Path(__file__).resolve()
     agree = run_side(script, "agree", passed, work / "agree.json", args.threads)
@@ -290,7 +331,8 @@ def main(argv=None) -> int:
         "mean_completion_length_timed": {
             "lmforge": statistics.mean(x for x in lm["completion_lengths"][timed] if x is not None),
             "trl": statistics.mean(x for x in hf["completion_lengths"][timed] if x is not None)},
-        "step0_agree": agree["loss_abs_diff"] < 1e-4 and agree["max_abs_token_logp_diff"] < 1e-3,
+        "step0_agree": (agree["loss_abs_diff"] < 1e-4 and agree["max_abs_token_logp_diff"] < 1e-3
+                        and agree["max_rel_grad_norm_diff"] < 1e-3),
         "targets": {"ratio": 0.5, "loss_abs_diff": 1e-4},
         "settings": {"model": "SmolLM2-135M-Instruct.Q4_1.gguf (fp32)", "lora": LORA, "data": DATA,
                      "steps": args.steps, "warmup_steps": args.warmup, "prompts_per_step": args.prompts,
@@ -318,6 +360,8 @@ def print_table(r: dict) -> None:
           f"abs diff {a['loss_abs_diff']:.1e} |")
     print(f"| same rollouts: mean token log-prob | {a['lmforge']['mean_token_logp']:.5f} | "
           f"{a['trl']['mean_token_logp']:.5f} | max abs diff per token {a['max_abs_token_logp_diff']:.1e} |")
+    print(f"| same rollouts: LoRA B gradient norm | {a['lmforge']['grad_norm_B']:.6g} | {a['trl']['grad_norm_B']:.6g} | "
+          f"max rel diff per adapter {a['max_rel_grad_norm_diff']:.1e} |")
     print(f"| same rollouts: entropy | {a['lmforge']['entropy']:.5f} | {a['trl']['entropy']:.5f} | |")
     print(f"| trainer's own step-0 loss / reward | {lm['step0']['loss']:.5f} / {lm['step0']['reward']} | "
           f"{hf['step0']['loss']:.5f} / {hf['step0']['reward']} | (own samples) |")
