@@ -90,6 +90,8 @@ def main() -> int:
     ap.add_argument("--responses", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--also-run", nargs="*", default=[],
+                    help="other run folders of the recipe (e.g. other LoRA settings): their eval_report.json is kept")
     ap.add_argument("--out", default="benchmarks/results/dpo_smollm2_lora.json")
     args = ap.parse_args()
     out_dir, _ = prepare(str(Path(args.out).parent), "runs", args.threads)
@@ -136,6 +138,9 @@ def main() -> int:
         "recipe": RECIPE, "run_dir": str(run_dir), "wall_seconds": seconds,
         "val_step0": history[0] if history else None, "val_final": history[-1] if history else None,
         "eval_report": report, "test_from_tables": test_fig, "hh_rlhf": hh_fig, "responses": responses,
+        "other_runs": {d: {"config": (Path(d) / "config.yaml").read_text(),
+                           "eval_report": json.loads((Path(d) / "eval_report.json").read_text())}
+                       for d in args.also_run},
         "targets": {"test_accuracy": 0.90, "test_margin_above": 2.0},
         "met": {"test_accuracy": report["test"]["rewards/accuracy"] >= 0.90,
                 "test_margin": report["test"]["rewards/margins"] > 2.0},
