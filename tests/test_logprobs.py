@@ -11,7 +11,7 @@ import torch
 from lmforge.errors import DataError, InputError
 from lmforge.model import ModelConfig, build
 from lmforge.objectives.logprobs import (
-    completion_logprobs, preference_collate, sequence_logprobs, split_chosen_rejected,
+    completion_logprobs, model_completion_logprobs, preference_collate, sequence_logprobs, split_chosen_rejected,
     token_logprobs, tokenize_pair,
 )
 
@@ -56,6 +56,21 @@ def test_sequence_logprobs_match_a_naive_loop():
     assert counts.tolist() == ref_counts == [6, 2, 1]
     avg, _ = sequence_logprobs(logits, ids, mask, average=True)
     assert avg.tolist() == pytest.approx([s / n for s, n in zip(ref_sums, ref_counts)], abs=1e-10)
+
+
+def test_model_logprobs_run_the_head_on_completion_positions_only_with_the_same_results():
+    _, ids, mask = random_batch()
+    model = build(ModelConfig(vocab_size=V, context_length=16, n_layer=1, n_head=2, n_embd=8)).double()
+    logits = model(ids)  # (B, T, V)
+    want, want_mask = completion_logprobs(logits, ids, mask)
+    got, got_mask = model_completion_logprobs(model, ids, mask)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got_mask, want_mask)
+    sums, counts = sequence_logprobs(None, ids, mask, model=model)
+    ref_sums, ref_counts = naive_sequence_logprobs(logits.detach(), ids, mask)
+    assert sums.tolist() == pytest.approx(ref_sums, abs=1e-10) and counts.tolist() == ref_counts
+    sums.sum().backward()  # gradients flow through the scattered positions
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_rows_without_completion_tokens_average_to_zero():

@@ -17,7 +17,7 @@ class BigramLM(nn.Module):
         self.table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
         nn.init.normal_(self.table.weight, 0.0, cfg.init_std)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False, keep=None):
         if input_ids.numel():
             lo, hi, V = int(input_ids.min()), int(input_ids.max()), self.config.vocab_size
             if lo < 0 or hi >= V:
@@ -26,4 +26,6 @@ class BigramLM(nn.Module):
             cache.advance(input_ids.shape[1])
         if last_only:
             input_ids = input_ids[:, -1:]
-        return self.table(input_ids)  # (B, T, vocab)
+        if keep is not None:
+            input_ids = input_ids[keep]  # (N,)
+        return self.table(input_ids)  # (B, T, vocab) or (N, vocab)

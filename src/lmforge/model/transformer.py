@@ -175,16 +175,21 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.transformer.tok_emb.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                last_only: bool = False, head: str | None = None, segment_ids=None) -> torch.Tensor:
+                last_only: bool = False, head: str | None = None, segment_ids=None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, T, vocab); ``head="cls"`` returns class logits (B, num_classes).
-        ``segment_ids`` (B, T): documents packed into one row attend only within themselves."""
+        ``segment_ids`` (B, T): documents packed into one row attend only within themselves.
+        ``keep`` (B, T) bool: only those positions go through the LM head, giving (N, vocab) --
+        a fine-tuning loss on response tokens skips the head's cost at prompt and padding tokens."""
         h = self.transformer(input_ids, attention_mask, position_ids, cache=cache,
                              segment_ids=segment_ids)  # (B, T, C)
         if head is not None:
             return _classify(self, h, attention_mask, head)
         if last_only:  # generation needs only the next-token distribution
             h = h[:, -1:]
-        return self.lm_head(h)  # (B, T, vocab)
+        if keep is not None:
+            h = h[keep]  # (N, C)
+        return self.lm_head(h)  # (B, T, vocab) or (N, vocab)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         return self.transformer(input_ids, attention_mask, position_ids)

@@ -18,7 +18,13 @@ class CausalLM(Objective):
     def loss(self, model, batch):
         # packed rows (task sft, objective.packing) also carry per-document positions and segment ids
         packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
-        logits = model(batch["input_ids"], batch.get("attention_mask"), **packed)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["targets"].reshape(-1),
-                               ignore_index=-100)
-        return loss, {}
+        targets = batch["targets"]  # (B, T); -100: no loss here (prompt, padding)
+        keep = targets != -100
+        if bool(keep.all()):  # pretraining: every position predicts
+            logits = model(batch["input_ids"], batch.get("attention_mask"), **packed)  # (B, T, V)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)), {}
+        # fine-tuning: the LM head (vocab-sized) runs only where a target is
+        logits = model(batch["input_ids"], batch.get("attention_mask"), keep=keep, **packed)  # (N, V)
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0, {}  # nothing to predict in this micro-batch
+        return F.cross_entropy(logits.float(), targets[keep]), {}

@@ -127,9 +127,9 @@ class DPO(Objective):
             self.cached = precompute_reference(self, model, device, **self._precompute)
 
     def _pair_logps(self, model, batch: dict) -> PairLogps:
-        logits = model(batch["input_ids"])  # (2B, T, V): chosen and rejected in one pass
-        logps, counts = sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"],
-                                          average=self.o.average_logps)  # (2B,), (2B,)
+        # chosen and rejected rows (2B, T) in one pass; the LM head only where a completion token is predicted
+        logps, counts = sequence_logprobs(None, batch["input_ids"], batch["completion_mask"],
+                                          average=self.o.average_logps, model=model)  # (2B,), (2B,)
         if self.o.average_logps:  # already per token: the losses must not divide again
             counts = torch.ones_like(counts)
         (c, r), (nc, nr) = split_chosen_rejected(logps), split_chosen_rejected(counts)

@@ -25,6 +25,7 @@ from lmforge.errors import DataError, InputError
 __all__ = [
     "token_logprobs",
     "completion_logprobs",
+    "model_completion_logprobs",
     "sequence_logprobs",
     "tokenize_pair",
     "preference_collate",
@@ -65,15 +66,35 @@ def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return logp * mask, mask
 
 
-def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, average: bool = False
+def model_completion_logprobs(model, input_ids: torch.Tensor, completion_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logprobs` of ``model`` on ``input_ids``, with the vocab-sized LM head run
+    only at the positions that predict a completion token (``model(..., keep=...)``): prompts
+    and padding cost the transformer blocks but not the head. Same results, (B, T - 1) each."""
+    keep = torch.zeros_like(completion_mask, dtype=torch.bool)  # (B, T)
+    keep[:, :-1] = completion_mask[:, 1:].bool()  # position t predicts completion token t + 1
+    logits = model(input_ids, keep=keep)  # (N, V)
+    targets = input_ids[:, 1:][keep[:, :-1]]  # (N,)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    per_token = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=picked.dtype,
+                            device=picked.device)  # (B, T-1)
+    per_token = per_token.masked_scatter(keep[:, :-1], picked)
+    return per_token, completion_mask[:, 1:].to(picked.dtype)
+
+
+def sequence_logprobs(logits: torch.Tensor | None, input_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, average: bool = False, model=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each row's completion, summed (or averaged per token), and its token count.
 
-    Returns ``(logps (B,), counts (B,))``. With ``average=True`` a row without completion
-    tokens gives 0 rather than 0/0.
+    From ``logits`` (B, T, V), or with ``logits=None`` from ``model`` run here on the completion
+    positions only (:func:`model_completion_logprobs`). Returns ``(logps (B,), counts (B,))``.
+    With ``average=True`` a row without completion tokens gives 0 rather than 0/0.
     """
-    per_token, mask = completion_logprobs(logits, input_ids, completion_mask)  # (B, T-1) each
+    if logits is None:
+        per_token, mask = model_completion_logprobs(model, input_ids, completion_mask)  # (B, T-1) each
+    else:
+        per_token, mask = completion_logprobs(logits, input_ids, completion_mask)  # (B, T-1) each
     total = per_token.sum(-1)  # (B,)
     counts = mask.sum(-1)  # (B,)
     if average:
