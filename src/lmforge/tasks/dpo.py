@@ -90,10 +90,8 @@ def split_for_run(cfg: RunConfig) -> dict[str, list[tuple[str, PreferencePair]]]
     skipped: dict[str, int] = {}
     positions: list[int] = []
     pairs = read_pairs(source_specs(d.sources), o, skipped, positions)
-    if d.split == "ordered":  # by record position, so skipped records do not shift the book's split
-        train, val, test = split_for_data(pairs, d, cfg.run.seed, positions=positions[:-1], total=positions[-1])
-    else:
-        train, val, test = split_for_data(pairs, d, cfg.run.seed)
+    # an ordered split cuts by record position, so skipped records do not shift the book's split
+    train, val, test = split_for_data(pairs, d, cfg.run.seed, positions=positions[:-1], total=positions[-1])
     if d.val_sources:
         val = read_pairs(source_specs(d.val_sources), o, skipped)
     if d.test_sources:
