@@ -57,7 +57,7 @@ def pair_table(model, enc: EncodedPairs, objective: DPO, tokenizer, max_length: 
                adapters: bool) -> torch.Tensor:
     """(N, 2) summed log-probs [chosen, rejected] of every pair, adapters on or off."""
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    spec = {"x": {"size": len(enc), "batches": fixed_batches(enc, batch, pad, max_length, "x")}}
+    spec = {"x": {"size": len(enc), "batches": fixed_batches(enc, batch, pad, max_length, "x", by_length=True)}}
     if adapters:
         return precompute_reference(objective, model, torch.device("cpu"), spec)["x"]
     with adapters_disabled(model):

@@ -248,3 +248,23 @@ def test_smollm2_dpo_recipe_has_the_books_split_by_position(monkeypatch):
     assert [p.index for _, p in parts["test"]] == list(range(935, 1045))
     assert [p.index for _, p in parts["val"]] == list(range(1045, 1100))
     assert parts["skipped"] == {"identical": 6}
+
+
+def test_fixed_batches_by_length_cover_every_pair_once_longest_first():
+    from lmforge.tasks.dpo import fixed_batches
+
+    class Enc:  # what fixed_batches reads of EncodedPairs: (prompt, chosen, rejected) ids per pair
+        ids = [([1] * n, [2, 2], [3]) for n in (3, 9, 1, 7, 5, 2, 8)]
+
+        def __len__(self):
+            return len(self.ids)
+
+    enc = Enc()
+    in_order = [b["pair_index"].tolist() for b in fixed_batches(enc, 3, 0, 64, "val")()]
+    assert in_order == [[0, 1, 2], [3, 4, 5], [6]]
+    batches = list(fixed_batches(enc, 3, 0, 64, "val", by_length=True)())
+    got = [b["pair_index"].tolist() for b in batches]
+    assert sorted(sum(got, [])) == list(range(7))
+    assert got[0] == [1, 6, 3]  # the longest prompts first
+    widths = [b["chosen_ids"].shape[1] if "chosen_ids" in b else b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths, reverse=True)  # each batch padded only to its own longest pair

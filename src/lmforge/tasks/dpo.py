@@ -141,11 +141,18 @@ def collate(enc: EncodedPairs, indices: list[int], pad: int, max_length: int, sp
     return b
 
 
-def fixed_batches(enc: EncodedPairs, batch_size: int, pad: int, max_length: int, split: str):
-    """A callable giving the same batches of ``enc`` each time, in order."""
+def fixed_batches(enc: EncodedPairs, batch_size: int, pad: int, max_length: int, split: str,
+                  by_length: bool = False):
+    """A callable giving the same batches of ``enc`` each time: in file order, or (``by_length``)
+    longest pairs first, so that pairs of similar length share a batch and little is padding
+    (scoring many pairs of very different lengths; each batch carries its pairs' indices)."""
+    order = list(range(len(enc)))
+    if by_length:
+        order.sort(key=lambda i: -(len(enc.ids[i][0]) + max(len(enc.ids[i][1]), len(enc.ids[i][2]))))
+
     def batches():
-        for s in range(0, len(enc), batch_size):
-            yield collate(enc, list(range(s, min(s + batch_size, len(enc)))), pad, max_length, split)
+        for s in range(0, len(order), batch_size):
+            yield collate(enc, order[s:s + batch_size], pad, max_length, split)
     return batches
 
 
