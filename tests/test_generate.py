@@ -162,6 +162,18 @@ def test_scripted_text_with_eos(scripted):
     assert generate(m, tok.encode("a"), tokenizer=tok, temperature=0, max_new_tokens=50) == list(TEXT[1:].encode())
 
 
+def test_min_new_tokens_holds_eos_back(scripted):
+    m, tok = scripted
+    n = len(TEXT[1:].encode())  # the scripted model says eos right after these bytes
+    kw = dict(tokenizer=tok, temperature=0, max_new_tokens=n + 3)
+    assert generate(m, tok.encode("a"), **kw, min_new_tokens=n) == list(TEXT[1:].encode())  # eos allowed by then
+    longer = generate(m, tok.encode("a"), **kw, min_new_tokens=n + 2)
+    assert len(longer) == n + 3 and longer[:n] == list(TEXT[1:].encode())  # eos drawn only at the last step
+    assert tok.eos_id not in longer[:n + 2]
+    with pytest.raises(ConfigError, match="min_new_tokens"):
+        SamplingConfig(min_new_tokens=-1)
+
+
 @pytest.mark.parametrize("stop, text", [("🙂", "ñ世"), ("!", "ñ世🙂"), (["x", "世"], "ñ"), ("世X", "ñ世🙂!")])
 def test_stop_strings(scripted, stop, text):
     m, tok = scripted

@@ -14,6 +14,7 @@ import torch
 from lmforge.config import config_from_dict
 from lmforge.errors import ConfigError, DataError
 from lmforge.objectives.grpo import rollout_rows
+from lmforge.objectives.logprobs import model_completion_logprobs
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
@@ -147,12 +148,54 @@ def test_exact_resume_with_rollout_rng(grpo_dict):
         assert got == pytest.approx([h[key] for h in straight["history"]], abs=1e-6), key
 
 
+def test_num_iterations_reuses_rollouts_with_the_samplers_logprobs(grpo_dict):
+    parts = _parts(grpo_dict(objective={"num_iterations": 2}))
+    obj, src, model = parts.objective, parts.train_data, parts.model
+    obj.setup(model, torch.device("cpu"))
+    b0, b1, b2 = src.batch(0, 0), src.batch(1, 0), src.batch(2, 0)
+    assert torch.equal(b0["input_ids"], b1["input_ids"]) and b0["step"] == 0 and b1["step"] == 1
+    assert not torch.equal(b0["input_ids"], b2["input_ids"]) or not torch.equal(b0["advantages"], b2["advantages"])
+    # before any update the sampler is the policy: ratio 1, nothing clipped
+    loss0, m0 = obj.loss(model, b0)
+    assert m0["clip_ratio/region"] == 0
+    logps = model_completion_logprobs(model, b0["input_ids"], b0["completion_mask"])[0]
+    torch.testing.assert_close(logps.detach(), b0["old_logps"])
+    with torch.no_grad():  # an update moves the policy away from the sampler: the ratio is no longer 1
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    new = model_completion_logprobs(model, b1["input_ids"], b1["completion_mask"])[0]
+    assert (new - b1["old_logps"]).abs().max() > 1e-3
+    n = b1["advantages"].shape[0]
+    _, m1 = obj.loss(model, {**b1, "advantages": torch.linspace(-1, 1, n)})  # advantages of both signs
+    assert m1["clip_ratio/region"] > 0  # some tokens moved past 1 +- epsilon: the clip acts
+
+
+def test_num_iterations_exact_resume_in_the_middle_of_a_rollout_group(grpo_dict):
+    sections = dict(objective={"num_iterations": 2}, train={"max_steps": 4, "eval_every": 100})
+    straight = _run(grpo_dict("straight-mu2", **sections))
+    hist = straight["history"]
+    assert hist[0]["reward"] == hist[1]["reward"] and hist[0]["completion_length"] == hist[1]["completion_length"]
+    first, second = run_in_two_parts(lambda: config_from_dict(grpo_dict("resumed-mu2", **sections)), 1)
+    for key in ("loss", "reward", "completion_length", "entropy"):
+        got = [h[key] for h in first["history"] + second["history"]]
+        assert got == pytest.approx([h[key] for h in hist], abs=1e-6), key
+
+
+def test_min_completion_length_keeps_rollouts_going(grpo_dict):
+    parts = _parts(grpo_dict(objective={"min_completion_length": 6}))
+    parts.objective.setup(parts.model, torch.device("cpu"))
+    b = parts.train_data.batch(0, 0)
+    assert b["stats"]["completion_length"] == 6 and b["stats"]["truncated"] == 1
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("objective,needle", [
     ({"num_generations": 1}, "objective.num_generations: got 1, expected K >= 2"),
     ({"max_completion_length": 0}, "objective.max_completion_length: got 0"),
     ({"rewards": ["no_such_module_xyz:f"]}, "cannot import module 'no_such_module_xyz'"),
-    ({"num_iterations": 2}, "objective.num_iterations"),
+    ({"num_iterations": 0}, "objective.num_iterations: got 0, expected an integer >= 1"),
+    ({"min_completion_length": 7}, "objective.min_completion_length: got 7, expected an integer from 0 to "
+                                   "max_completion_length \\(6\\)"),
     ({"scale_rewards": "batch"}, "objective.scale_rewards"),
     ({"template": "alpaca"}, "objective.template: got 'alpaca', expected none"),
     ({"system_prompt": "Be brief."}, "objective.system_prompt: only used with objective.template: chat"),

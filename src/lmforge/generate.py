@@ -22,7 +22,9 @@ Sampling, in this order
 
 Stopping
     A row stops at ``eos_id`` (not part of the output), at a stop string, or after
-    ``max_new_tokens``; the batch stops when every row has. Text results are cut right before the
+    ``max_new_tokens``; the batch stops when every row has. ``min_new_tokens`` holds the stop
+    token back (its logit set to -inf) until a row has that many new tokens, as Hugging Face's
+    ``min_new_tokens`` does. Text results are cut right before the
     stop string; token results (:func:`generate`, :func:`stream`) keep the tokens whose text lies
     wholly before it. Streams hold back text that might be the start of a stop string, and text
     that ends in an unfinished multi-byte character, until it is settled.
@@ -63,6 +65,7 @@ CONTEXT_OVERFLOW = ("crop", "error")  # what to do when prompt + new tokens exce
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 128
+    min_new_tokens: int = 0  # the stop token (eos) cannot be drawn before this many new tokens
     temperature: float = 1.0  # 0 -> greedy
     top_k: int | None = None
     top_p: float | None = None
@@ -87,6 +90,8 @@ class SamplingConfig:
 
         if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0):
             bad("max_new_tokens", "an integer >= 0")
+        if not (_is_int(self.min_new_tokens) and self.min_new_tokens >= 0):
+            bad("min_new_tokens", "an integer >= 0")
         if not (_is_num(self.temperature) and self.temperature >= 0):
             bad("temperature", "a number >= 0 (0 = greedy)")
         if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 1):
@@ -154,8 +159,9 @@ def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torc
 # --------------------------------------------------------------------------------- the loop
 @torch.inference_mode()
 def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
-                 logits_out: list | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, a (B,) tensor, ``max_new_tokens`` times."""
+                 logits_out: list | None = None, eos: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, a (B,) tensor, ``max_new_tokens`` times (``eos`` held
+    back for the first ``min_new_tokens``)."""
     mc = model.config
     B, L, n, C = len(prompts), max(map(len, prompts)), cfg.max_new_tokens, mc.context_length
     if n == 0:
@@ -203,6 +209,9 @@ def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
             logits = logits[:, -1]  # (B, V)
             if logits_out is not None:
                 logits_out.append(logits)
+            if t < cfg.min_new_tokens and eos is not None:
+                logits = logits.clone()
+                logits[:, eos] = float("-inf")
             nxt = sample_next_token(logits, cfg, generator, seen)  # (B,)
             ids[:, end] = nxt
             if seen is not None:
@@ -217,7 +226,7 @@ def _fill_rows(model, prompts, cfg, tokenizer, rows: list[list[int]], logits_out
     every row has stopped."""
     eos = cfg.eos_id if cfg.eos_id is not None else getattr(tokenizer, "eos_id", None)
     live = range(len(prompts))
-    steps = _token_steps(model, prompts, cfg, logits_out)
+    steps = _token_steps(model, prompts, cfg, logits_out, eos)
     try:
         for nxt in steps:
             toks = nxt.tolist()  # one device sync per step, not per row

@@ -9,13 +9,20 @@ functions and turns the rewards into group-relative advantages. The batch it ret
 prompt+completion rows, their completion mask and advantages; :class:`GRPO` then computes::
 
     logps   = log pi_theta(completion tokens)              (N, T-1), with gradient
-    loss    = clipped surrogate(logps, old = logps.detach(), advantages)  [+ beta * k3 KL to the reference]
+    loss    = clipped surrogate(logps, old_logps, advantages)  [+ beta * k3 KL to the reference]
     reduced by loss_type: grpo (mean of per-completion means), dr_grpo, dapo (token mean)
 
-With one update per rollout batch (lmforge's only mode so far, ``num_iterations: 1``) the
-sampling policy is the policy being updated, so the importance ratio is exactly 1, nothing is
-clipped, and the gradient is the policy gradient with the group mean as baseline (REINFORCE with
-a group baseline, optionally scaled by the group's reward std).
+With one update per rollout batch (``num_iterations: 1``, the default) the sampling policy is
+the policy being updated: ``old_logps = logps.detach()``, the importance ratio is exactly 1,
+nothing is clipped, and the gradient is the policy gradient with the group mean as baseline
+(REINFORCE with a group baseline, optionally scaled by the group's reward std).
+
+With ``num_iterations: mu > 1`` each rollout batch serves mu optimizer steps in a row (steps
+``g*mu .. g*mu+mu-1`` share the prompts and completions of rollout group ``g``); ``old_logps`` are
+the sampling policy's, computed once when the rollouts are drawn, so from the second update on
+the ratio moves away from 1 and the clip (epsilon_low / epsilon_high) bounds each update. The
+rollouts of the current group are also saved in the run folder (``rollouts_rank{r}.pt``), so a
+run resumed in the middle of a group reuses them (exact resume).
 
 ``targets_in`` counts what the aggregation averages over (completions for grpo/dr_grpo,
 completion tokens for dapo), so the trainer's global normalisation makes dapo a token mean over
@@ -39,7 +46,7 @@ from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
 from lmforge.objectives.grpo_math import (LOSS_AGGREGATIONS, SCALE_REWARDS, entropy_from_logits, group_advantages,
                                           grpo_policy_loss, mask_truncated)
-from lmforge.objectives.logprobs import completion_logprobs
+from lmforge.objectives.logprobs import model_completion_logits, model_completion_logprobs
 from lmforge.rewards import RewardSet, exact_match
 
 
@@ -59,7 +66,8 @@ class GRPOOptions:
     epsilon_low: float = 0.2
     epsilon_high: float | None = None  # null: epsilon_low
     beta: float = 0.0  # KL to a frozen reference (k3); 0: no reference model
-    num_iterations: int = 1  # updates per rollout batch (only 1 so far: ratio 1)
+    num_iterations: int = 1  # optimizer steps per rollout batch (1: ratio 1; > 1: clipped ratio to the sampler)
+    min_completion_length: int = 0  # rollouts cannot end (eos) before this many tokens
     mask_truncated: bool = False  # no loss on completions cut off by max_completion_length
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -86,9 +94,12 @@ def option_problems(o: GRPOOptions) -> list[str]:
         p.append(f"objective.epsilon_low/epsilon_high: got {o.epsilon_low}/{o.epsilon_high}, expected numbers >= 0")
     if o.beta < 0:
         p.append(f"objective.beta: got {o.beta}, expected a number >= 0 (0: no KL term)")
-    if o.num_iterations != 1:
-        p.append(f"objective.num_iterations: got {o.num_iterations}; only 1 (one update per rollout batch) is "
-                 f"supported so far")
+    if not (isinstance(o.num_iterations, int) and o.num_iterations >= 1):
+        p.append(f"objective.num_iterations: got {o.num_iterations!r}, expected an integer >= 1 (optimizer steps "
+                 f"per rollout batch)")
+    if not (isinstance(o.min_completion_length, int) and 0 <= o.min_completion_length <= o.max_completion_length):
+        p.append(f"objective.min_completion_length: got {o.min_completion_length!r}, expected an integer from 0 to "
+                 f"max_completion_length ({o.max_completion_length})")
     if o.eval_pass_k < 0 or o.eval_pass_k == 1:
         p.append(f"objective.eval_pass_k: got {o.eval_pass_k}, expected 0 (off) or k >= 2")
     if o.template not in ("none", "chat"):
@@ -103,8 +114,10 @@ def option_problems(o: GRPOOptions) -> list[str]:
 
 # ------------------------------------------------------------------------------ rollouts
 def sampling(o: GRPOOptions, eos_id, seed: int | None, greedy: bool = False) -> SamplingConfig:
+    """Rollout sampling (``greedy``: the evaluation's, without the minimum length)."""
     return SamplingConfig(max_new_tokens=o.max_completion_length, temperature=0.0 if greedy else o.temperature,
-                          top_k=o.top_k, top_p=o.top_p, seed=seed, stop=tuple(o.stop), eos_id=eos_id)
+                          top_k=o.top_k, top_p=o.top_p, seed=seed, stop=tuple(o.stop), eos_id=eos_id,
+                          min_new_tokens=0 if greedy else o.min_completion_length)
 
 
 def rollout_rows(prompts: list[list[int]], completions: list[list[int]], finished: list[bool], eos_id,
@@ -134,11 +147,51 @@ class RolloutBatches:
         self.seed, self.rank = seed, rank
         self.prompt_ids = [tokenizer.encode(r["prompt"]) for r in records]
         self._step, self._global = None, None
+        self._cache: dict[tuple[int, int], dict] = {}  # (group, micro) -> rollouts, num_iterations > 1
 
     def rollout_seed(self, step: int, micro: int) -> int:
         return (self.seed * 1_000_003 + step) * 4099 + micro * 257 + self.rank
 
     def batch(self, step: int, micro: int) -> dict:
+        """The rollouts of optimizer step ``step``: drawn afresh, or with ``num_iterations`` mu > 1
+        the ones of rollout group ``step // mu`` (drawn at its first step, kept until it ends)."""
+        mu = self.objective.o.num_iterations
+        if mu == 1:
+            return {**self.rollouts(step, micro), "step": step}
+        group = step // mu
+        if any(g != group for g, _ in self._cache):
+            self._cache = {}  # a new group: the old rollouts are done with
+        if (group, micro) not in self._cache and step % mu:  # resumed in the middle of a group
+            self._cache.update(self._load(group))
+        if (group, micro) not in self._cache:
+            self._cache[(group, micro)] = self.rollouts(group, micro)
+            self._save(group)
+        return {**self._cache[(group, micro)], "step": step}
+
+    @property
+    def _cache_path(self) -> Path | None:
+        run_dir = self.objective.run_dir
+        return None if run_dir is None else Path(run_dir) / f"rollouts_rank{self.rank}.pt"
+
+    def _save(self, group: int) -> None:
+        if (path := self._cache_path) is None:
+            return
+        from lmforge.fsutil import atomic_write
+
+        data = {"group": group, "batches": {m: b for (_, m), b in self._cache.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: torch.save(data, p))
+
+    def _load(self, group: int) -> dict:
+        path = self._cache_path
+        if path is None or not path.is_file():
+            return {}
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return {(group, m): b for m, b in data["batches"].items()} if data["group"] == group else {}
+
+    def rollouts(self, step: int, micro: int) -> dict:
+        """K completions per prompt of (step, micro) from the current policy, scored: the rows,
+        their completion mask, advantages, stats and (``num_iterations`` > 1) the sampler's log-probs."""
         if self._step != step:
             self._global, self._step = self.sampler.global_indices(step), step
         idx = self._global[self.sampler.slice_of(micro, self.rank)].tolist()
@@ -157,6 +210,10 @@ class RolloutBatches:
         batch = rollout_rows(prompts, outs, finished, eos, self.tok.pad_id if self.tok.pad_id is not None else 0)
         batch["advantages"] = adv.advantages  # (N,)
         batch["truncated"] = torch.tensor(truncated)  # (N,)
+        if o.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later updates
+            with torch.no_grad():
+                batch["old_logps"] = model_completion_logprobs(model, batch["input_ids"],
+                                                               batch["completion_mask"])[0]  # (N, T-1)
         lengths = torch.tensor([len(c) for c in outs], dtype=torch.float32)
         stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
                  "frac_zero_std": adv.frac_zero_std, "completion_length": float(lengths.mean()),
@@ -169,7 +226,6 @@ class RolloutBatches:
         else:
             stats["accuracy"] = stats["rewards/exact_match"]
         batch["stats"] = stats
-        batch["step"] = step
         return batch
 
 
@@ -198,16 +254,16 @@ class GRPO(Objective):
 
     @torch.no_grad()
     def _ref_logps(self, batch: dict) -> torch.Tensor:
+        ids, cmask = batch["input_ids"], batch["completion_mask"]
         if self.reference == "adapters":
             was = self.policy.training
             self.policy.eval()
             with adapters_disabled(self.policy):
-                logits = self.policy(batch["input_ids"])
+                logp, _ = model_completion_logprobs(self.policy, ids, cmask)
             self.policy.train(was)
         else:
-            logits = self.reference(batch["input_ids"])
-        logp, _ = completion_logprobs(logits, batch["input_ids"], batch["completion_mask"])
-        return logp
+            logp, _ = model_completion_logprobs(self.reference, ids, cmask)
+        return logp  # (N, T-1)
 
     def _mask(self, batch: dict) -> torch.Tensor:
         mask = batch["completion_mask"][:, 1:].float()  # (N, T-1) aligned with the shifted log-probs
@@ -218,17 +274,18 @@ class GRPO(Objective):
     def loss(self, model, batch: dict):
         if "step" in batch:
             self.last_step = int(batch["step"]) + 1
-        ids = batch["input_ids"]
-        logits = model(ids)  # (N, T, V)
-        logps, _ = completion_logprobs(logits, ids, batch["completion_mask"])  # (N, T-1)
+        ids, cmask = batch["input_ids"], batch["completion_mask"]
+        # the LM head runs only where a completion token is predicted (prompts and padding skip it)
+        logits, keep = model_completion_logits(model, ids, cmask)  # (M, V), (N, T-1)
+        logps, _ = model_completion_logprobs(model, ids, cmask, (logits, keep))  # (N, T-1)
         mask = self._mask(batch)
         ref = self._ref_logps(batch) if self.o.beta > 0 else None
-        out = grpo_policy_loss(logps, None, batch["advantages"], mask, ref_logps=ref, beta=self.o.beta,
-                               epsilon_low=self.o.epsilon_low, epsilon_high=self.o.epsilon_high,
+        out = grpo_policy_loss(logps, batch.get("old_logps"), batch["advantages"], mask, ref_logps=ref,
+                               beta=self.o.beta, epsilon_low=self.o.epsilon_low, epsilon_high=self.o.epsilon_high,
                                loss_type=self.o.loss_type, max_completion_length=self.o.max_completion_length)
         with torch.no_grad():
-            ent = entropy_from_logits(logits[:, :-1].detach().float())  # (N, T-1)
-            entropy = float((ent * mask).sum() / mask.sum().clamp(min=1))
+            ent = entropy_from_logits(logits.detach().float())  # (M,)
+            entropy = float((ent * mask[keep]).sum() / mask.sum().clamp(min=1))
         return out.loss, {**batch.get("stats", {}), **out.metrics, "entropy": entropy}
 
     def targets_in(self, batch: dict) -> float:

@@ -25,6 +25,7 @@ from lmforge.errors import DataError, InputError
 __all__ = [
     "token_logprobs",
     "completion_logprobs",
+    "model_completion_logits",
     "model_completion_logprobs",
     "sequence_logprobs",
     "tokenize_pair",
@@ -66,19 +67,29 @@ def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor,
     return logp * mask, mask
 
 
-def model_completion_logprobs(model, input_ids: torch.Tensor, completion_mask: torch.Tensor
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`completion_logprobs` of ``model`` on ``input_ids``, with the vocab-sized LM head run
-    only at the positions that predict a completion token (``model(..., keep=...)``): prompts
-    and padding cost the transformer blocks but not the head. Same results, (B, T - 1) each."""
+def model_completion_logits(model, input_ids: torch.Tensor, completion_mask: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s next-token logits at the positions that predict a completion token only, with
+    the vocab-sized LM head run there alone (``model(..., keep=...)``): prompts and padding cost
+    the transformer blocks but not the head. Returns ``logits`` (N, V) and ``keep`` (B, T-1), the
+    bool map of those positions in the shifted layout (``keep.sum() == N``)."""
     keep = torch.zeros_like(completion_mask, dtype=torch.bool)  # (B, T)
     keep[:, :-1] = completion_mask[:, 1:].bool()  # position t predicts completion token t + 1
-    logits = model(input_ids, keep=keep)  # (N, V)
-    targets = input_ids[:, 1:][keep[:, :-1]]  # (N,)
+    return model(input_ids, keep=keep), keep[:, :-1]  # (N, V), (B, T-1)
+
+
+def model_completion_logprobs(model, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+                              logits_and_keep: tuple[torch.Tensor, torch.Tensor] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_logprobs` of ``model`` on ``input_ids`` through
+    :func:`model_completion_logits` (or its result, when the caller already has it). Same results,
+    (B, T - 1) each."""
+    logits, keep = logits_and_keep or model_completion_logits(model, input_ids, completion_mask)
+    targets = input_ids[:, 1:][keep]  # (N,)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
     per_token = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=picked.dtype,
                             device=picked.device)  # (B, T-1)
-    per_token = per_token.masked_scatter(keep[:, :-1], picked)
+    per_token = per_token.masked_scatter(keep, picked)
     return per_token, completion_mask[:, 1:].to(picked.dtype)
 
 
