@@ -22,9 +22,14 @@ are the raw question strings on both sides (TRL: a plain ``prompt`` column, not 
   not depend on the order of the output rows). Each trainer's own logged step-0 loss is
   reported as well.
 
-Results: ``benchmarks/results/trl_grpo.json`` and a printed table.
+With ``--fixed-length`` every completion is exactly ``--max-completion-length`` tokens on both
+sides (the end-of-sequence token held back: lmforge's ``objective.min_completion_length``,
+transformers' ``min_new_tokens``), so both time the same amount of generation and training.
+
+Results: ``benchmarks/results/trl_grpo.json`` (``trl_grpo_fixed_length.json``) and a printed table.
 
     .venv/bin/python benchmarks/bench_trl_grpo.py --steps 5 --warmup 1 --threads 2
+    .venv/bin/python benchmarks/bench_trl_grpo.py --steps 5 --warmup 1 --threads 2 --fixed-length
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def lm_config(args, out_dir: Path):
         "objective": {"num_generations": args.k, "max_completion_length": args.max_completion_length,
                       "temperature": 1.0, "beta": 0.0, "num_iterations": 1, "loss_type": "grpo",
                       "scale_rewards": "group", "format": "gsm8k", "rewards": ["exact_match"],
-                      "sample_completions": 0},
+                      "sample_completions": 0,
+                      "min_completion_length": args.max_completion_length if args.fixed_length else 0},
         # held out: 2 prompts (the task needs them; evaluated greedily after the last timed step)
         "data": {"sources": [{"path": DATA}], "val_sources": [{"path": DATA, "limit": 2}]},
         "train": {"max_steps": args.steps, "batch_size": args.prompts, "grad_accum": 1, "lr": args.lr,
@@ -92,7 +98,8 @@ def grpo_config(args, out_dir: Path, steps: int):
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, max_grad_norm=1.0, gradient_checkpointing=False, logging_steps=1, save_strategy="no",
         report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=args.seed, bf16=False,
-        fp16=False)
+        fp16=False,
+        generation_kwargs={"min_new_tokens": args.max_completion_length} if args.fixed_length else None)
 
 
 def exact_match(prompts, completions, answer, **kwargs):
@@ -302,6 +309,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=2, help="prompts per optimizer step")
     p.add_argument("--k", type=int, default=4, help="completions per prompt")
     p.add_argument("--max-completion-length", type=int, default=64)
+    p.add_argument("--fixed-length", action="store_true",
+                   help="every completion exactly --max-completion-length tokens on both sides (eos held back: "
+                        "lmforge objective.min_completion_length, transformers min_new_tokens), so the timed "
+                        "work is the same whatever each library samples")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=2)
@@ -341,10 +352,11 @@ def main(argv=None) -> int:
                      "reward": "lmforge.rewards.exact_match (both)", "lr": args.lr, "schedule": "constant",
                      "optimizer": "AdamW (0.9, 0.999), wd 0, clip 1.0", "trl_gradient_checkpointing": False,
                      "prompt_format": "raw question string (both)", "threads": args.threads, "seed": args.seed,
-                     "device": "cpu"},
+                     "device": "cpu", "fixed_length": args.fixed_length},
         "versions": versions(), "load_average_at_start": load, "load_average_at_end": load_average(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (out / "trl_grpo.json").write_text(json.dumps(result, indent=2))
+    (out / ("trl_grpo_fixed_length.json" if args.fixed_length else "trl_grpo.json")).write_text(
+        json.dumps(result, indent=2))
     print_table(result)
     return 0
 
