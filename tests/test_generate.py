@@ -81,6 +81,23 @@ def test_left_padded_batch_equals_each_prompt_alone(any_model):
     assert batch == [generate(any_model, p, temperature=0, max_new_tokens=10) for p in PROMPTS]
 
 
+def test_repeated_prompts_are_prefilled_once(llama):
+    a, b = [1, 2, 3, 4], [7, 8]
+    rows = []
+    hook = llama.register_forward_pre_hook(lambda m, args, kwargs: rows.append(tuple(args[0].shape)),
+                                           with_kwargs=True)
+    try:
+        out, logits = generate(llama, [a, a, b, a], temperature=0, max_new_tokens=6, return_logits=True)
+    finally:
+        hook.remove()
+    assert rows[0] == (2, 4) and rows[1] == (4, 1)  # prefill: the two distinct prompts; decode: all four rows
+    assert out == [generate(llama, p, temperature=0, max_new_tokens=6) for p in (a, a, b, a)]
+    _, alone = generate(llama, [a, b], temperature=0, max_new_tokens=6, return_logits=True)
+    torch.testing.assert_close(logits[[0, 1, 3]], alone[[0, 0, 0]], atol=1e-5, rtol=0)
+    sampled = generate(llama, [a, a, a], temperature=1.0, max_new_tokens=8, seed=3)
+    assert len({tuple(x) for x in sampled}) > 1  # copies share the prompt, not the draws
+
+
 def test_single_prompt_returns_flat_list_and_tensor_prompts_work(gpt2):
     out = generate(gpt2, [1, 2, 3], temperature=0, max_new_tokens=4)
     assert isinstance(out, list) and len(out) == 4 and all(isinstance(t, int) for t in out)

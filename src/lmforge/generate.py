@@ -184,7 +184,11 @@ def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
         seen = seen.scatter_add_(1, ids[:, :L], mask[:, :L]) > 0
     start = 0  # column of ids held in cache slot 0 (grows once the window slides)
     crop = mc.positional == "learned"  # learned positions cannot slide: recompute the last C tokens
-    cache = KVCache.for_model(model, B, min(L + n, C)) if cfg.use_cache else None
+    # a prompt repeated in the batch (GRPO's K samples of one prompt) is prefilled once, then copied
+    first_row: dict[tuple, int] = {}
+    copy_of = torch.tensor([first_row.setdefault(tuple(p), len(first_row)) for p in prompts], device=device)  # (B,)
+    distinct = [prompts.index(list(p)) for p in first_row]  # row of each distinct prompt's first use
+    cache = KVCache.for_model(model, len(distinct), min(L + n, C)) if cfg.use_cache else None
     was_training = model.training
     model.eval()
     try:
@@ -195,9 +199,11 @@ def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
             if cache is None:  # the whole (windowed) sequence again
                 s = max(0, end - C)
                 logits = model(ids[:, s:end], attention_mask=mask[:, s:end] if padded else None, last_only=True)
-            elif t == 0:  # prefill
-                logits = model(ids[:, :end], attention_mask=mask[:, :end] if padded else None, cache=cache,
-                               last_only=True)
+            elif t == 0:  # prefill each distinct prompt, then give every row its prompt's keys/values
+                logits = model(ids[distinct, :end], attention_mask=mask[distinct, :end] if padded else None,
+                               cache=cache, last_only=True)[copy_of]  # (B, 1, V)
+                if len(distinct) < B:
+                    cache.select(copy_of)
                 pos = mask[:, :end].sum(-1, keepdim=True)  # (B, 1) position of the next token
             else:  # decode one token
                 if cache.length == cache.max_len:  # window full: forget the oldest position
