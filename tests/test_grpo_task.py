@@ -188,6 +188,40 @@ def test_min_completion_length_keeps_rollouts_going(grpo_dict):
     assert b["stats"]["completion_length"] == 6 and b["stats"]["truncated"] == 1
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_shared_prompt_rows_give_the_flat_rows_loss_and_gradients(grpo_dict, loss_type):
+    d = grpo_dict(objective={"beta": 0.05, "loss_type": loss_type, "num_generations": 3})
+    parts = _parts(d)
+    obj, model = parts.objective, parts.model
+    obj.setup(model, torch.device("cpu"))
+    batch = {**parts.train_data.batch(0, 0), "advantages": torch.linspace(-1, 1, 6)}
+    assert batch["shared_ids"].shape[0] == 2  # one row per prompt
+    flat = {k: v for k, v in batch.items() if not k.startswith("shared_")}
+    results = []
+    for b in (batch, flat):
+        model.zero_grad()
+        loss, m = obj.loss(model, b)
+        loss.backward()
+        results.append((loss.detach(), m, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l1, m1, g1), (l2, m2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    assert m1["entropy"] == pytest.approx(m2["entropy"], abs=1e-5) and m1["kl"] == pytest.approx(m2["kl"], abs=1e-6)
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prompt_rows_layout():
+    from lmforge.objectives.grpo import shared_prompt_rows
+
+    out = shared_prompt_rows([[5, 6, 7], [8]], [[1, 2], [3], [4, 4, 4], [9]], K=2, pad=0)
+    assert out["shared_ids"].tolist() == [[5, 6, 7, 1, 2, 3], [8, 4, 4, 4, 9, 0]]
+    assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 1, 0]]
+    assert out["shared_segment_ids"].tolist() == [[-1, -1, -1, 1, 1, 2], [-1, 1, 1, 1, 2, 0]]
+    # what predicts each completion token: the prompt's end for first tokens, else the previous token
+    assert out["shared_index"].tolist() == [2, 3, 2, 6, 7, 8, 6]
+
+
 # ------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("objective,needle", [
     ({"num_generations": 1}, "objective.num_generations: got 1, expected K >= 2"),

@@ -32,11 +32,13 @@ class Transformer(nn.Module):
         self.unpad = True  # encoders skip padding tokens (see _unpadded_blocks); False: the padded path
         self.unpad_tokens = 1024  # at most this many tokens attend together in one unpadded group
 
-    def _check(self, input_ids: torch.Tensor, past: int) -> None:
+    def _check(self, input_ids: torch.Tensor, past: int, packed_positions: torch.Tensor | None = None) -> None:
         cfg = self.config
         if input_ids.dim() != 2:
             raise InputError(f"input_ids: expected shape (batch, time), got {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
+        if packed_positions is not None:  # packed rows: each token sees at most its position + 1 tokens
+            T = int(packed_positions.max()) + 1 if packed_positions.numel() else 0
         limit_hit = T > cfg.context_length if self.pos_emb is None else past + T > cfg.context_length
         if limit_hit:
             raise InputError(f"sequence of {past + T} tokens is longer than the model's context_length "
@@ -56,12 +58,13 @@ class Transformer(nn.Module):
         before each position, so left-padded prompts get the same positions as unpadded ones.
         segment_ids (B, T) number the documents packed into a row: a token attends only to earlier
         tokens of its own segment (a block-diagonal causal mask; no cache). Pass position_ids
-        restarting at 0 per segment with them.
+        restarting at 0 per segment with them. Segment -1 is a shared prefix: every later token of
+        the row sees it (K completions of one prompt packed after a single copy of the prompt).
         """
         cfg = self.config
         past = cache.length if cache is not None else 0
         if self.check_inputs and not torch.compiler.is_compiling():
-            self._check(input_ids, past)
+            self._check(input_ids, past, position_ids if segment_ids is not None else None)
         B, T = input_ids.shape
         if position_ids is None:
             if attention_mask is not None and cfg.causal:
@@ -128,7 +131,8 @@ class Transformer(nn.Module):
         S = past + T
         same = None  # packed rows: a token sees only tokens of its own segment
         if segment_ids is not None:
-            same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]) | (segment_ids[:, None, :] == -1)
+            same = same[:, None]  # (B, 1, T, T): own segment, or the shared prefix
         if not self.config.causal:
             if same is not None:  # (unpadded encoder rows)
                 return same, False
@@ -179,8 +183,9 @@ class DecoderLM(nn.Module):
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits (B, T, vocab); ``head="cls"`` returns class logits (B, num_classes).
         ``segment_ids`` (B, T): documents packed into one row attend only within themselves.
-        ``keep`` (B, T) bool: only those positions go through the LM head, giving (N, vocab) --
-        a fine-tuning loss on response tokens skips the head's cost at prompt and padding tokens."""
+        ``keep`` (B, T) bool, or (N,) indices into the flattened B*T positions (repeats allowed):
+        only those positions go through the LM head, giving (N, vocab) -- a fine-tuning loss on
+        response tokens skips the head's cost at prompt and padding tokens."""
         h = self.transformer(input_ids, attention_mask, position_ids, cache=cache,
                              segment_ids=segment_ids)  # (B, T, C)
         if head is not None:
@@ -188,7 +193,7 @@ class DecoderLM(nn.Module):
         if last_only:  # generation needs only the next-token distribution
             h = h[:, -1:]
         if keep is not None:
-            h = h[keep]  # (N, C)
+            h = h[keep] if keep.dtype == torch.bool else h.reshape(-1, h.shape[-1]).index_select(0, keep)  # (N, C)
         return self.lm_head(h)  # (B, T, vocab) or (N, vocab)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:

@@ -68,6 +68,7 @@ class GRPOOptions:
     beta: float = 0.0  # KL to a frozen reference (k3); 0: no reference model
     num_iterations: int = 1  # optimizer steps per rollout batch (1: ratio 1; > 1: clipped ratio to the sampler)
     min_completion_length: int = 0  # rollouts cannot end (eos) before this many tokens
+    shared_prompt: bool = True  # the loss runs each prompt once, its K completions packed after it
     mask_truncated: bool = False  # no loss on completions cut off by max_completion_length
     prompt_field: str = "prompt"
     answer_field: str = "answer"
@@ -135,6 +136,48 @@ def rollout_rows(prompts: list[list[int]], completions: list[list[int]], finishe
         ids[i, :len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
         cmask[i, len(p):len(p) + len(c)] = 1
     return {"input_ids": ids, "completion_mask": cmask}
+
+
+def shared_prompt_rows(prompts: list[list[int]], completions: list[list[int]], K: int, pad: int) -> dict:
+    """The same rollouts as :func:`rollout_rows` (``completions`` with their eos already added),
+    one row per prompt: the prompt once, then its K completions, each completion seeing the prompt
+    and itself only (segment -1 = the shared prefix, k = completion k; positions continue from the
+    prompt for every completion). ``shared_index`` (M,) gives, for every completion token in
+    :func:`rollout_rows`' order (row by row, left to right), the flat position in (G, T) whose
+    logits predict it. The prompt's transformer work is done once instead of K times."""
+    rows = []
+    for g, p in enumerate(prompts):
+        seq, pos, seg, pred = list(p), list(range(len(p))), [-1] * len(p), []
+        for k in range(K):
+            prev = len(p) - 1  # the prompt's last position predicts each completion's first token
+            for j, tok in enumerate(completions[g * K + k]):
+                pred.append(prev)
+                prev = len(seq)
+                seq.append(tok)
+                pos.append(len(p) + j)
+                seg.append(k + 1)
+        rows.append((seq, pos, seg, pred))
+    T = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)  # (G, T)
+    positions = torch.zeros(len(rows), T, dtype=torch.long)  # (G, T)
+    segments = torch.zeros(len(rows), T, dtype=torch.long)  # (G, T): 0 on padding
+    index = []
+    for g, (seq, pos, seg, pred) in enumerate(rows):
+        ids[g, :len(seq)], positions[g, :len(seq)], segments[g, :len(seq)] = (torch.tensor(x) for x in (seq, pos, seg))
+        index += [g * T + i for i in pred]
+    return {"shared_ids": ids, "shared_position_ids": positions, "shared_segment_ids": segments,
+            "shared_index": torch.tensor(index, dtype=torch.long)}
+
+
+def completion_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (M, V) predicting every completion token of a rollout batch and where they sit
+    in the (N, T-1) layout: through the shared-prompt rows when the batch has them."""
+    keep = batch["completion_mask"][:, 1:].bool()  # (N, T-1)
+    if "shared_ids" in batch:
+        logits = model(batch["shared_ids"], position_ids=batch["shared_position_ids"],
+                       segment_ids=batch["shared_segment_ids"], keep=batch["shared_index"])  # (M, V)
+        return logits, keep
+    return model_completion_logits(model, batch["input_ids"], batch["completion_mask"])
 
 
 class RolloutBatches:
@@ -207,13 +250,17 @@ class RolloutBatches:
         total, per = self.objective.rewards([r["prompt"] for r in recs], texts, [r["answer"] for r in recs],
                                             [len(c) for c in outs])
         adv = group_advantages(total, K, o.scale_rewards)
-        batch = rollout_rows(prompts, outs, finished, eos, self.tok.pad_id if self.tok.pad_id is not None else 0)
+        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
+        batch = rollout_rows(prompts, outs, finished, eos, pad)
+        if o.shared_prompt:
+            scored = [c + ([eos] if done and eos is not None else []) for c, done in zip(outs, finished)]
+            batch.update(shared_prompt_rows(prompts[::K], scored, K, pad))
         batch["advantages"] = adv.advantages  # (N,)
         batch["truncated"] = torch.tensor(truncated)  # (N,)
         if o.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later updates
             with torch.no_grad():
-                batch["old_logps"] = model_completion_logprobs(model, batch["input_ids"],
-                                                               batch["completion_mask"])[0]  # (N, T-1)
+                batch["old_logps"] = model_completion_logprobs(model, batch["input_ids"], batch["completion_mask"],
+                                                               completion_logits(model, batch))[0]  # (N, T-1)
         lengths = torch.tensor([len(c) for c in outs], dtype=torch.float32)
         stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
                  "frac_zero_std": adv.frac_zero_std, "completion_length": float(lengths.mean()),
@@ -259,10 +306,10 @@ class GRPO(Objective):
             was = self.policy.training
             self.policy.eval()
             with adapters_disabled(self.policy):
-                logp, _ = model_completion_logprobs(self.policy, ids, cmask)
+                logp, _ = model_completion_logprobs(self.policy, ids, cmask, completion_logits(self.policy, batch))
             self.policy.train(was)
         else:
-            logp, _ = model_completion_logprobs(self.reference, ids, cmask)
+            logp, _ = model_completion_logprobs(self.reference, ids, cmask, completion_logits(self.reference, batch))
         return logp  # (N, T-1)
 
     def _mask(self, batch: dict) -> torch.Tensor:
@@ -276,7 +323,7 @@ class GRPO(Objective):
             self.last_step = int(batch["step"]) + 1
         ids, cmask = batch["input_ids"], batch["completion_mask"]
         # the LM head runs only where a completion token is predicted (prompts and padding skip it)
-        logits, keep = model_completion_logits(model, ids, cmask)  # (M, V), (N, T-1)
+        logits, keep = completion_logits(model, batch)  # (M, V), (N, T-1)
         logps, _ = model_completion_logprobs(model, ids, cmask, (logits, keep))  # (N, T-1)
         mask = self._mask(batch)
         ref = self._ref_logps(batch) if self.o.beta > 0 else None
