@@ -5,6 +5,7 @@ evaluation with samples.jsonl, exact resume with the rollout RNG (N + N == 2N), 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -220,6 +221,41 @@ def test_shared_prompt_rows_layout():
     assert out["shared_segment_ids"].tolist() == [[-1, -1, -1, 1, 1, 2], [-1, 1, 1, 1, 2, 0]]
     # what predicts each completion token: the prompt's end for first tokens, else the previous token
     assert out["shared_index"].tolist() == [2, 3, 2, 6, 7, 8, 6]
+
+
+def test_grpo_arithmetic_recipes_golden_curve(tmp_path, token_cache):
+    """configs/arithmetic-sft.yaml then configs/grpo-arithmetic.yaml, shrunk to a few steps.
+    Regenerate after a deliberate change with LMFORGE_UPDATE_GOLDEN=1 (and commit the file)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    golden_path = Path(__file__).parent / "golden" / "grpo_arithmetic_tiny.json"
+    sft = yaml.safe_load((root / "configs" / "arithmetic-sft.yaml").read_text())
+    sft["run"]["out_dir"] = str(tmp_path / "sft")
+    sft["model"].update(n_layer=1, n_embd=32, n_head=2)
+    sft["data"]["cache_dir"] = str(token_cache)
+    sft["data"]["sources"][0]["num_docs"] = 300
+    sft["train"].update(max_steps=6, eval_every=6, checkpoint_every=6, batch_size=8, progress=False)
+    sft["sample"]["max_new_tokens"] = 0
+    raw = yaml.safe_load((root / "configs" / "grpo-arithmetic.yaml").read_text())
+    raw["run"]["out_dir"] = str(tmp_path / "grpo")
+    raw["model"]["init_from"] = str(tmp_path / "sft")
+    raw["objective"].update(num_generations=4, eval_pass_k=0)
+    raw["data"]["sources"][0]["num_docs"] = 48
+    raw["train"].update(max_steps=4, eval_every=2, batch_size=4, eval_batch_size=16, lr=1e-3, min_lr=1e-3,
+                        log_every=1, progress=False)
+    run(config_from_dict(sft), progress=False, print_fn=quiet)
+    s = run(config_from_dict(raw), progress=False, print_fn=quiet)
+    record = {"rewards": [h["reward"] for h in s["history"]], "entropy": [h["entropy"] for h in s["history"]],
+              "completion_length": [h["completion_length"] for h in s["history"]],
+              "val_exact_match": [e["val_exact_match"] for e in s["evals"]], "torch": torch.__version__}
+    if os.environ.get("LMFORGE_UPDATE_GOLDEN") == "1":
+        golden_path.write_text(json.dumps({"description": "tests/test_grpo_task.py::"
+                                           "test_grpo_arithmetic_recipes_golden_curve", **record}, indent=1) + "\n")
+    assert golden_path.is_file(), "no golden curve: run with LMFORGE_UPDATE_GOLDEN=1 once and commit it"
+    golden = json.loads(golden_path.read_text())
+    for key in ("rewards", "entropy", "completion_length", "val_exact_match"):
+        assert record[key] == pytest.approx(golden[key], abs=2e-4), key
 
 
 # ------------------------------------------------------------------------------ bad input
