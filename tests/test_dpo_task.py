@@ -76,6 +76,32 @@ def test_step0_policy_equals_reference_gives_ln2_and_zero_margins(dpo_dict, tmp_
     assert batch["input_ids"].shape[0] == 8  # chosen and rejected stacked: one forward pass
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_shared_prompt_rows_give_the_flat_rows_loss_and_gradients(dpo_dict, tmp_path, loss_type):
+    parts = _parts(dpo_dict(objective={"loss_type": loss_type}), tmp_path)
+    obj, model = parts.objective, parts.model
+    obj.setup(model, torch.device("cpu"))
+    with torch.no_grad():  # move the policy away from the reference so the rewards are not all 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch = parts.train_data.batch(0, 0)
+    assert batch["shared_ids"].shape[0] == 4  # one row per pair: prompt, chosen, rejected
+    flat = {k: v for k, v in batch.items() if not k.startswith("shared_")}
+    out = []
+    for b in (batch, flat):
+        model.zero_grad()
+        loss, m = obj.loss(model, b)
+        loss.backward()
+        out.append((loss.detach(), m, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l1, m1, g1), (l2, m2, g2) = out
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
+    for k in ("rewards/margins", "logps/chosen", "logps/rejected"):
+        assert m1[k] == pytest.approx(m2[k], abs=1e-4), k
+    assert len(g1) == len(g2) > 0
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_lora_model_is_its_own_reference_with_adapters_off(dpo_dict, tmp_path):
     """A LoRA model's reference is its base (adapters switched off): no deep copy is made."""
     from lmforge.model.lora import LoraLinear, adapters_disabled

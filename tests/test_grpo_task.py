@@ -213,14 +213,18 @@ def test_shared_prompt_rows_give_the_flat_rows_loss_and_gradients(grpo_dict, los
 
 
 def test_shared_prompt_rows_layout():
-    from lmforge.objectives.grpo import shared_prompt_rows
+    from lmforge.objectives.logprobs import shared_prompt_rows
 
-    out = shared_prompt_rows([[5, 6, 7], [8]], [[1, 2], [3], [4, 4, 4], [9]], K=2, pad=0)
+    rows = rollout_rows([[5, 6, 7]] * 2 + [[8]] * 2, [[1, 2], [3], [4, 4, 4], [9]], [False] * 4, None, 0)
+    out = shared_prompt_rows(rows["input_ids"], rows["completion_mask"], [[0, 1], [2, 3]], 0)
     assert out["shared_ids"].tolist() == [[5, 6, 7, 1, 2, 3], [8, 4, 4, 4, 9, 0]]
     assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 1, 0]]
     assert out["shared_segment_ids"].tolist() == [[-1, -1, -1, 1, 1, 2], [-1, 1, 1, 1, 2, 0]]
     # what predicts each completion token: the prompt's end for first tokens, else the previous token
     assert out["shared_index"].tolist() == [2, 3, 2, 6, 7, 8, 6]
+    empty = rollout_rows([[5, 6]] * 2, [[], [4]], [False] * 2, None, 0)  # a completion cut by a stop string
+    out = shared_prompt_rows(empty["input_ids"], empty["completion_mask"], [[0, 1]], 0)
+    assert out["shared_ids"].tolist() == [[5, 6, 4]] and out["shared_index"].tolist() == [1]
 
 
 def test_grpo_arithmetic_recipes_golden_curve(tmp_path, token_cache):

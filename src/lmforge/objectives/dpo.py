@@ -35,7 +35,7 @@ import torch
 from lmforge.errors import ConfigError
 from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
-from lmforge.objectives.logprobs import sequence_logprobs, split_chosen_rejected
+from lmforge.objectives.logprobs import completion_logits, sequence_logprobs, split_chosen_rejected
 from lmforge.objectives.preference_losses import LOSS_TYPES, REFERENCE_FREE, PairLogps, preference_loss
 
 REFERENCES = ("auto", "copy", "precompute", "none")
@@ -127,9 +127,11 @@ class DPO(Objective):
             self.cached = precompute_reference(self, model, device, **self._precompute)
 
     def _pair_logps(self, model, batch: dict) -> PairLogps:
-        # chosen and rejected rows (2B, T) in one pass; the LM head only where a completion token is predicted
+        # chosen and rejected rows (2B, T) in one pass (each prompt once when the batch has shared-prompt
+        # rows); the LM head only where a completion token is predicted
         logps, counts = sequence_logprobs(None, batch["input_ids"], batch["completion_mask"],
-                                          average=self.o.average_logps, model=model)  # (2B,), (2B,)
+                                          average=self.o.average_logps, model=model,
+                                          logits_and_keep=completion_logits(model, batch))  # (2B,), (2B,)
         if self.o.average_logps:  # already per token: the losses must not divide again
             counts = torch.ones_like(counts)
         (c, r), (nc, nr) = split_chosen_rejected(logps), split_chosen_rejected(counts)

@@ -46,7 +46,7 @@ from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
 from lmforge.objectives.grpo_math import (LOSS_AGGREGATIONS, SCALE_REWARDS, entropy_from_logits, group_advantages,
                                           grpo_policy_loss, mask_truncated)
-from lmforge.objectives.logprobs import model_completion_logits, model_completion_logprobs
+from lmforge.objectives.logprobs import completion_logits, model_completion_logprobs, shared_prompt_rows
 from lmforge.rewards import RewardSet, exact_match
 
 
@@ -138,48 +138,6 @@ def rollout_rows(prompts: list[list[int]], completions: list[list[int]], finishe
     return {"input_ids": ids, "completion_mask": cmask}
 
 
-def shared_prompt_rows(prompts: list[list[int]], completions: list[list[int]], K: int, pad: int) -> dict:
-    """The same rollouts as :func:`rollout_rows` (``completions`` with their eos already added),
-    one row per prompt: the prompt once, then its K completions, each completion seeing the prompt
-    and itself only (segment -1 = the shared prefix, k = completion k; positions continue from the
-    prompt for every completion). ``shared_index`` (M,) gives, for every completion token in
-    :func:`rollout_rows`' order (row by row, left to right), the flat position in (G, T) whose
-    logits predict it. The prompt's transformer work is done once instead of K times."""
-    rows = []
-    for g, p in enumerate(prompts):
-        seq, pos, seg, pred = list(p), list(range(len(p))), [-1] * len(p), []
-        for k in range(K):
-            prev = len(p) - 1  # the prompt's last position predicts each completion's first token
-            for j, tok in enumerate(completions[g * K + k]):
-                pred.append(prev)
-                prev = len(seq)
-                seq.append(tok)
-                pos.append(len(p) + j)
-                seg.append(k + 1)
-        rows.append((seq, pos, seg, pred))
-    T = max(len(r[0]) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)  # (G, T)
-    positions = torch.zeros(len(rows), T, dtype=torch.long)  # (G, T)
-    segments = torch.zeros(len(rows), T, dtype=torch.long)  # (G, T): 0 on padding
-    index = []
-    for g, (seq, pos, seg, pred) in enumerate(rows):
-        ids[g, :len(seq)], positions[g, :len(seq)], segments[g, :len(seq)] = (torch.tensor(x) for x in (seq, pos, seg))
-        index += [g * T + i for i in pred]
-    return {"shared_ids": ids, "shared_position_ids": positions, "shared_segment_ids": segments,
-            "shared_index": torch.tensor(index, dtype=torch.long)}
-
-
-def completion_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits (M, V) predicting every completion token of a rollout batch and where they sit
-    in the (N, T-1) layout: through the shared-prompt rows when the batch has them."""
-    keep = batch["completion_mask"][:, 1:].bool()  # (N, T-1)
-    if "shared_ids" in batch:
-        logits = model(batch["shared_ids"], position_ids=batch["shared_position_ids"],
-                       segment_ids=batch["shared_segment_ids"], keep=batch["shared_index"])  # (M, V)
-        return logits, keep
-    return model_completion_logits(model, batch["input_ids"], batch["completion_mask"])
-
-
 class RolloutBatches:
     """The GRPO batch source: this rank's prompts of each (step, micro-step), K sampled
     completions each from the current policy, their rewards and group advantages."""
@@ -252,9 +210,9 @@ class RolloutBatches:
         adv = group_advantages(total, K, o.scale_rewards)
         pad = self.tok.pad_id if self.tok.pad_id is not None else 0
         batch = rollout_rows(prompts, outs, finished, eos, pad)
-        if o.shared_prompt:
-            scored = [c + ([eos] if done and eos is not None else []) for c, done in zip(outs, finished)]
-            batch.update(shared_prompt_rows(prompts[::K], scored, K, pad))
+        if o.shared_prompt:  # one row per prompt, its K completions after it
+            groups = [range(g * K, (g + 1) * K) for g in range(len(idx))]
+            batch.update(shared_prompt_rows(batch["input_ids"], batch["completion_mask"], groups, pad))
         batch["advantages"] = adv.advantages  # (N,)
         batch["truncated"] = torch.tensor(truncated)  # (N,)
         if o.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later updates

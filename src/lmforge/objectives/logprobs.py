@@ -27,6 +27,8 @@ __all__ = [
     "completion_logprobs",
     "model_completion_logits",
     "model_completion_logprobs",
+    "shared_prompt_rows",
+    "completion_logits",
     "sequence_logprobs",
     "tokenize_pair",
     "preference_collate",
@@ -93,17 +95,79 @@ def model_completion_logprobs(model, input_ids: torch.Tensor, completion_mask: t
     return per_token, completion_mask[:, 1:].to(picked.dtype)
 
 
+def shared_prompt_rows(input_ids: torch.Tensor, completion_mask: torch.Tensor, groups: Sequence[Sequence[int]],
+                       pad_id: int) -> dict:
+    """The rows of ``input_ids`` (N, T) (each a prompt, then a completion marked by
+    ``completion_mask``) regrouped so that each prompt is run once: ``groups`` lists the rows that
+    share a prompt (a DPO pair's chosen and rejected; GRPO's K samples). Each group becomes one row:
+    the prompt, then every completion of the group, each completion seeing the prompt and itself
+    only (segment -1 = the shared prefix, k = the group's k-th completion; positions continue
+    from the prompt for every completion, as in its own row).
+
+    Returns ``shared_ids``, ``shared_position_ids``, ``shared_segment_ids`` (G, T'), and
+    ``shared_index`` (M,): for every completion token of ``input_ids`` in row-major order (the
+    order ``completion_mask[:, 1:]`` lists them), the flat position in (G, T') whose logits
+    predict it. Same logits, a prompt's transformer work done once instead of once per row.
+    """
+    packed, preds = [], {}
+    has_completion = completion_mask.bool().any(1).tolist()  # (N,): a row without one predicts nothing
+    for members in groups:
+        members = [r for r in members if has_completion[r]]
+        if not members:
+            continue
+        g = len(packed)
+        start = int(completion_mask[members[0]].argmax())  # the first completion token: the prompt's length
+        prompt = input_ids[members[0], :start].tolist()
+        seq, pos, seg = list(prompt), list(range(start)), [-1] * start
+        for k, r in enumerate(members):
+            if int(completion_mask[r].argmax()) != start or input_ids[r, :start].tolist() != prompt:
+                raise InputError(f"shared_prompt_rows: row {r} does not share row {members[0]}'s prompt")
+            prev, preds[r] = start - 1, []  # the prompt's last position predicts the first token
+            for j, tok in enumerate(input_ids[r][completion_mask[r].bool()].tolist()):
+                preds[r].append((g, prev))
+                prev = len(seq)
+                seq.append(tok)
+                pos.append(start + j)
+                seg.append(k + 1)
+        packed.append((seq, pos, seg))
+    if not packed:
+        return {}
+    width = max(len(x[0]) for x in packed)
+    ids = torch.full((len(packed), width), pad_id, dtype=torch.long)  # (G, T')
+    positions = torch.zeros(len(packed), width, dtype=torch.long)  # (G, T')
+    segments = torch.zeros(len(packed), width, dtype=torch.long)  # (G, T'): 0 on padding
+    for g, (seq, pos, seg) in enumerate(packed):
+        n = len(seq)
+        ids[g, :n], positions[g, :n], segments[g, :n] = torch.tensor(seq), torch.tensor(pos), torch.tensor(seg)
+    index = [g * width + i for r in sorted(preds) for g, i in preds[r]]
+    return {"shared_ids": ids.to(input_ids.device), "shared_position_ids": positions.to(input_ids.device),
+            "shared_segment_ids": segments.to(input_ids.device),
+            "shared_index": torch.tensor(index, dtype=torch.long, device=input_ids.device)}
+
+
+def completion_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`model_completion_logits` of a batch (``input_ids``, ``completion_mask``), through its
+    shared-prompt rows (:func:`shared_prompt_rows`) when it has them: logits (M, V), keep (N, T-1)."""
+    if "shared_ids" not in batch:
+        return model_completion_logits(model, batch["input_ids"], batch["completion_mask"])
+    logits = model(batch["shared_ids"], position_ids=batch["shared_position_ids"],
+                   segment_ids=batch["shared_segment_ids"], keep=batch["shared_index"])  # (M, V)
+    return logits, batch["completion_mask"][:, 1:].bool()
+
+
 def sequence_logprobs(logits: torch.Tensor | None, input_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, average: bool = False, model=None
+                      completion_mask: torch.Tensor, average: bool = False, model=None,
+                      logits_and_keep: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each row's completion, summed (or averaged per token), and its token count.
 
     From ``logits`` (B, T, V), or with ``logits=None`` from ``model`` run here on the completion
-    positions only (:func:`model_completion_logprobs`). Returns ``(logps (B,), counts (B,))``.
+    positions only (:func:`model_completion_logprobs`; ``logits_and_keep``: already computed,
+    e.g. by :func:`completion_logits`). Returns ``(logps (B,), counts (B,))``.
     With ``average=True`` a row without completion tokens gives 0 rather than 0/0.
     """
-    if logits is None:
-        per_token, mask = model_completion_logprobs(model, input_ids, completion_mask)  # (B, T-1) each
+    if logits is None:  # (B, T-1) each
+        per_token, mask = model_completion_logprobs(model, input_ids, completion_mask, logits_and_keep)
     else:
         per_token, mask = completion_logprobs(logits, input_ids, completion_mask)  # (B, T-1) each
     total = per_token.sum(-1)  # (B,)

@@ -30,7 +30,7 @@ from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.model.lora import has_lora
 from lmforge.objectives.dpo import DPO, DPOOptions, option_problems
-from lmforge.objectives.logprobs import preference_collate, tokenize_pair
+from lmforge.objectives.logprobs import preference_collate, shared_prompt_rows, tokenize_pair
 from lmforge.tasks import Task
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
 
@@ -136,6 +136,8 @@ class EncodedPairs:
 def collate(enc: EncodedPairs, indices: list[int], pad: int, max_length: int, split: str) -> dict:
     b = preference_collate([enc.ids[i] for i in indices], pad, max_length)
     b.pop("truncated")
+    B = len(indices)  # the model runs each prompt once, its chosen and rejected packed after it
+    b.update(shared_prompt_rows(b["input_ids"], b["completion_mask"], [[i, B + i] for i in range(B)], pad))
     b["pair_index"] = torch.tensor(indices, dtype=torch.long)  # (B,) rows of a precomputed reference
     b["split"] = split
     return b
