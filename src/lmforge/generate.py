@@ -185,9 +185,13 @@ def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
     start = 0  # column of ids held in cache slot 0 (grows once the window slides)
     crop = mc.positional == "learned"  # learned positions cannot slide: recompute the last C tokens
     # a prompt repeated in the batch (GRPO's K samples of one prompt) is prefilled once, then copied
-    first_row: dict[tuple, int] = {}
-    copy_of = torch.tensor([first_row.setdefault(tuple(p), len(first_row)) for p in prompts], device=device)  # (B,)
-    distinct = [prompts.index(list(p)) for p in first_row]  # row of each distinct prompt's first use
+    slot: dict[tuple, int] = {}  # prompt -> its slot among the distinct prompts
+    distinct = []  # the row of each distinct prompt's first use
+    for i, p in enumerate(prompts):
+        if tuple(p) not in slot:
+            slot[tuple(p)] = len(distinct)
+            distinct.append(i)
+    copy_of = torch.tensor([slot[tuple(p)] for p in prompts], device=device)  # (B,) each row's slot
     cache = KVCache.for_model(model, len(distinct), min(L + n, C)) if cfg.use_cache else None
     was_training = model.training
     model.eval()
