@@ -141,3 +141,15 @@ def test_fresh_tokenizers_learn_from_the_rendered_prompt_not_json():
     assert text.endswith("### Response:\nBlue.\nOr red.") and "\\n" not in text  # real newlines, no escapes
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     assert json.loads(_tokenizer_text(chat, SFTOptions(format="messages"))) == chat
+
+
+def test_oasst_validation_prompts_are_the_first_path_before_its_last_reply():
+    from lmforge.tasks.sft import SFTOptions, _prompt_text
+    from lmforge.tokenizer import ByteTokenizer
+
+    tree = {"prompt": {"role": "prompter", "text": "Q1", "replies": [
+        {"role": "assistant", "text": "A1", "rank": 0, "replies": [
+            {"role": "prompter", "text": "Q2", "replies": [{"role": "assistant", "text": "A2", "rank": 0}]}]}]}}
+    text = _prompt_text(tree, SFTOptions(format="oasst", template="chat"), ByteTokenizer())
+    assert text is not None  # the sample answers of an OASST run (it used to write none)
+    assert text.index("Q1") < text.index("A1") < text.index("Q2") and "A2" not in text

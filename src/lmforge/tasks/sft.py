@@ -155,6 +155,10 @@ def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
         from lmforge.chat import render
 
         msgs = record.get("messages") if opts.format == "messages" else None
+        if opts.format == "oasst":  # the tree's first path: every turn before its last reply
+            from lmforge.data.sft_format import oasst_paths
+
+            msgs = next(iter(oasst_paths(record, opts.oasst_mode)), None)
         if msgs is None and opts.format == "alpaca":
             from lmforge.data.sft_format import alpaca_messages
 
