@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     sft_summary, sft_time = stage(SFT, [f"run.out_dir={sft_dir}", *common], args.quiet)
     dpo_summary, dpo_time = stage(DPO_RECIPE, [f"run.out_dir={dpo_dir}", f"model.init_from={sft_dir}", *common],
                                   args.quiet)
-    eval_cfg = load_config(GRPO_RECIPE, [f"run.out_dir={work / 'eval'}", *common,
+    eval_cfg = load_config(GRPO_RECIPE, [f"run.out_dir={work / 'eval'}", f"model.init_from={sft_dir}", *common,
                                          f"objective.eval_pass_k={args.pass_k}", "objective.sample_completions=0"])
     before = held_out_scores(eval_cfg, str(sft_dir), args.pass_k)
     after = held_out_scores(eval_cfg, str(dpo_dir), args.pass_k)
