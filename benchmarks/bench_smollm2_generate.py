@@ -10,6 +10,8 @@ end-of-turn token:
 * ``lmforge-int8``: ``quantize_model(model, "int8")`` (int8 weights and int8 activations rounded
   per call, the CPU's int8 GEMM; ``--quantize int8``): fastest, and lossy;
 * ``transformers``: ``from_pretrained(folder, gguf_file=...)`` (fp32) and its ``generate``;
+* ``transformers-fp16``: the same with ``torch_dtype=torch.float16`` (the whole model in fp16: the
+  like-for-like peer of ``lmforge-fp16``);
 * ``llama-cpp``: llama-cpp-python on the GGUF as it is (Q4_1 weights, llama.cpp's own kernels),
   when installed (``pip install llama-cpp-python``: it compiles llama.cpp).
 
@@ -74,15 +76,21 @@ def main() -> int:
     def lmforge_row(m):
         return lambda: generate(m, ids, max_new_tokens=n, temperature=0, eos_id=tok.eos_id)
 
-    def theirs():
-        with torch.no_grad():
-            x = torch.tensor([ids])
-            y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                            use_cache=True, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        return [t for t in y[0, len(ids):].tolist() if t != tok.eos_id]
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             torch_dtype=torch.float16).eval()
+
+    def transformers_row(m):
+        def theirs():
+            with torch.no_grad():
+                x = torch.tensor([ids])
+                y = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                               use_cache=True, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+            return [t for t in y[0, len(ids):].tolist() if t != tok.eos_id]
+        return theirs
 
     rows = {"lmforge": lmforge_row(model), "lmforge-fp16": lmforge_row(fp16),
-            "lmforge-int8": lmforge_row(int8), "transformers": theirs}
+            "lmforge-int8": lmforge_row(int8), "transformers": transformers_row(hf),
+            "transformers-fp16": transformers_row(hf16)}
     llama = llama_cpp_row(path, ids, n, args.threads, tok.eos_id)
     if llama is not None:
         rows["llama-cpp"] = llama
@@ -105,6 +113,7 @@ def main() -> int:
                "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in speed.items()},
                "lmforge_over_transformers": round(med["lmforge"] / med["transformers"], 2),
                "lmforge_fp16_over_transformers": round(med["lmforge-fp16"] / med["transformers"], 2),
+               "lmforge_fp16_over_transformers_fp16": round(med["lmforge-fp16"] / med["transformers-fp16"], 2),
                "lmforge_int8_over_transformers": round(med["lmforge-int8"] / med["transformers"], 2),
                "texts": {k: tok.decode(v)[:400] for k, v in tokens.items()}}
     if "llama-cpp" not in rows:
