@@ -105,3 +105,35 @@ def run_in_two_parts(make_config, n: int) -> tuple[dict, dict]:
     assert first["stopped_early"] and first["steps"] == n
     second = run(make_config(), progress=False, print_fn=quiet)
     return first, second
+
+
+def shrunk_recipe(name: str, out_dir: Path, **train) -> dict:
+    """``configs/<name>.yaml`` as a dict, writing to ``out_dir``, its ``train:`` updated with ``train``
+    (progress off): the teaching recipes' golden-curve tests run them a few steps at a time."""
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").read_text())
+    raw["run"]["out_dir"] = str(out_dir)
+    raw["train"].update(progress=False, **train)
+    return raw
+
+
+def shrunk_arithmetic_sft(out_dir: Path, token_cache: Path) -> dict:
+    """Stage 1 of the teaching recipes (configs/arithmetic-sft.yaml) shrunk to a 1-layer model
+    and 6 steps on 300 problems."""
+    sft = shrunk_recipe("arithmetic-sft", out_dir, max_steps=6, eval_every=6, checkpoint_every=6, batch_size=8)
+    sft["model"].update(n_layer=1, n_embd=32, n_head=2)
+    sft["data"]["cache_dir"] = str(token_cache)
+    sft["data"]["sources"][0]["num_docs"] = 300
+    sft["sample"]["max_new_tokens"] = 0
+    return sft
+
+
+def loss_metrics_grads(objective, model, batches: list[dict]) -> list[tuple]:
+    """(loss, metrics, gradients) of ``objective`` on each batch, from the same model weights:
+    for checking that two layouts of one batch train the same."""
+    out = []
+    for b in batches:
+        model.zero_grad()
+        loss, m = objective.loss(model, b)
+        loss.backward()
+        out.append((loss.detach(), m, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    return out

@@ -19,9 +19,8 @@ from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
 from lmforge.train.run import run
 
-from conftest import deep_merge, run_in_two_parts
+from conftest import deep_merge, loss_metrics_grads, run_in_two_parts, shrunk_arithmetic_sft, shrunk_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "dpo_scratch_tiny.json"
 
 
@@ -87,13 +86,7 @@ def test_shared_prompt_rows_give_the_flat_rows_loss_and_gradients(dpo_dict, tmp_
     batch = parts.train_data.batch(0, 0)
     assert batch["shared_ids"].shape[0] == 4  # one row per pair: prompt, chosen, rejected
     flat = {k: v for k, v in batch.items() if not k.startswith("shared_")}
-    out = []
-    for b in (batch, flat):
-        model.zero_grad()
-        loss, m = obj.loss(model, b)
-        loss.backward()
-        out.append((loss.detach(), m, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (l1, m1, g1), (l2, m2, g2) = out
+    (l1, m1, g1), (l2, m2, g2) = loss_metrics_grads(obj, model, [batch, flat])
     torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
     for k in ("rewards/margins", "logps/chosen", "logps/rejected"):
         assert m1[k] == pytest.approx(m2[k], abs=1e-4), k
@@ -173,19 +166,9 @@ def test_grad_accum_and_precomputed_reference_match_one_big_batch_with_a_copy(dp
 def test_dpo_scratch_recipes_golden_curve(tmp_path, token_cache):
     """configs/arithmetic-sft.yaml then configs/dpo-scratch.yaml, shrunk to a few steps. Regenerate
     after a deliberate change with LMFORGE_UPDATE_GOLDEN=1 (and commit the file)."""
-    import yaml
-
-    sft = yaml.safe_load((ROOT / "configs" / "arithmetic-sft.yaml").read_text())
-    sft["run"]["out_dir"] = str(tmp_path / "sft")
-    sft["model"].update(n_layer=1, n_embd=32, n_head=2)
-    sft["data"]["cache_dir"] = str(token_cache)
-    sft["data"]["sources"][0]["num_docs"] = 300
-    sft["train"].update(max_steps=6, eval_every=6, checkpoint_every=6, batch_size=8, progress=False)
-    sft["sample"]["max_new_tokens"] = 0
-    raw = yaml.safe_load((ROOT / "configs" / "dpo-scratch.yaml").read_text())
-    raw["run"]["out_dir"] = str(tmp_path / "dpo")
+    sft = shrunk_arithmetic_sft(tmp_path / "sft", token_cache)
+    raw = shrunk_recipe("dpo-scratch", tmp_path / "dpo", max_steps=6, eval_every=3, batch_size=4)
     raw["model"]["init_from"] = str(tmp_path / "sft")
-    raw["train"].update(max_steps=6, eval_every=3, batch_size=4, progress=False)
     raw["data"]["sources"][0]["num_docs"] = 40
     sft = config_from_dict(sft)
     run(sft, progress=False, print_fn=quiet)

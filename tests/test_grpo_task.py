@@ -21,7 +21,7 @@ from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
 from lmforge.train.run import run
 
-from conftest import deep_merge, run_in_two_parts
+from conftest import deep_merge, loss_metrics_grads, run_in_two_parts, shrunk_arithmetic_sft, shrunk_recipe
 
 
 def quiet(*a, **k):
@@ -198,13 +198,7 @@ def test_shared_prompt_rows_give_the_flat_rows_loss_and_gradients(grpo_dict, los
     batch = {**parts.train_data.batch(0, 0), "advantages": torch.linspace(-1, 1, 6)}
     assert batch["shared_ids"].shape[0] == 2  # one row per prompt
     flat = {k: v for k, v in batch.items() if not k.startswith("shared_")}
-    results = []
-    for b in (batch, flat):
-        model.zero_grad()
-        loss, m = obj.loss(model, b)
-        loss.backward()
-        results.append((loss.detach(), m, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    (l1, m1, g1), (l2, m2, g2) = results
+    (l1, m1, g1), (l2, m2, g2) = loss_metrics_grads(obj, model, [batch, flat])
     torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-5)
     assert m1["entropy"] == pytest.approx(m2["entropy"], abs=1e-5) and m1["kl"] == pytest.approx(m2["kl"], abs=1e-6)
     assert len(g1) == len(g2) > 0
@@ -230,24 +224,13 @@ def test_shared_prompt_rows_layout():
 def test_grpo_arithmetic_recipes_golden_curve(tmp_path, token_cache):
     """configs/arithmetic-sft.yaml then configs/grpo-arithmetic.yaml, shrunk to a few steps.
     Regenerate after a deliberate change with LMFORGE_UPDATE_GOLDEN=1 (and commit the file)."""
-    import yaml
-
-    root = Path(__file__).resolve().parents[1]
     golden_path = Path(__file__).parent / "golden" / "grpo_arithmetic_tiny.json"
-    sft = yaml.safe_load((root / "configs" / "arithmetic-sft.yaml").read_text())
-    sft["run"]["out_dir"] = str(tmp_path / "sft")
-    sft["model"].update(n_layer=1, n_embd=32, n_head=2)
-    sft["data"]["cache_dir"] = str(token_cache)
-    sft["data"]["sources"][0]["num_docs"] = 300
-    sft["train"].update(max_steps=6, eval_every=6, checkpoint_every=6, batch_size=8, progress=False)
-    sft["sample"]["max_new_tokens"] = 0
-    raw = yaml.safe_load((root / "configs" / "grpo-arithmetic.yaml").read_text())
-    raw["run"]["out_dir"] = str(tmp_path / "grpo")
+    sft = shrunk_arithmetic_sft(tmp_path / "sft", token_cache)
+    raw = shrunk_recipe("grpo-arithmetic", tmp_path / "grpo", max_steps=4, eval_every=2, batch_size=4,
+                        eval_batch_size=16, lr=1e-3, min_lr=1e-3, log_every=1)
     raw["model"]["init_from"] = str(tmp_path / "sft")
     raw["objective"].update(num_generations=4, eval_pass_k=0)
     raw["data"]["sources"][0]["num_docs"] = 48
-    raw["train"].update(max_steps=4, eval_every=2, batch_size=4, eval_batch_size=16, lr=1e-3, min_lr=1e-3,
-                        log_every=1, progress=False)
     run(config_from_dict(sft), progress=False, print_fn=quiet)
     s = run(config_from_dict(raw), progress=False, print_fn=quiet)
     record = {"rewards": [h["reward"] for h in s["history"]], "entropy": [h["entropy"] for h in s["history"]],
