@@ -225,8 +225,8 @@ def _model_path(target) -> Path:
 
 
 def _inference_model(path: Path, device, quantize: str):
-    """The model and tokenizer at ``path`` for generation: LoRA adapters merged and the linear
-    weights quantized when ``quantize`` is "int8" (lmforge.model.quantize)."""
+    """The model and tokenizer at ``path`` for generation: with ``quantize`` "fp16" or "int8", LoRA
+    adapters merged and the linear weights stored in fewer bytes (lmforge.model.quantize)."""
     from lmforge import from_pretrained
 
     model, tok = from_pretrained(path, device=device, with_tokenizer=True)
@@ -535,6 +535,10 @@ def _generate_args(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user turn in the model's chat template")
     p.add_argument("--system", default=None, help="with --chat: a system prompt")
+    _quantize_arg(p)
+
+
+def _quantize_arg(p):
     p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"],
                    help="linear weights in fewer bytes for faster decoding: fp16 (half the bytes, same "
                         "greedy text in our checks) or int8 (a quarter, CPU int8 GEMM, lossy)")
@@ -549,9 +553,7 @@ def _chat_args(p):
     p.add_argument("--context", type=int, default=None, help="token budget of the conversation (default: the model's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"],
-                   help="linear weights in fewer bytes for faster decoding: fp16 (half the bytes, same "
-                        "greedy text in our checks) or int8 (a quarter, CPU int8 GEMM, lossy)")
+    _quantize_arg(p)
 
 
 def _info_args(p):

@@ -1,11 +1,12 @@
-"""Weight-only int8 quantization, for faster decoding on a CPU.
+"""Linear weights in fewer bytes (fp16 or int8), for faster decoding on a CPU.
 
 Decoding one token at a time is bound by memory, not arithmetic: every step reads every weight
 once (SmolLM2-135M in fp32: ~540 MB per token) and does little work with each. Storing the
 linear layers' weights as int8 -- one byte instead of four -- with one fp32 scale per output row
-cuts those reads by about 4x. On a CPU the product runs in PyTorch's int8 GEMM (fbgemm), which
-also rounds each call's activations to 8 bits (one scale per call): the outputs differ from fp32
-by about 1% of their range, so greedy text can part from fp32's after a while.
+cuts those reads by about 4x (fp16 weights, :class:`HalfLinear`, by 2x). On a CPU the int8
+product runs in PyTorch's int8 GEMM (fbgemm), which also rounds each call's activations to 8 bits
+(one scale per call): the outputs differ from fp32 by about 1% of their range, so greedy text
+can part from fp32's after a while.
 
     w (out, in) fp32  ->  q = round(w / s) in [-127, 127] (int8),  s = max|w_row| / 127  (out,)
     y = x @ w^T  ~=  (x @ q^T) * s

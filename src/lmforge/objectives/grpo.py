@@ -46,7 +46,8 @@ from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
 from lmforge.objectives.grpo_math import (LOSS_AGGREGATIONS, SCALE_REWARDS, entropy_from_logits, group_advantages,
                                           grpo_policy_loss, mask_truncated)
-from lmforge.objectives.logprobs import completion_logits, model_completion_logprobs, shared_prompt_rows
+from lmforge.objectives.logprobs import (batch_completion_logprobs, completion_logits, model_completion_logprobs,
+                                         shared_prompt_rows)
 from lmforge.rewards import RewardSet, exact_match
 
 
@@ -217,8 +218,7 @@ class RolloutBatches:
         batch["truncated"] = torch.tensor(truncated)  # (N,)
         if o.num_iterations > 1:  # the sampling policy's log-probs, for the ratio of the later updates
             with torch.no_grad():
-                batch["old_logps"] = model_completion_logprobs(model, batch["input_ids"], batch["completion_mask"],
-                                                               completion_logits(model, batch))[0]  # (N, T-1)
+                batch["old_logps"] = batch_completion_logprobs(model, batch)[0]  # (N, T-1)
         lengths = torch.tensor([len(c) for c in outs], dtype=torch.float32)
         stats = {"reward": float(total.mean()), "reward_std": float(total.std()) if len(total) > 1 else 0.0,
                  "frac_zero_std": adv.frac_zero_std, "completion_length": float(lengths.mean()),
@@ -259,15 +259,14 @@ class GRPO(Objective):
 
     @torch.no_grad()
     def _ref_logps(self, batch: dict) -> torch.Tensor:
-        ids, cmask = batch["input_ids"], batch["completion_mask"]
         if self.reference == "adapters":
             was = self.policy.training
             self.policy.eval()
             with adapters_disabled(self.policy):
-                logp, _ = model_completion_logprobs(self.policy, ids, cmask, completion_logits(self.policy, batch))
+                logp, _ = batch_completion_logprobs(self.policy, batch)
             self.policy.train(was)
         else:
-            logp, _ = model_completion_logprobs(self.reference, ids, cmask, completion_logits(self.reference, batch))
+            logp, _ = batch_completion_logprobs(self.reference, batch)
         return logp  # (N, T-1)
 
     def _mask(self, batch: dict) -> torch.Tensor:

@@ -29,6 +29,7 @@ __all__ = [
     "model_completion_logprobs",
     "shared_prompt_rows",
     "completion_logits",
+    "batch_completion_logprobs",
     "sequence_logprobs",
     "tokenize_pair",
     "preference_collate",
@@ -153,6 +154,13 @@ def completion_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(batch["shared_ids"], position_ids=batch["shared_position_ids"],
                    segment_ids=batch["shared_segment_ids"], keep=batch["shared_index"])  # (M, V)
     return logits, batch["completion_mask"][:, 1:].bool()
+
+
+def batch_completion_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`model_completion_logprobs` of a batch through :func:`completion_logits` (its
+    shared-prompt rows when it has them): per-token log-probs and mask, (N, T-1) each."""
+    return model_completion_logprobs(model, batch["input_ids"], batch["completion_mask"],
+                                     completion_logits(model, batch))
 
 
 def sequence_logprobs(logits: torch.Tensor | None, input_ids: torch.Tensor,
