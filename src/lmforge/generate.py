@@ -54,6 +54,7 @@ import torch
 
 from lmforge.errors import ConfigError, InputError
 from lmforge.model.layers import KVCache
+from lmforge.model.packed import packed_linears
 
 __all__ = ["SamplingConfig", "generate", "stream", "generate_text", "stream_text", "sample_next_token",
            "apply_repetition_penalty"]
@@ -196,37 +197,38 @@ def _token_steps(model, prompts: list[list[int]], cfg: SamplingConfig,
     was_training = model.training
     model.eval()
     try:
-        for t in range(n):
-            end = L + t  # columns of ids filled so far
-            if crop and end > C:
-                cache = None  # past the context: from now on the last C tokens, at positions 0..C-1
-            if cache is None:  # the whole (windowed) sequence again
-                s = max(0, end - C)
-                logits = model(ids[:, s:end], attention_mask=mask[:, s:end] if padded else None, last_only=True)
-            elif t == 0:  # prefill each distinct prompt, then give every row its prompt's keys/values
-                logits = model(ids[distinct, :end], attention_mask=mask[distinct, :end] if padded else None,
-                               cache=cache, last_only=True)[copy_of]  # (B, 1, V)
-                if len(distinct) < B:
-                    cache.select(copy_of)
-                pos = mask[:, :end].sum(-1, keepdim=True)  # (B, 1) position of the next token
-            else:  # decode one token
-                if cache.length == cache.max_len:  # window full: forget the oldest position
-                    cache.drop_front(1)
-                    start += 1
-                logits = model(ids[:, end - 1:end], attention_mask=mask[:, start:end] if padded else None,
-                               position_ids=pos, cache=cache, last_only=True)
-                pos += 1
-            logits = logits[:, -1]  # (B, V)
-            if logits_out is not None:
-                logits_out.append(logits)
-            if t < cfg.min_new_tokens and eos is not None:
-                logits = logits.clone()
-                logits[:, eos] = float("-inf")
-            nxt = sample_next_token(logits, cfg, generator, seen)  # (B,)
-            ids[:, end] = nxt
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
-            yield nxt
+        with packed_linears(model):  # fp32 CPU linears from oneDNN-packed weights (model/packed.py)
+            for t in range(n):
+                end = L + t  # columns of ids filled so far
+                if crop and end > C:
+                    cache = None  # past the context: from now on the last C tokens, at positions 0..C-1
+                if cache is None:  # the whole (windowed) sequence again
+                    s = max(0, end - C)
+                    logits = model(ids[:, s:end], attention_mask=mask[:, s:end] if padded else None, last_only=True)
+                elif t == 0:  # prefill each distinct prompt, then give every row its prompt's keys/values
+                    logits = model(ids[distinct, :end], attention_mask=mask[distinct, :end] if padded else None,
+                                   cache=cache, last_only=True)[copy_of]  # (B, 1, V)
+                    if len(distinct) < B:
+                        cache.select(copy_of)
+                    pos = mask[:, :end].sum(-1, keepdim=True)  # (B, 1) position of the next token
+                else:  # decode one token
+                    if cache.length == cache.max_len:  # window full: forget the oldest position
+                        cache.drop_front(1)
+                        start += 1
+                    logits = model(ids[:, end - 1:end], attention_mask=mask[:, start:end] if padded else None,
+                                   position_ids=pos, cache=cache, last_only=True)
+                    pos += 1
+                logits = logits[:, -1]  # (B, V)
+                if logits_out is not None:
+                    logits_out.append(logits)
+                if t < cfg.min_new_tokens and eos is not None:
+                    logits = logits.clone()
+                    logits[:, eos] = float("-inf")
+                nxt = sample_next_token(logits, cfg, generator, seen)  # (B,)
+                ids[:, end] = nxt
+                if seen is not None:
+                    seen.scatter_(1, nxt[:, None], True)
+                yield nxt
     finally:
         model.train(was_training)
 

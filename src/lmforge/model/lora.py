@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
 from lmforge.model.layers import MLP, Attention, dropout
+from lmforge.model.packed import packed_product
 
 ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
 GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("mlp_in", "mlp_out"), "all": ROLES}
@@ -128,7 +129,7 @@ class LoraLinear(nn.Linear):
         self.train(base.training)  # new submodules start in training mode; follow the model's mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (B, T, out)
+        y = packed_product(self, x)  # (B, T, out): F.linear, or its packed twin during generation
         if not self.enabled:
             return y
         h = dropout(self.drop, x)

@@ -1,0 +1,102 @@
+"""oneDNN-packed fp32 linears for inference (lmforge.model.packed): the same products as
+``F.linear`` within float rounding, only while autograd is off, the model unchanged after the
+context, the packed copy reused while a frozen weight is unchanged and rebuilt when it changes,
+LoRA's base product packed with its adapters on top, and generation giving the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lmforge.model.packed as packed
+from lmforge.generate import generate
+from lmforge.model import build
+from lmforge.model.lora import LoraConfig, apply_lora
+from lmforge.model.packed import packed_linears, release_packed
+
+pytestmark = pytest.mark.skipif(not packed.available(), reason="this PyTorch has no oneDNN packed linear")
+
+
+def _model():
+    torch.manual_seed(0)
+    return build({"preset": "llama-baby", "n_layer": 2, "n_embd": 64, "n_head": 4, "context_length": 64,
+                  "vocab_size": 97}).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_product_matches_linear(bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80, bias=bias).requires_grad_(False)
+    for shape in [(1, 96), (7, 96), (2, 5, 96)]:
+        x = torch.randn(shape)
+        want = lin(x)
+        with packed_linears(lin, min_elements=0), torch.inference_mode():
+            got = lin(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_only_without_autograd_and_model_restored():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    x = torch.randn(4, 32)
+    with packed_linears(lin, min_elements=0):
+        y = lin(x)  # autograd on: the plain F.linear, differentiable
+        y.sum().backward()
+        assert lin.weight.grad is not None
+        assert torch.equal(y, nn.functional.linear(x, lin.weight, lin.bias))
+        with torch.no_grad():
+            lin(x)  # packed: builds the copy
+        assert packed._CACHE in vars(lin)
+    assert "forward" not in vars(lin) and "_lmforge_packing" not in vars(lin)
+    assert packed._CACHE not in vars(lin)  # a trainable weight's copy is dropped on exit
+
+
+def test_frozen_weight_packed_once_and_repacked_when_changed():
+    lin = nn.Linear(32, 16).requires_grad_(False)
+    x = torch.randn(2, 32)
+    with packed_linears(lin, min_elements=0), torch.inference_mode():
+        lin(x)
+    first = vars(lin)[packed._CACHE][1]
+    with packed_linears(lin, min_elements=0), torch.inference_mode():
+        lin(x)
+        assert vars(lin)[packed._CACHE][1] is first  # kept across contexts while unchanged
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # an in-place update bumps the version counter
+    with packed_linears(lin, min_elements=0), torch.inference_mode():
+        y = lin(x)
+    assert vars(lin)[packed._CACHE][1] is not first
+    torch.testing.assert_close(y, nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    release_packed(lin)
+    assert packed._CACHE not in vars(lin)
+
+
+def test_small_weights_stay_plain():
+    lin = nn.Linear(8, 8)
+    with packed_linears(lin, min_elements=65):  # 64 weights: below the threshold
+        assert "forward" not in vars(lin) and "_lmforge_packing" not in vars(lin)
+
+
+def test_lora_base_packed_adapters_on_top():
+    model = apply_lora(_model(), LoraConfig(rank=4, alpha=8, targets=("q", "v", "mlp_in")))
+    for n, p in model.named_parameters():
+        if n.endswith(".B"):
+            nn.init.normal_(p, std=0.1)  # a trained-looking adapter
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.inference_mode():
+        want = model(ids)
+        with packed_linears(model, min_elements=0):
+            got = model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_same_tokens_packed_or_not(monkeypatch):
+    model = _model()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 10**12)  # nothing packed
+    want = generate(model, prompts, max_new_tokens=12, temperature=0)
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)  # everything packed
+    got = generate(model, prompts, max_new_tokens=12, temperature=0)
+    assert got == want
+    assert all("forward" not in vars(m) for m in model.modules())
