@@ -540,8 +540,9 @@ def _generate_args(p):
 
 def _quantize_arg(p):
     p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"],
-                   help="linear weights in fewer bytes for faster decoding: fp16 (half the bytes, same "
-                        "greedy text in our checks) or int8 (a quarter, CPU int8 GEMM, lossy)")
+                   help="linear weights in fewer bytes for faster decoding: none (fp32, oneDNN-packed on a "
+                        "CPU), fp16 (half the bytes, same greedy text in our checks) or int8 (a quarter, "
+                        "CPU int8 GEMM, lossy)")
 
 
 def _chat_args(p):

@@ -3,12 +3,13 @@
 PyTorch's CPU ``F.linear`` in fp32 calls MKL's matrix product, which reads the weight in its
 plain row-major layout at every call. oneDNN (also inside PyTorch) can *reorder* a weight once
 into the blocked layout its kernels stream fastest, and then multiply by that copy. On this
-project's AMD EPYC CPU (2 threads) that is 2-2.7x faster for the shapes of a small LLM, one row
-(decoding) or 512 (a prompt) alike: SmolLM2's 49,152 x 576 LM head takes 7.4 ms with
-``F.linear`` and 2.7 ms packed, for one token (``benchmarks/bench_packed_linear.py``).
+project's AMD EPYC CPU (2 threads), one pass over SmolLM2-135M's linear weights takes 1.8x less
+time packed at 1 or 8 rows (decoding) and 2.1x less at 512 (a prompt); its 49,152 x 576 LM head
+alone, 2.7x (``benchmarks/bench_packed_linear.py``; on an Intel CPU, where MKL is at home, the
+gain may be smaller).
 
 The product is the same fp32 arithmetic in another summation order: outputs differ from
-``F.linear`` by float rounding (about 1e-7 of the output's scale), so greedy text can part only
+``F.linear`` by float rounding (about 1e-6 of the output's scale), so greedy text can part only
 where two tokens tie to within rounding.
 
     with packed_linears(model):      # every large nn.Linear (and LoRA's base product) packed
@@ -17,12 +18,15 @@ where two tokens tie to within rounding.
 
 The packed op has no backward, so a layer runs packed only while autograd is off (generation);
 a forward that records gradients inside the context is unchanged. Small weights stay as they
-are (:data:`MIN_ELEMENTS`): a weight that fits in the core's cache is read fast either way, and
-oneDNN's call costs ~15 us more than MKL's. A packed copy is cached on its layer and reused while
-the weight is unchanged (same storage, same version counter): a frozen weight (a LoRA base, a
-model loaded for inference) is packed once, for as long as the layer lives; a trainable weight's
-copy is dropped when the context exits, since the next optimizer step changes it. Nothing is
-packed off the CPU, for other dtypes, or where this PyTorch has no oneDNN.
+are (:data:`MIN_ELEMENTS`): oneDNN's call costs ~10 us more than MKL's, which a small product
+does not win back (one row: 256 x 256 breaks even, 192 x 192 takes 1.4x as long packed).
+
+A packed copy is cached on its layer and reused while the weight is unchanged (same storage,
+same version counter): a frozen weight (a LoRA base, a model loaded for inference) is packed
+once and kept for as long as the layer lives (memory: a second copy of those weights;
+:func:`release_packed` frees it); a trainable weight's copy is dropped when the context exits,
+since the next optimizer step changes it. Nothing is packed off the CPU, for other dtypes, or
+where this PyTorch has no oneDNN.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 
 __all__ = ["packed_linears", "packed_product", "release_packed", "available", "MIN_ELEMENTS"]
 
-MIN_ELEMENTS = 1 << 15  # weights with fewer numbers (128 KB of fp32) stay plain: the call overhead would win
+MIN_ELEMENTS = 1 << 16  # fewer weights than this stay plain: 256 x 256 breaks even, 192 x 192 is 0.7x
 _CACHE = "_lmforge_packed"  # layer attribute: (key, packed weight)
 
 
