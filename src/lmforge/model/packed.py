@@ -78,10 +78,6 @@ def packed_product(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(m), m.bias, "none", [], "")
 
 
-def _plain_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return packed_product(self, x)
-
-
 @contextlib.contextmanager
 def packed_linears(model: nn.Module, min_elements: int | None = None) -> Iterator[nn.Module]:
     """Inside the context, every ``nn.Linear`` of ``model`` with at least ``min_elements``
@@ -97,7 +93,7 @@ def packed_linears(model: nn.Module, min_elements: int | None = None) -> Iterato
     for m in layers:
         m.__dict__["_lmforge_packing"] = True
         if not isinstance(m, LoraLinear):  # LoraLinear calls packed_product for its base itself
-            m.forward = types.MethodType(_plain_linear_forward, m)
+            m.forward = types.MethodType(packed_product, m)
     try:
         yield model
     finally:
