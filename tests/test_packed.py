@@ -100,3 +100,36 @@ def test_generation_same_tokens_packed_or_not(monkeypatch):
     got = generate(model, prompts, max_new_tokens=12, temperature=0)
     assert got == want
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_keep_holds_a_trainable_weights_copy_and_release_can_spare_frozen_ones():
+    trainable, frozen = nn.Linear(32, 16), nn.Linear(16, 8).requires_grad_(False)
+    both = nn.Sequential(trainable, frozen)
+    x = torch.randn(2, 32)
+    with packed_linears(both, min_elements=0, keep=True), torch.inference_mode():
+        both(x)
+    assert packed._CACHE in vars(trainable) and packed._CACHE in vars(frozen)
+    release_packed(both, trainable_only=True)
+    assert packed._CACHE not in vars(trainable) and packed._CACHE in vars(frozen)
+
+
+def test_generation_keeps_copies_in_eval_mode_only(monkeypatch):
+    monkeypatch.setattr(packed, "MIN_ELEMENTS", 0)
+    model = _model()  # eval mode, trainable weights: a model being used
+    generate(model, [[5, 6, 7]], max_new_tokens=3, temperature=0)
+    assert packed._CACHE in vars(model.lm_head)
+    release_packed(model)
+    model.train()  # a model being trained (GRPO rollouts): the next step changes its weights
+    generate(model, [[5, 6, 7]], max_new_tokens=3, temperature=0)
+    assert model.training and all(packed._CACHE not in vars(m) for m in model.modules())
+
+
+def test_packed_rows_hint_any_row_count():
+    """The weight is laid out for PACK_ROWS rows; other row counts give the same products."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).requires_grad_(False)
+    for rows in (1, packed.PACK_ROWS, 3 * packed.PACK_ROWS + 1):
+        x = torch.randn(rows, 64)
+        with packed_linears(lin, min_elements=0), torch.inference_mode():
+            got = lin(x)
+        torch.testing.assert_close(got, nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

@@ -2,11 +2,13 @@
 
 PyTorch's CPU ``F.linear`` in fp32 calls MKL's matrix product, which reads the weight in its
 plain row-major layout at every call. oneDNN (also inside PyTorch) can *reorder* a weight once
-into the blocked layout its kernels stream fastest, and then multiply by that copy. On this
-project's AMD EPYC CPU (2 threads), one pass over SmolLM2-135M's linear weights takes 1.8x less
-time packed at 1 or 8 rows (decoding) and 2.1x less at 512 (a prompt); its 49,152 x 576 LM head
-alone, 2.7x (``benchmarks/bench_packed_linear.py``; on an Intel CPU, where MKL is at home, the
-gain may be smaller).
+into the blocked layout its kernels stream fastest, and then multiply by that copy. The layout
+depends on the number of input rows oneDNN is told to expect (:data:`PACK_ROWS`); any number of
+rows can then be multiplied. On this project's AMD EPYC CPU (2 threads), one pass over
+SmolLM2-135M's linear weights (lmforge's fused layout) is about 2.5x faster packed than with
+``F.linear`` at 1 or 8 rows (decoding) and 2x at 512 (a prompt)
+(``benchmarks/bench_packed_linear.py``; on an Intel CPU, where MKL is at home, the gain may be
+smaller).
 
 The product is the same fp32 arithmetic in another summation order: outputs differ from
 ``F.linear`` by float rounding (about 1e-6 of the output's scale), so greedy text can part only
@@ -25,7 +27,8 @@ A packed copy is cached on its layer and reused while the weight is unchanged (s
 same version counter): a frozen weight (a LoRA base, a model loaded for inference) is packed
 once and kept for as long as the layer lives (memory: a second copy of those weights;
 :func:`release_packed` frees it); a trainable weight's copy is dropped when the context exits,
-since the next optimizer step changes it. Nothing is packed off the CPU, for other dtypes, or
+since the next optimizer step changes it, unless the caller says the model is only being used
+(``keep=True``: :func:`lmforge.generate.generate` on a model in eval mode). Nothing is packed off the CPU, for other dtypes, or
 where this PyTorch has no oneDNN.
 """
 
@@ -39,9 +42,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["packed_linears", "packed_product", "release_packed", "available", "MIN_ELEMENTS"]
+__all__ = ["packed_linears", "packed_product", "release_packed", "available", "MIN_ELEMENTS", "PACK_ROWS"]
 
 MIN_ELEMENTS = 1 << 16  # fewer weights than this stay plain: 256 x 256 breaks even, 192 x 192 is 0.7x
+# The row count oneDNN lays the weight out for. Telling it 1 (one decoded token) gives the layout
+# it streams *slowest* here: one row through SmolLM2's 576 x 1536 down projection, from memory,
+# takes ~175 us packed for 1 against ~105 us packed for 8 (8 is as good as 2..128 at 1 and 8 rows).
+PACK_ROWS = 8
 _CACHE = "_lmforge_packed"  # layer attribute: (key, packed weight)
 
 
@@ -65,7 +72,7 @@ def _packed_weight(m: nn.Linear) -> torch.Tensor:
     cached = m.__dict__.get(_CACHE)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))  # (out, in) blocked
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS))  # (out, in) blocked
         m.__dict__[_CACHE] = cached
     return cached[1]
 
@@ -79,11 +86,12 @@ def packed_product(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module, min_elements: int | None = None) -> Iterator[nn.Module]:
+def packed_linears(model: nn.Module, min_elements: int | None = None, keep: bool = False) -> Iterator[nn.Module]:
     """Inside the context, every ``nn.Linear`` of ``model`` with at least ``min_elements``
     weights (fp32, CPU; :data:`MIN_ELEMENTS` by default) runs from its packed copy whenever
-    autograd is off. Leaves the model as it was on exit (a frozen weight's packed copy stays cached
-    on its layer: :func:`release_packed`)."""
+    autograd is off. Leaves the model as it was on exit, except that packed copies stay cached on
+    their layers for the next call: a frozen weight's always, a trainable one's with ``keep``
+    (:func:`release_packed` frees them)."""
     from lmforge.model.lora import LoraLinear
 
     min_elements = MIN_ELEMENTS if min_elements is None else min_elements
@@ -100,11 +108,13 @@ def packed_linears(model: nn.Module, min_elements: int | None = None) -> Iterato
         for m in layers:
             m.__dict__.pop("_lmforge_packing", None)
             m.__dict__.pop("forward", None)
-            if m.weight.requires_grad:
+            if m.weight.requires_grad and not keep:
                 m.__dict__.pop(_CACHE, None)
 
 
-def release_packed(model: nn.Module) -> None:
-    """Drop every cached packed weight of ``model`` (they are rebuilt when next needed)."""
+def release_packed(model: nn.Module, trainable_only: bool = False) -> None:
+    """Drop the cached packed weights of ``model`` (every one, or those of trainable weights);
+    they are rebuilt when next needed."""
     for m in model.modules():
-        m.__dict__.pop(_CACHE, None)
+        if not trainable_only or getattr(getattr(m, "weight", None), "requires_grad", False):
+            m.__dict__.pop(_CACHE, None)

@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
+from lmforge.model.packed import release_packed
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, any_across, barrier, max_across, sum_across
 from lmforge.train.logging import MetricsLogger, Progress, mfu
@@ -253,6 +254,7 @@ class Trainer:
             return {}
         with self._autocast():
             m = self.objective.evaluate(self.model, (_to(b, self.device) for b in self.eval_data()))
+        release_packed(self.model, trainable_only=True)  # generated samples' packed weights: stale after a step
         ev = {f"val_{k}": v for k, v in m.items()}
         self._check_best_metric(ev)
         return ev
