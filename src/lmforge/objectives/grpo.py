@@ -298,7 +298,12 @@ class GRPO(Objective):
         return int(batch["input_ids"].shape[0])  # completions
 
     def tokens_in(self, batch: dict) -> int:
-        return int(batch["input_ids"].numel())
+        """Tokens the policy's forward pass runs (throughput, MFU): no padding, and with shared
+        prompts each prompt once per group (counting it K times gave an MFU above 100%)."""
+        if "shared_segment_ids" in batch:
+            return int((batch["shared_segment_ids"] != 0).sum())  # 0 marks padding
+        cmask = batch["completion_mask"]  # (N, T) right-padded prompt + completion rows
+        return int(cmask.sum() + cmask.argmax(1).sum())  # completions + prompts (argmax: a prompt's length)
 
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
