@@ -2,8 +2,10 @@
 recipe: the before/after figures of the alignment teaching recipes.
 
     .venv/bin/python benchmarks/eval_arithmetic.py --model runs/arithmetic-sft runs/dpo-scratch runs/grpo-arithmetic
+    .venv/bin/python benchmarks/eval_arithmetic.py --pass-k 0 --model runs/scan/checkpoints/step_* --out F.json
 
-Each --model is a run folder (its best checkpoint) or a checkpoint. The held-out prompts are the
+Each --model is a run folder (its best checkpoint) or a checkpoint; ``--pass-k 0`` skips the
+sampled pass@k (greedy only: a scan over a run's checkpoints takes seconds). The held-out prompts are the
 ones configs/grpo-arithmetic.yaml evaluates on (its data section and seed). Results are printed
 and written to benchmarks/results/eval_arithmetic.json.
 """
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_arithmetic.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    cfg = load_config(args.config, [f"objective.eval_pass_k={args.pass_k}", "objective.sample_completions=0"])
+    cfg = load_config(args.config, [f"objective.eval_pass_k={args.pass_k}", "objective.sample_completions=0",
+                                    f"model.init_from={args.model[0]}"])  # only the held-out prompts are used
     held = split_for_run(cfg)["val"]
     rows = {}
     for name in args.model:
@@ -45,8 +48,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         m = objective.evaluate(model.eval(), eval_batches(held, tok, 100)())
         rows[name] = {**m, "prompts": len(held), "seconds": round(time.time() - t0, 1)}
-        print(f"{name:32s} greedy exact match {m['exact_match']:.3f}  pass@{args.pass_k} "
-              f"{m.get(f'pass_at_{args.pass_k}', float('nan')):.3f}  ({len(held)} held-out prompts)")
+        sampled = f"  pass@{args.pass_k} {m[f'pass_at_{args.pass_k}']:.3f}" if args.pass_k else ""
+        print(f"{name:32s} greedy exact match {m['exact_match']:.3f}{sampled}  ({len(held)} held-out prompts)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": args.config, "results": rows}, indent=2) + "\n")
     return 0
