@@ -133,3 +133,41 @@ def test_packed_rows_hint_any_row_count():
         with packed_linears(lin, min_elements=0), torch.inference_mode():
             got = lin(x)
         torch.testing.assert_close(got, nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_train_frozen_runs_a_frozen_base_packed_with_the_same_gradients():
+    """GRPO's loss: a LoRA base runs packed with autograd on; adapters and the input get the
+    gradients F.linear gives, and a trainable layer is untouched."""
+    model = apply_lora(_model(), LoraConfig(rank=4, alpha=8, targets=("q", "v", "mlp_in")))
+    for n, p in model.named_parameters():
+        if n.endswith(".B"):
+            nn.init.normal_(p, std=0.1)
+    model.lm_head.weight.requires_grad_(True)  # tied / trainable: stays on F.linear
+    ids = torch.randint(0, 97, (2, 9))
+
+    def grads(**ctx):
+        model.zero_grad()
+        with packed_linears(model, min_elements=0, **ctx):
+            loss = model(ids).logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = grads()
+    got_loss, got = grads(train_frozen=True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+    assert got.keys() == want.keys() and any(".A" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_frozen_product_gives_the_inputs_gradient():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40).requires_grad_(False)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    with packed_linears(lin, min_elements=0, train_frozen=True):
+        y = lin(x)
+    assert "FrozenProduct" in type(y.grad_fn.next_functions[0][0]).__name__  # (under the reshape back)
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    torch.testing.assert_close(gx, gy @ lin.weight)
+    torch.testing.assert_close(y, nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

@@ -19,7 +19,9 @@ where two tokens tie to within rounding.
                                      # with autograd on: the plain F.linear, as always
 
 The packed op has no backward, so a layer runs packed only while autograd is off (generation);
-a forward that records gradients inside the context is unchanged. Small weights stay as they
+a forward that records gradients inside the context is unchanged, except that with
+``train_frozen=True`` a frozen layer runs its forward packed and takes its input's gradient from
+the plain weight (a custom autograd function): GRPO's loss does this for a LoRA base. Small weights stay as they
 are (:data:`MIN_ELEMENTS`): oneDNN's call costs ~10 us more than MKL's, which a small product
 does not win back (one row: 256 x 256 breaks even, 192 x 192 takes 1.4x as long packed).
 
@@ -77,19 +79,48 @@ def _packed_weight(m: nn.Linear) -> torch.Tensor:
     return cached[1]
 
 
+class _FrozenProduct(torch.autograd.Function):
+    """``x W^T + b`` from the packed W for a frozen layer while autograd is on: the forward runs
+    packed, and the input's gradient ``gy W`` comes from the plain weight (the packed op has no
+    backward of its own; a frozen W and b need no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, packed, bias):
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, gy):
+        (weight,) = ctx.saved_tensors
+        return gy @ weight, None, None, None  # (..., out) @ (out, in) -> (..., in)
+
+
+def _frozen(m: nn.Linear) -> bool:
+    return not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
+
+
 def packed_product(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``x W^T + b`` (..., out): from the packed weight while ``m`` is packed (inside
-    :func:`packed_linears`) and autograd is off, else ``F.linear``."""
-    if not m.__dict__.get("_lmforge_packing") or torch.is_grad_enabled() or x.dtype != torch.float32:
+    :func:`packed_linears`) and autograd is off, or, with ``train_frozen``, while ``m`` is frozen;
+    else ``F.linear``."""
+    mode = m.__dict__.get("_lmforge_packing")
+    if not mode or x.dtype != torch.float32:
         return F.linear(x, m.weight, m.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(m), m.bias, "none", [], "")
+    if not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(m), m.bias, "none", [], "")
+    if mode == "train_frozen" and _frozen(m):  # rows flattened: the output is no view made inside the
+        y = _FrozenProduct.apply(x.reshape(-1, x.shape[-1]), m.weight, _packed_weight(m), m.bias)  # (N, out)
+        return y.view(*x.shape[:-1], y.shape[-1])  # function, so LoRA may add to slices of it in place
+    return F.linear(x, m.weight, m.bias)
 
 
 @contextlib.contextmanager
-def packed_linears(model: nn.Module, min_elements: int | None = None, keep: bool = False) -> Iterator[nn.Module]:
+def packed_linears(model: nn.Module, min_elements: int | None = None, keep: bool = False,
+                   train_frozen: bool = False) -> Iterator[nn.Module]:
     """Inside the context, every ``nn.Linear`` of ``model`` with at least ``min_elements``
     weights (fp32, CPU; :data:`MIN_ELEMENTS` by default) runs from its packed copy whenever
-    autograd is off. Leaves the model as it was on exit, except that packed copies stay cached on
+    autograd is off, and with ``train_frozen`` a frozen one also while autograd is on (a LoRA
+    base in a training forward: GRPO's loss, whose rollouts hold the packed copies anyway). Leaves the model as it was on exit, except that packed copies stay cached on
     their layers for the next call: a frozen weight's always, a trainable one's with ``keep``
     (:func:`release_packed` frees them)."""
     from lmforge.model.lora import LoraLinear
@@ -99,7 +130,7 @@ def packed_linears(model: nn.Module, min_elements: int | None = None, keep: bool
     if not available():
         layers = []
     for m in layers:
-        m.__dict__["_lmforge_packing"] = True
+        m.__dict__["_lmforge_packing"] = "train_frozen" if train_frozen else True
         if not isinstance(m, LoraLinear):  # LoraLinear calls packed_product for its base itself
             m.forward = types.MethodType(packed_product, m)
     try:

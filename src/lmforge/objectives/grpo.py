@@ -43,6 +43,7 @@ from lmforge.data.sampler import StepSampler
 from lmforge.errors import ConfigError
 from lmforge.generate import SamplingConfig, generate
 from lmforge.model.lora import adapters_disabled, has_lora
+from lmforge.model.packed import packed_linears
 from lmforge.objectives.base import Objective
 from lmforge.objectives.grpo_math import (LOSS_AGGREGATIONS, SCALE_REWARDS, entropy_from_logits, group_advantages,
                                           grpo_policy_loss, mask_truncated)
@@ -279,8 +280,10 @@ class GRPO(Objective):
         if "step" in batch:
             self.last_step = int(batch["step"]) + 1
         ids, cmask = batch["input_ids"], batch["completion_mask"]
-        # the LM head runs only where a completion token is predicted (prompts and padding skip it)
-        logits, keep = completion_logits(model, batch)  # (M, V), (N, T-1)
+        # the LM head runs only where a completion token is predicted (prompts and padding skip it);
+        # frozen linears (a LoRA base) run forward from the packed weights the rollouts already hold
+        with packed_linears(model, train_frozen=True):
+            logits, keep = completion_logits(model, batch)  # (M, V), (N, T-1)
         logps, _ = model_completion_logprobs(model, ids, cmask, (logits, keep))  # (N, T-1)
         mask = self._mask(batch)
         ref = self._ref_logps(batch) if self.o.beta > 0 else None
