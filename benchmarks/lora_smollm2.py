@@ -60,19 +60,28 @@ def collate(examples, pad_id: int):
     return ids, mask, targets
 
 
-def merge_precision(model, probe: torch.Tensor, other: torch.Tensor) -> dict:
-    """Merged-vs-adapter logit differences in fp32 and in float64, and fp32's floor on this model:
-    the adapter model's logits for ``probe`` alone against ``probe`` batched with ``other``."""
+PROBE = "What is the capital of France? Answer briefly."
+
+
+def merge_precision(model, tok) -> dict:
+    """Merge ``model``'s adapters in place and measure the merged-vs-adapter logit difference on
+    :data:`PROBE`, beside fp32's own floor on this model (the adapter model's logits for the probe
+    alone against the probe batched with another prompt: the same row summed in another order) and
+    the same merge done on a float64 copy (only the merge itself can differ there)."""
     import copy
 
+    probe = torch.tensor([tok.encode(PROBE)])  # (1, T)
+    other_text = "Name three colours of the rainbow, and say which one is in the middle of it. " * 4
+    other = torch.tensor([tok.encode(other_text)[:probe.shape[1]]])  # (1, T)
     out = {}
     with torch.no_grad():
         adapted = model(probe)  # (1, T, V)
-        batched = model(torch.cat([probe, other]))[:1]  # the same row, summed in another order
+        batched = model(torch.cat([probe, other]))[:1]
         out["fp32_floor_max_abs_diff"] = (batched - adapted).abs().max().item()
         wide = copy.deepcopy(model).double()
         adapted64 = wide(probe)
         out["merge_fp64_max_abs_diff"] = (merge_lora(wide)(probe) - adapted64).abs().max().item()
+        out["merge_max_abs_diff"] = (merge_lora(model)(probe) - adapted).abs().max().item()
         out["logit_max_abs"] = adapted.abs().max().item()
     return out
 
@@ -144,7 +153,7 @@ def main() -> int:
     model.eval()
     after = response_loss(model, val_ex, pad)
 
-    probe = torch.tensor([tok.encode("What is the capital of France? Answer briefly.")])
+    probe = torch.tensor([tok.encode(PROBE)])
     with torch.no_grad():
         adapted = model(probe)
         with adapters_disabled(model):
@@ -170,10 +179,7 @@ def main() -> int:
             hf = peft.PeftModel.from_pretrained(hf, tmp / "peft").eval()
             with torch.no_grad():
                 peft_diff = (hf(probe).logits - adapted).abs().max().item()
-        precision = merge_precision(model, probe, other_probe(tok, probe.shape[1]))
-        merged = merge_lora(model)
-        with torch.no_grad():
-            merge_diff = (merged(probe) - adapted).abs().max().item()
+        precision = merge_precision(model, tok)  # merges the adapters (last: it changes the model)
 
     with torch.no_grad():
         base_again = lmforge.from_pretrained(path)(probe)
@@ -188,19 +194,13 @@ def main() -> int:
         "val_response_loss_before": round(before, 4), "val_response_loss_after": round(after, 4),
         "adapter_off_equals_base_max_abs_diff": (off - base_again).abs().max().item(),
         "adapter_bytes_on_disk": adapter_bytes, "adapter_reload_max_abs_diff": reload_diff,
-        "merge_max_abs_diff": merge_diff, **precision, "peft_max_abs_diff": peft_diff,
+        **precision, "peft_max_abs_diff": peft_diff,
     }
     (out / "lora_smollm2.json").write_text(json.dumps(results, indent=2) + "\n")
     width = max(map(len, results))
     for k, v in results.items():
         print(f"{k:<{width}}  {v}")
     return 0
-
-
-def other_probe(tok, length: int) -> torch.Tensor:
-    """A second prompt of ``length`` tokens, to batch beside the probe."""
-    ids = tok.encode("Name three colours of the rainbow, and say which one is in the middle of it. " * 4)
-    return torch.tensor([ids[:length]])
 
 
 def merge_only(path, out: Path) -> int:
@@ -210,12 +210,8 @@ def merge_only(path, out: Path) -> int:
     for n, p in model.named_parameters():
         if n.endswith(".B"):
             torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter (B starts at zero)
-    probe = torch.tensor([tok.encode("What is the capital of France? Answer briefly.")])
-    precision = merge_precision(model, probe, other_probe(tok, probe.shape[1]))
-    with torch.no_grad():
-        adapted = model(probe)
-        precision["merge_max_abs_diff"] = (merge_lora(model)(probe) - adapted).abs().max().item()
-    results = {"model": path.name, "adapter": "random, B ~ N(0, 0.02), rank 8, alpha 16, q/v", **precision}
+    results = {"model": path.name, "adapter": "random, B ~ N(0, 0.02), rank 8, alpha 16, q/v",
+               **merge_precision(model, tok)}
     (out / "lora_smollm2_merge.json").write_text(json.dumps(results, indent=2) + "\n")
     for k, v in results.items():
         print(f"{k:<26}  {v}")

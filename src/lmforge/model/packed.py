@@ -21,17 +21,18 @@ where two tokens tie to within rounding.
 The packed op has no backward, so a layer runs packed only while autograd is off (generation);
 a forward that records gradients inside the context is unchanged, except that with
 ``train_frozen=True`` a frozen layer runs its forward packed and takes its input's gradient from
-the plain weight (a custom autograd function): GRPO's loss does this for a LoRA base. Small weights stay as they
-are (:data:`MIN_ELEMENTS`): oneDNN's call costs ~10 us more than MKL's, which a small product
-does not win back (one row: 256 x 256 breaks even, 192 x 192 takes 1.4x as long packed).
+the plain weight (a custom autograd function): GRPO's loss does this for a LoRA base. Small
+weights stay as they are (:data:`MIN_ELEMENTS`): oneDNN's call costs ~10 us more than MKL's,
+which a small product does not win back (one row: 192 x 192 takes 1.2x as long packed, 256 x 256
+is 1.2x faster).
 
 A packed copy is cached on its layer and reused while the weight is unchanged (same storage,
 same version counter): a frozen weight (a LoRA base, a model loaded for inference) is packed
 once and kept for as long as the layer lives (memory: a second copy of those weights;
 :func:`release_packed` frees it); a trainable weight's copy is dropped when the context exits,
 since the next optimizer step changes it, unless the caller says the model is only being used
-(``keep=True``: :func:`lmforge.generate.generate` on a model in eval mode). Nothing is packed off the CPU, for other dtypes, or
-where this PyTorch has no oneDNN.
+(``keep=True``: :func:`lmforge.generate.generate` on a model in eval mode). Nothing is packed off
+the CPU, for other dtypes, or where this PyTorch has no oneDNN.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 
 __all__ = ["packed_linears", "packed_product", "release_packed", "available", "MIN_ELEMENTS", "PACK_ROWS"]
 
-MIN_ELEMENTS = 1 << 16  # fewer weights than this stay plain: 256 x 256 breaks even, 192 x 192 is 0.7x
+MIN_ELEMENTS = 1 << 16  # fewer weights stay plain: 256 x 256 is 1.17x faster packed, 192 x 192 0.86x
 # The row count oneDNN lays the weight out for. Telling it 1 (one decoded token) gives the layout
 # it streams *slowest* here: one row through SmolLM2's 576 x 1536 down projection, from memory,
 # takes ~175 us packed for 1 against ~105 us packed for 8 (8 is as good as 2..128 at 1 and 8 rows).
@@ -108,9 +109,11 @@ def packed_product(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, m.weight, m.bias)
     if not torch.is_grad_enabled():
         return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(m), m.bias, "none", [], "")
-    if mode == "train_frozen" and _frozen(m):  # rows flattened: the output is no view made inside the
+    if mode == "train_frozen" and _frozen(m):
+        # rows flattened, so the output is not a view made inside the function: LoRA adds to
+        # slices of it in place, which autograd forbids on such views
         y = _FrozenProduct.apply(x.reshape(-1, x.shape[-1]), m.weight, _packed_weight(m), m.bias)  # (N, out)
-        return y.view(*x.shape[:-1], y.shape[-1])  # function, so LoRA may add to slices of it in place
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
     return F.linear(x, m.weight, m.bias)
 
 
@@ -120,9 +123,10 @@ def packed_linears(model: nn.Module, min_elements: int | None = None, keep: bool
     """Inside the context, every ``nn.Linear`` of ``model`` with at least ``min_elements``
     weights (fp32, CPU; :data:`MIN_ELEMENTS` by default) runs from its packed copy whenever
     autograd is off, and with ``train_frozen`` a frozen one also while autograd is on (a LoRA
-    base in a training forward: GRPO's loss, whose rollouts hold the packed copies anyway). Leaves the model as it was on exit, except that packed copies stay cached on
-    their layers for the next call: a frozen weight's always, a trainable one's with ``keep``
-    (:func:`release_packed` frees them)."""
+    base in a training forward: GRPO's loss, whose rollouts hold the packed copies anyway).
+    Leaves the model as it was on exit, except that packed copies stay cached on their layers for
+    the next call: a frozen weight's always, a trainable one's with ``keep`` (:func:`release_packed`
+    frees them)."""
     from lmforge.model.lora import LoraLinear
 
     min_elements = MIN_ELEMENTS if min_elements is None else min_elements
