@@ -30,7 +30,7 @@ from _common import prepare  # noqa: E402
 
 from lmforge.config import load_config  # noqa: E402
 from lmforge.train.callbacks import Callback  # noqa: E402
-from lmforge.train.run import run  # noqa: E402
+from lmforge.tasks.run import run  # noqa: E402
 
 
 class FitTimer(Callback):

@@ -40,7 +40,7 @@ from lmforge.tasks.dpo import EncodedPairs, fixed_batches, source_pairs, split_f
 from lmforge.tasks.sft import greedy_answers  # noqa: E402
 from lmforge.data.sources import SourceSpec  # noqa: E402
 from lmforge.train.logging import read_metrics  # noqa: E402
-from lmforge.train.run import run  # noqa: E402
+from lmforge.tasks.run import run  # noqa: E402
 
 RECIPE = "configs/dpo-smollm2-lora.yaml"
 HH = "../shared/data/preference/hh_rlhf_harmless_base_test.jsonl"

@@ -32,10 +32,10 @@ from _common import prepare  # noqa: E402
 from lmforge import from_pretrained  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.objectives.grpo import GRPO, eval_batches  # noqa: E402
-from lmforge.rewards import build_rewards  # noqa: E402
+from lmforge.objectives.rewards import build_rewards  # noqa: E402
 from lmforge.tasks.common import resolve_init_path  # noqa: E402
 from lmforge.tasks.grpo import split_for_run  # noqa: E402
-from lmforge.train.run import run  # noqa: E402
+from lmforge.tasks.run import run  # noqa: E402
 
 SFT, GRPO_RECIPE = "configs/arithmetic-sft.yaml", "configs/grpo-arithmetic.yaml"
 

@@ -5,8 +5,8 @@ Two runs, one after the other in this process, of the same recipe (4 layers, 4 h
 context 64, batch 12, AdamW (0.9, 0.99), wd 0.1, lr 1e-3 warmup 100 + cosine to 1e-4, clip 1.0,
 fp32, 2000 iterations):
 
-1. ``jax``     -- ``lmforge.jax.train.run`` (``fit_jax``: one jit-compiled optax step);
-2. ``pytorch`` -- ``lmforge.train.pretrain.pretrain`` (the PyTorch trainer).
+1. ``jax``     -- ``lmforge.tasks.run.run`` with ``train.backend: jax`` (``fit_jax``: one jit-compiled optax step);
+2. ``pytorch`` -- ``lmforge.tasks.run.run`` (the PyTorch trainer).
 
 Both start from the same weights (the JAX run converts the PyTorch initialisation) and draw the
 same batches (same seeded window sampler), and both evaluate on the same validation windows
@@ -52,7 +52,7 @@ def _overrides(run_dir: Path, cache: Path, steps: int | None, eval_every: int | 
 
 
 def run_pytorch(cfg) -> dict:
-    from lmforge.train.pretrain import pretrain
+    from lmforge.tasks.run import run as pretrain
     from lmforge.train.trainer import Trainer
 
     step_times: list[float] = []
@@ -78,10 +78,10 @@ def run_pytorch(cfg) -> dict:
 
 
 def run_jax(cfg) -> dict:
-    from lmforge.jax.train import run
+    from lmforge.tasks.run import run  # train.backend: jax runs lmforge.jax.train.fit_jax
 
     t0 = time.perf_counter()
-    s = run(cfg, say=lambda *a, **k: None)
+    s = run(cfg, progress=False, print_fn=lambda *a, **k: None)
     wall = time.perf_counter() - t0
     tokens = s["steps"] * cfg.train.batch_size * cfg.model_config(65).context_length
     with_compile = tokens / (s["train_step_seconds"] + s["compile_seconds"])
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
 
-    from lmforge.config import load_config
+    from lmforge.tasks import load_config
 
     cache = work / "cache"
     cfg_t = load_config(CONFIG, _overrides(work / "pytorch", cache, args.torch_steps or args.steps, args.eval_every))

@@ -30,7 +30,7 @@ from lmforge.config import load_config  # noqa: E402
 from lmforge.model.lora import adapters_disabled  # noqa: E402
 from lmforge.tasks.sft import _prompt_text, _splits, greedy_answers  # noqa: E402
 from lmforge.train.logging import read_metrics  # noqa: E402
-from lmforge.train.run import run  # noqa: E402
+from lmforge.tasks.run import run  # noqa: E402
 
 RECIPE = "configs/sft-oasst.yaml"
 

@@ -10,7 +10,7 @@ Three runs, one after another in this process (torch threads: 2, the reference m
    dropout, AdamW (0.9, 0.99), weight decay 0.1 on 2-D parameters, lr 1e-3 with 100 warmup
    steps and cosine decay to 1e-4, grad clip 1.0, fp32, char vocabulary from the text, 90/10
    split). It does not import lmforge.
-2. ``classic`` -- ``configs/shakespeare-char.yaml`` through ``lmforge.train.pretrain.pretrain``.
+2. ``classic`` -- ``configs/shakespeare-char.yaml`` through ``lmforge.tasks.run.run``.
    The issue's target: validation loss <= 1.90 after its 2000 iterations.
 3. ``modern`` -- ``configs/shakespeare-char-modern.yaml`` (RoPE, RMSNorm, SwiGLU, its own lr)
    given the wall-clock time the classic lmforge run's training loop took (see "budget" below).
@@ -86,7 +86,7 @@ try:
 except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(REPO / "src"))
 
-from lmforge.config import load_config
+from lmforge.tasks import load_config
 from lmforge.train.trainer import Trainer
 
 CLASSIC_CONFIG = "configs/shakespeare-char.yaml"
@@ -380,7 +380,7 @@ def lmforge_config(path: str, work_dir: Path, name: str, overrides: list[str]):
 
 def run_lmforge(name: str, label: str, config_path: str, work_dir: Path, overrides: list[str],
                 time_limit: float | None = None, quiet: bool = False) -> dict:
-    from lmforge.train.pretrain import pretrain
+    from lmforge.tasks.run import run as pretrain
 
     cfg, run_dir = lmforge_config(config_path, work_dir, name, overrides)
     if run_dir.exists():  # metrics.jsonl appends and tokenizer.json is reused: start clean
@@ -442,7 +442,7 @@ def probe_step_times(work_dir: Path, steps: int, classic_overrides: list[str], m
             cfg, run_dir = lmforge_config(path, work_dir, f"probe-{name}", cfg_over)
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            from lmforge.train.pretrain import pretrain
+            from lmforge.tasks.run import run as pretrain
 
             with TrainerTimer() as timer, _maybe_silent(True):
                 pretrain(cfg, progress=False, print_fn=lambda *a, **k: None)
@@ -657,7 +657,7 @@ def _loadavg() -> float | None:
 def _lmforge_val_text(run: dict) -> str:
     """The validation split of an lmforge run as text (its token store, decoded)."""
     from lmforge.train.distributed import DistInfo
-    from lmforge.train.pretrain import build_token_store
+    from lmforge.tasks.lm import build_token_store
 
     store = build_token_store(run["cfg"], run["tokenizer"], DistInfo(), progress=False)  # cached
     return run["tokenizer"].decode(store.val.tolist(), skip_special_tokens=True)

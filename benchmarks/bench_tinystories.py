@@ -5,7 +5,7 @@ subset, with overrides that fit a few minutes of training.
 What runs: the real recipe file (``configs/tinystories.yaml``: byte-level BPE trained on the
 data, the ``small`` GPT-2-style model -- 4 layers, 4 heads, width 128, context 256, GELU,
 dropout 0.1, tied embeddings -- AdamW (0.9, 0.95), cosine schedule) through
-``lmforge.train.pretrain.pretrain``. The overrides (printed, and stored in the JSON) only scale
+``lmforge.tasks.run.run``. The overrides (printed, and stored in the JSON) only scale
 it down and point it at local files:
 
 * data: ``/work/shared/data/tinystories``: ``tinystories_v1_train_first_stories.txt`` (~200
@@ -55,7 +55,7 @@ except ImportError:  # not installed: use the source tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shakespeare import TrainerTimer  # noqa: E402  (times Trainer.fit/train_step/evaluate)
-from lmforge.config import load_config
+from lmforge.tasks import load_config
 
 CONFIG = "configs/tinystories.yaml"
 DATA_DIR = "../shared/data/tinystories"  # relative to the repository root, as the configs' paths
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
 
     from lmforge.train.distributed import DistInfo
-    from lmforge.train.pretrain import build_token_store, pretrain
+    from lmforge.tasks.lm import build_token_store
+    from lmforge.tasks.run import run as pretrain
 
     t0 = time.perf_counter()
     with TrainerTimer() as timer:  # times Trainer.fit / evaluate from outside (see bench_shakespeare.py)

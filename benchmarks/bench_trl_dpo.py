@@ -7,7 +7,7 @@ sigmoid loss, constant learning rate, AdamW betas, grad clipping; the reference 
 with the adapters switched off on both (lmforge: ``reference: auto`` on a LoRA model; TRL: a PEFT
 model and no ``ref_model``).
 
-* lmforge drives the real pipeline, ``lmforge.train.run.run`` on a ``task: dpo`` config
+* lmforge drives the real pipeline, ``lmforge.tasks.run.run`` on a ``task: dpo`` config
   (``objective.format: instruction``: the book's Alpaca prompt; each completion ends with eos).
 * TRL gets the prompt/chosen/rejected *strings* lmforge renders (``render_pair``), in the order
   lmforge's step sampler draws them, through a sequential sampler; it appends eos itself and
@@ -45,7 +45,7 @@ DATA = "../shared/data/preference/instruction-data-with-preference.json"
 
 def lm_config(args, out_dir: Path):
     """The lmforge run: task dpo on the book's preference data, LoRA on SmolLM2."""
-    from lmforge.config import config_from_dict
+    from lmforge.tasks import config_from_dict
 
     return config_from_dict({
         "task": "dpo",
@@ -94,7 +94,7 @@ def token_count(ids, max_length: int) -> int:
 
 # ------------------------------------------------------------------------------ the two sides
 def side_lmforge(args, work: Path) -> dict:
-    from lmforge.train.run import run
+    from lmforge.tasks.run import run
 
     out = work / "lmforge"
     if out.exists():

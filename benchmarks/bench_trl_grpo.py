@@ -54,7 +54,7 @@ DATA = "../shared/data/gsm8k/train.jsonl"
 
 def lm_config(args, out_dir: Path):
     """The lmforge run: task grpo on GSM8K prompts, LoRA on SmolLM2."""
-    from lmforge.config import config_from_dict
+    from lmforge.tasks import config_from_dict
 
     return config_from_dict({
         "task": "grpo",
@@ -104,7 +104,7 @@ def grpo_config(args, out_dir: Path, steps: int):
 
 def exact_match(prompts, completions, answer, **kwargs):
     """TRL reward function: lmforge's exact match on the final number."""
-    from lmforge.rewards import exact_match as lm_exact_match
+    from lmforge.objectives.rewards import exact_match as lm_exact_match
 
     return lm_exact_match(completions, answer)
 
@@ -130,7 +130,7 @@ def lmforge_tokenizer():
 
 # ------------------------------------------------------------------------------ timed sides
 def side_lmforge(args, work: Path) -> dict:
-    from lmforge.train.run import run
+    from lmforge.tasks.run import run
 
     out = work / "lmforge"
     if out.exists():
@@ -172,7 +172,7 @@ def same_rollouts(args, records: list[dict], model, tok) -> dict:
     from lmforge.generate import generate
     from lmforge.objectives.grpo import rollout_rows, sampling
     from lmforge.objectives.grpo_math import group_advantages
-    from lmforge.rewards import build_rewards
+    from lmforge.objectives.rewards import build_rewards
 
     K, L, eos = args.k, args.max_completion_length, tok.eos_id
     o = lm_config(args, Path("unused")).objective
@@ -202,7 +202,7 @@ def lmforge_loss(roll: dict, model, tok) -> dict:
     from lmforge.model.lora import LoraLinear
     from lmforge.objectives.grpo import GRPO
     from lmforge.objectives.logprobs import completion_logprobs
-    from lmforge.rewards import build_rewards
+    from lmforge.objectives.rewards import build_rewards
 
     obj = GRPO(roll["options"], build_rewards(["exact_match"]), tok)
     obj.setup(model, torch.device("cpu"))
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
                      "steps": args.steps, "warmup_steps": args.warmup, "prompts_per_step": args.prompts,
                      "k": args.k, "max_completion_length": args.max_completion_length, "temperature": 1.0,
                      "beta": 0.0, "num_iterations": 1, "loss_type": "grpo", "scale_rewards": "group",
-                     "reward": "lmforge.rewards.exact_match (both)", "lr": args.lr, "schedule": "constant",
+                     "reward": "lmforge.objectives.rewards.exact_match (both)", "lr": args.lr, "schedule": "constant",
                      "optimizer": "AdamW (0.9, 0.999), wd 0, clip 1.0", "trl_gradient_checkpointing": False,
                      "prompt_format": "raw question string (both)", "threads": args.threads, "seed": args.seed,
                      "device": "cpu", "fixed_length": args.fixed_length},

@@ -14,7 +14,7 @@ training split of the book's instruction-data.json, in the order lmforge's sampl
 * TRL gets them as a prompt/completion dataset in that order (``train_sampling_strategy:
   sequential``, loss on the completion only); its tokenized dataset must hold exactly lmforge's
   token ids and trained positions (checked, example by example);
-* lmforge runs the real pipeline (``lmforge.train.run.run``) with the recipe and a callback
+* lmforge runs the real pipeline (``lmforge.tasks.run.run``) with the recipe and a callback
   that checks each step draws the listed examples.
 
 Rows (each in its own subprocess, one after the other): ``trl`` (padded batches; TRL's default
@@ -126,7 +126,7 @@ class Meter:
 def recipe_config(work: Path, name: str, steps: int, packing: bool):
     """The recipe, stopped after ``steps`` steps by the caller: no evaluation, samples, test
     answers or report; a fresh run folder."""
-    from lmforge.config import load_config
+    from lmforge.tasks import load_config
 
     return load_config(RECIPE, [f"run.out_dir={work / name}", f"data.cache_dir={work / 'cache'}",
                                 f"objective.packing={str(packing).lower()}", "objective.sample_prompts=0",
@@ -169,7 +169,7 @@ def make_plan(cfg, path: Path, steps: int) -> dict:
 # ------------------------------------------------------------------------------ sides
 def side_lmforge(work: Path, plan: dict, packing: bool) -> dict:
     from lmforge.train.callbacks import Callback, StopAtStep
-    from lmforge.train.run import run
+    from lmforge.tasks.run import run
 
     steps = plan["steps"]
     meter = Meter(steps)

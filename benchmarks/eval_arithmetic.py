@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from lmforge import from_pretrained
-from lmforge.config import load_config
+from lmforge.tasks import load_config
 from lmforge.objectives.grpo import GRPO, eval_batches
-from lmforge.rewards import build_rewards
+from lmforge.objectives.rewards import build_rewards
 from lmforge.tasks.common import resolve_init_path
 from lmforge.tasks.grpo import split_for_run
 

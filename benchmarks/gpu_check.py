@@ -41,8 +41,8 @@ def flash_check() -> dict:
 
 
 def train_run(precision: str, compile_: bool, steps: int, root: Path) -> dict:
-    from lmforge.config import config_from_dict
-    from lmforge.train.pretrain import pretrain
+    from lmforge.tasks import config_from_dict
+    from lmforge.tasks.run import run as pretrain
 
     cfg = config_from_dict({
         "run": {"out_dir": str(root / f"{precision}-{int(compile_)}"), "seed": 0, "device": "cuda"},

@@ -72,7 +72,7 @@ def tiny_dict(tmp_path, token_cache):
 @pytest.fixture
 def tiny_config(tiny_dict):
     """``tiny_config(name="run", **sections)``: a validated RunConfig of the tiny run."""
-    from lmforge.config import config_from_dict
+    from lmforge.tasks import config_from_dict
 
     def make(name: str = "run", **sections):
         return config_from_dict(tiny_dict(name, **sections))
@@ -96,7 +96,7 @@ def run_in_two_parts(make_config, n: int) -> tuple[dict, dict]:
     """``make_config()`` run stopped after step ``n`` (as SIGINT would), then run again, which
     resumes from that checkpoint (train.resume: auto): the two summaries."""
     from lmforge.train.callbacks import StopAtStep
-    from lmforge.train.run import run
+    from lmforge.tasks.run import run
 
     def quiet(*a, **k):
         pass

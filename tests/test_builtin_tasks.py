@@ -10,7 +10,7 @@ import pytest
 from lmforge.data.builtin_tasks import arithmetic_preference_pairs, arithmetic_split, wrong_answer
 from lmforge.data.preference_format import parse_preference_records
 from lmforge.errors import DataError
-from lmforge.rewards import exact_match
+from lmforge.objectives.rewards import exact_match
 
 
 def test_split_is_disjoint_and_deterministic():

@@ -217,7 +217,7 @@ def test_tokenizer_train_missing_input(tmp_path):
 
 def _save_tiny(folder: Path, **fields) -> Path:
     from lmforge.model import build
-    from lmforge.model.io import save_model
+    from lmforge.store import save_model
 
     model = build({"vocab_size": 40, "context_length": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, **fields})
     return save_model(model, folder)

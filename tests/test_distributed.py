@@ -162,8 +162,8 @@ def _one_and_two(tmp_path: Path, one_cfg: Path, two_cfg: Path, batch: int, train
 def test_two_processes_match_one_for_dpo(tiny_dict, tiny_yaml, tmp_path):
     """DPO (a frozen reference copy, pairs of unequal lengths, the loss a mean over pairs):
     2 x B/2 == 1 x B, losses and weights within 1e-5."""
-    from lmforge.config import config_from_dict
-    from lmforge.train.run import run
+    from lmforge.tasks import config_from_dict
+    from lmforge.tasks.run import run
 
     sft = tiny_dict("sft", data={"sources": [{"path": "builtin:arithmetic", "num_docs": 400, "seed": 0}]},
                     model={"context_length": 40, "bias": False}, train={"max_steps": 4, "checkpoint_every": 4})
@@ -211,7 +211,7 @@ def test_two_processes_match_one_for_sft_with_uneven_masking(tiny_yaml, tmp_path
 def _check_ranks_train_unequal_token_counts(cfg_path: Path, micro: int) -> None:
     """The two ranks' halves of the first steps hold different numbers of trained tokens (what
     makes a per-rank mean differ from the global one): each rank's slice, as the run takes it."""
-    from lmforge.config import load_config
+    from lmforge.tasks import load_config
     from lmforge.data.sampler import ExampleBatches, StepSampler
     from lmforge.tasks import get_task
     from lmforge.tasks.common import TaskContext

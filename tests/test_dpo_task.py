@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import config_from_dict
+from lmforge.tasks import config_from_dict
 from lmforge.errors import ConfigError, DataError
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
-from lmforge.train.run import run
+from lmforge.tasks.run import run
 
 from conftest import deep_merge, loss_metrics_grads, run_in_two_parts, shrunk_arithmetic_sft, shrunk_recipe
 
@@ -243,7 +243,7 @@ def test_prompt_longer_than_the_context_is_one_clear_line(dpo_dict, tmp_path):
 
 
 def test_smollm2_dpo_recipe_has_the_books_split_by_position(monkeypatch):
-    from lmforge.config import load_config
+    from lmforge.tasks import load_config
     from lmforge.tasks.dpo import split_for_run
 
     root = Path(__file__).resolve().parents[1]

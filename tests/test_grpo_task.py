@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import config_from_dict
+from lmforge.tasks import config_from_dict
 from lmforge.errors import ConfigError, DataError
 from lmforge.objectives.grpo import rollout_rows
 from lmforge.objectives.logprobs import model_completion_logprobs
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
-from lmforge.train.run import run
+from lmforge.tasks.run import run
 
 from conftest import deep_merge, loss_metrics_grads, run_in_two_parts, shrunk_arithmetic_sft, shrunk_recipe
 

@@ -298,7 +298,7 @@ def test_loss_mask_of_prompt_and_chat(tok, tmp_path):
 
 # ---------------------------------------------------------------------------- report
 def _tiny_run(run, tok, model=None, samples=True):
-    from lmforge.model.io import save_model
+    from lmforge.store import save_model
 
     run.mkdir(parents=True, exist_ok=True)
     lines = []

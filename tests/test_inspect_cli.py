@@ -23,7 +23,7 @@ def folders(tmp_path_factory):
     """A tiny char-level decoder saved as a model folder, a second one (its 'fine-tuned' copy),
     a run folder holding it as checkpoints/best, and a bigram model folder."""
     from lmforge.model import build
-    from lmforge.model.io import save_model
+    from lmforge.store import save_model
     from lmforge.tokenizer import CharTokenizer
 
     root = tmp_path_factory.mktemp("inspect_cli")

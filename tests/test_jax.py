@@ -177,7 +177,7 @@ def test_round_trip_gives_identical_tensors(style):
 
 
 def test_model_folders_both_ways(tmp_path):
-    from lmforge.model.io import load_model, save_model
+    from lmforge.store import load_model, save_model
 
     tm = torch_model(LLAMA)
     save_model(tm, tmp_path / "torch_saved")
@@ -356,7 +356,7 @@ def test_jit_train_step_matches_pytorch_adamw_and_lowers_the_loss(style):
 
 
 def _tiny_cfg(tmp_path, **train):
-    from lmforge.config import config_from_dict
+    from lmforge.tasks import config_from_dict
 
     return config_from_dict({
         "run": {"name": "jax-tiny", "out_dir": str(tmp_path / "run"), "seed": 0},
@@ -373,11 +373,14 @@ def _tiny_cfg(tmp_path, **train):
 
 
 def test_fit_jax_writes_checkpoints_the_pytorch_side_loads(tmp_path):
-    from lmforge.jax.train import fit_jax, prepare_data
+    from lmforge.jax.train import fit_jax
+    from lmforge.tasks.common import TaskContext
+    from lmforge.tasks.lm import prepare_lm_data
     from lmforge.train.checkpoint import load_checkpoint
+    from lmforge.train.distributed import DistInfo
 
     cfg = _tiny_cfg(tmp_path)
-    tok, store = prepare_data(cfg)
+    tok, store = prepare_lm_data(TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=False))
     lines = []
     summary = fit_jax(cfg, tok, store, cfg.run.out_dir, say=lines.append)
     assert summary["steps"] == 20 and summary["backend"] == "jax"
@@ -400,7 +403,7 @@ def test_fit_jax_writes_checkpoints_the_pytorch_side_loads(tmp_path):
 
 
 def test_backend_field_is_validated():
-    from lmforge.config import config_from_dict
+    from lmforge.tasks import config_from_dict
 
     assert config_from_dict({"train": {"backend": "jax"}}).train.backend == "jax"
     with pytest.raises(ConfigError, match="train.backend: got 'tf', expected torch or jax"):
@@ -433,7 +436,7 @@ def test_learning_path_script_runs(script, tmp_path, monkeypatch, capsys):
 
 
 def test_train_backend_jax_runs_through_the_one_pipeline(tiny_config):
-    from lmforge.train.run import run
+    from lmforge.tasks.run import run
 
     s = run(tiny_config("jx", train={"backend": "jax", "max_steps": 3, "eval_every": 3}), progress=False,
             print_fn=lambda *a, **k: None)

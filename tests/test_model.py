@@ -27,7 +27,7 @@ from lmforge.model import (
     flops_per_token,
     summary,
 )
-from lmforge.model.io import CONFIG, WEIGHTS, load_model, save_model
+from lmforge.store import CONFIG, WEIGHTS, load_model, save_model
 
 FAST = settings(max_examples=25, deadline=None)
 V, CTX = 37, 16  # tiny vocabulary and context shared by the test models

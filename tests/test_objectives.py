@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lmforge.config import TrainSection
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.errors import ConfigError
-from lmforge.evaluate import classification_metrics, confusion_matrix
+from lmforge.objectives.metrics import classification_metrics, confusion_matrix
 from lmforge.model import ModelConfig, build
 from lmforge.objectives.base import Objective
 from lmforge.objectives.classification import Classification

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import run_in_two_parts
-from lmforge.config import config_from_dict
+from lmforge.tasks import config_from_dict
 from lmforge.data.sft_format import IGNORE, SFTExample
 from lmforge.errors import InputError
 from lmforge.model import ModelConfig, build
 from lmforge.objectives import CausalLM
 from lmforge.tasks.sft import collate_packed, collate_sft, pack_rows
-from lmforge.train.run import run
+from lmforge.tasks.run import run
 
 STYLES = {
     "llama": dict(positional="rope", norm="rmsnorm", activation="swiglu", bias=False, n_kv_head=1),

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from lmforge import from_pretrained
-from lmforge.config import config_from_dict
+from lmforge.tasks import config_from_dict
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.tasks import TASKS, get_task
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.logging import read_metrics
-from lmforge.train.run import run
+from lmforge.tasks.run import run
 
 from conftest import run_in_two_parts
 from test_cli import lmforge
@@ -304,7 +304,7 @@ def test_inference_refuses_corrupt_weights_and_a_swapped_tokenizer(tiny_dict, tm
         assert_cli_error((code, out, err), "sha256")
 
     # a plain model folder (no meta.json) whose tokenizer.json was swapped for another of the same size
-    from lmforge.model.io import save_model
+    from lmforge.store import save_model
     from lmforge.tokenizer import CharTokenizer
 
     model, tok = from_pretrained(first, with_tokenizer=True)

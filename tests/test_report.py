@@ -1,4 +1,4 @@
-"""Tests for lmforge.report: metric rounding for one-line JSON reports."""
+"""Tests for lmforge.numbers: metric rounding for one-line JSON reports."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.report import metrics_json, round_floats
+from lmforge.numbers import metrics_json, round_floats
 
 
 def test_significant_digits_whatever_the_scale():

@@ -1,4 +1,4 @@
-"""Tests for lmforge.model.resolve: a run folder where a model is expected."""
+"""Tests for lmforge.store: a run folder where a model is expected."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from lmforge.errors import CheckpointError
 from lmforge.model import build
-from lmforge.model.resolve import resolve_model_path
+from lmforge.store import resolve_model_path
 from lmforge.train.checkpoint import save_checkpoint
 
 TINY = {"vocab_size": 20, "context_length": 8, "n_layer": 1, "n_head": 1, "n_embd": 8}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.rewards import (
+from lmforge.objectives.rewards import (
     RewardFunction, answers_match, build_rewards, exact_match, extract_answer, format_reward,
     length_penalty, load_reward_function, parse_number,
 )

@@ -11,10 +11,10 @@ import torch
 
 from conftest import run_in_two_parts
 from lmforge import from_pretrained
-from lmforge.config import config_from_dict
+from lmforge.tasks import config_from_dict
 from lmforge.data.sft_format import IGNORE, SFTExample
 from lmforge.tasks.sft import collate_sft
-from lmforge.train.run import run
+from lmforge.tasks.run import run
 
 
 def _records(path: Path, n: int = 40) -> Path:
@@ -120,7 +120,7 @@ def test_sft_test_fraction_is_held_out_and_evaluated_at_the_end(sft_dict):
 
 
 def test_smollm2_lora_recipe_has_the_books_935_55_110_split(monkeypatch):
-    from lmforge.config import load_config
+    from lmforge.tasks import load_config
     from lmforge.tasks.sft import _splits
 
     root = Path(__file__).resolve().parents[1]

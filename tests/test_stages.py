@@ -1,4 +1,4 @@
-"""Multi-stage recipes (lmforge.train.stages): stages chained through init_from in one run folder,
+"""Multi-stage recipes (lmforge.tasks.pipeline): stages chained through init_from in one run folder,
 skipped once finished, resumed when cut off; one report; one-line errors; the shipped pipelines."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import yaml
 from safetensors.torch import load_file
 
 from lmforge.cli import main as cli_main
-from lmforge.config import load_config
+from lmforge.tasks import load_config
 from lmforge.errors import ConfigError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.callbacks import Callback, StopAtStep
-from lmforge.train.stages import DONE_FILE, SUMMARY_FILE, load_pipeline, run_pipeline
+from lmforge.tasks.pipeline import DONE_FILE, SUMMARY_FILE, load_pipeline, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((ROOT / "configs").glob("pipeline-*.yaml"))

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.config import load_config
+from lmforge.tasks import load_config
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmforge.objectives import CausalLM, MaskedLM
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.logging import read_metrics
-from lmforge.train.pretrain import pretrain
+from lmforge.tasks.run import run as pretrain
 from lmforge.train.trainer import Trainer
 
 GOLDEN = Path(__file__).parent / "golden" / "causal_lm_tiny.json"
@@ -264,7 +264,7 @@ def test_mlm_collate_is_seeded():
 # ----------------------------------------------------------------------------- golden curve
 @pytest.fixture(scope="module")
 def golden_run(tmp_path_factory, run_dict):
-    from lmforge.config import config_from_dict
+    from lmforge.tasks import config_from_dict
 
     root = tmp_path_factory.mktemp("golden")
     cfg = config_from_dict(run_dict(root / "run", train={"max_steps": 20, "eval_every": 10, "warmup_steps": 5,

@@ -12,10 +12,12 @@ token-level ``generate`` stays in ``lmforge.generate``: that name here is the mo
 
 import importlib as _importlib
 
-__version__ = "0.1.0"
+from lmforge.version import __version__
 
-# public name -> the module that defines it
+# public name -> the module that defines it (imported on first use: lazy, so that `import lmforge`
+# loads neither torch nor any submodule)
 _PUBLIC: dict[str, str] = {
+    "from_pretrained": "lmforge.store",
     "build": "lmforge.model",
     "ModelConfig": "lmforge.model",
     "PRESETS": "lmforge.model",
@@ -29,38 +31,7 @@ _PUBLIC: dict[str, str] = {
     "LMForgeError": "lmforge.errors",
 }
 
-__all__ = ["__version__", "from_pretrained", *_PUBLIC]
-
-
-def from_pretrained(path, device="cpu", with_tokenizer: bool = False):
-    """Load a model from an lmforge checkpoint/model folder, a Hugging Face model folder or a
-    ``.gguf`` file (llama.cpp; dequantized to float32, tokenizer and chat template included).
-
-    Returns the model in eval mode (and its tokenizer, or None, with ``with_tokenizer=True``).
-    A training run folder loads its best checkpoint (else its newest), with a warning saying so.
-    """
-    import warnings
-
-    from lmforge.errors import CheckpointError
-    from lmforge.model.resolve import resolve_model_path
-
-    p, note = resolve_model_path(path)
-    if note:
-        warnings.warn(note, stacklevel=2)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder "
-                              f"or a .gguf file")
-    if p.is_file() and p.suffix.lower() == ".gguf":
-        from lmforge.interop.gguf import load_gguf
-
-        return load_gguf(p, device=device, with_tokenizer=with_tokenizer)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
-        from lmforge.interop.hf import load_hf
-
-        return load_hf(p, device=device, with_tokenizer=with_tokenizer)
-    from lmforge.model.io import load_model
-
-    return load_model(p, device=device, with_tokenizer=with_tokenizer)
+__all__ = ["__version__", *_PUBLIC]
 
 
 def __getattr__(name: str):

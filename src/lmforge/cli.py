@@ -16,9 +16,9 @@ from typing import Callable
 
 # ----------------------------------------------------------------------------------- verbs
 def cmd_train(args) -> int:
-    from lmforge.config import load_config
-    from lmforge.train.run import run
-    from lmforge.train.stages import is_pipeline
+    from lmforge.tasks import load_config
+    from lmforge.tasks.run import run
+    from lmforge.tasks.pipeline import is_pipeline
 
     if is_pipeline(args.config):
         return _train_stages(args)
@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
 
 def _train_stages(args) -> int:
     """A multi-stage recipe (top-level ``stages:``): every stage in turn, in one run folder."""
-    from lmforge.train.stages import format_plan, load_pipeline, run_pipeline
+    from lmforge.tasks.pipeline import format_plan, load_pipeline, run_pipeline
 
     pipe = load_pipeline(args.config, args.overrides)
     if args.print_config or args.dry_run:
@@ -76,7 +76,7 @@ def _load_for_inference(path: str, device: str):
         raise CheckpointError(f"{path}: no tokenizer.json beside the weights; the model's tokenizer is needed")
     run_config = {}
     if (p / "config.yaml").is_file():
-        from lmforge.model.io import read_config
+        from lmforge.store import read_config
 
         run_config = read_config(p)
     return model, tok, run_config
@@ -112,7 +112,7 @@ def cmd_eval(args) -> int:
                                        split_name=args.data):
             yield {"input_ids": x.to(dev), "targets": y.to(dev)}
 
-    from lmforge.report import metrics_json
+    from lmforge.numbers import metrics_json
 
     m = objective.evaluate(model, batches())
     print(metrics_json({"model": str(args.model), "data": args.data, "tokens": int(len(store.train)), **m}))
@@ -135,7 +135,7 @@ def _eval_classifier(args, model, tok, run_config: dict) -> int:
     records = list(iter_records(spec))
     r = evaluate_records(model, tok, records, args.text_field or opts.text_field, args.label_field or opts.label_field,
                          opts.max_length, args.batch_size)
-    from lmforge.report import metrics_json
+    from lmforge.numbers import metrics_json
 
     out = {"model": str(args.model), "data": args.data, "examples": r["examples"], "loss": r["loss"],
            "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_class": r["per_class"],
@@ -217,7 +217,7 @@ def _check_sampling_flags(opts: dict) -> None:
 
 def _model_path(target) -> Path:
     """A run folder becomes its best (else newest) checkpoint, said on stderr."""
-    from lmforge.model.resolve import resolve_model_path
+    from lmforge.store import resolve_model_path
 
     path, note = resolve_model_path(target)
     if note:
@@ -276,7 +276,7 @@ def cmd_info(args) -> int:
     elif path.suffix in (".yaml", ".yml"):
         import torch
 
-        from lmforge.config import load_config
+        from lmforge.tasks import load_config
 
         cfg = load_config(path)
         mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size)

@@ -137,13 +137,6 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     sample: SampleSection = field(default_factory=SampleSection)
 
-    def __post_init__(self):
-        if isinstance(self.objective, dict) and not self.objective:  # the task's default options
-            from lmforge.tasks import TASKS, get_task
-
-            if self.task in TASKS:
-                self.objective = get_task(self.task).options()
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -296,25 +289,7 @@ def _range_problems(cfg: RunConfig, pending: tuple[str, ...] = ()) -> list[str]:
     p += _device_problems(cfg.run.device)
     out = Path(cfg.run.out_dir)
     need(not out.exists() or out.is_dir(), f"run.out_dir: {out} exists and is not a folder; expected a folder path")
-    p += _init_from_problems(cfg.model.get("init_from"), pending)
     return p
-
-
-def _init_from_problems(init, pending: tuple[str, ...] = ()) -> list[str]:
-    if init is None or init in pending:  # pending: a folder an earlier stage of a pipeline will write
-        return []
-    if not isinstance(init, str) or not init.strip():
-        return [f"model.init_from: got {init!r}, expected a path"]
-    from lmforge.tasks.common import package_path
-
-    try:
-        path = package_path(init)
-    except ConfigError as e:
-        return e.problems
-    if not path.exists():
-        return [f"model.init_from: {init} does not exist; expected an lmforge checkpoint, model or run folder, "
-                f"or a Hugging Face model folder"]
-    return []
 
 
 def _trainable_ok(spec: str) -> bool:
@@ -339,46 +314,21 @@ def _device_problems(device: str) -> list[str]:
     return []
 
 
-def _task_problems(cfg: RunConfig, problems: list[str]) -> None:
-    """Validate ``task`` and turn the ``objective:`` mapping into the task's options dataclass."""
-    from lmforge.tasks import TASKS, get_task
-
-    if cfg.task not in TASKS:
-        problems.append(f"task: got {cfg.task!r}, expected one of {', '.join(TASKS)}")
-        cfg.objective = None
-        return
-    task = get_task(cfg.task)
-    raw = cfg.objective if cfg.objective is not None else {}
-    if dataclasses.is_dataclass(raw):
-        raw = dataclasses.asdict(raw)
-    if not isinstance(raw, dict):
-        problems.append(f"objective: expected a mapping of {cfg.task} options, got {type(raw).__name__}")
-        raw = {}
-    if "name" in raw and "name" not in task.options.__dataclass_fields__:  # recipes from before tasks
-        legacy = {"causal_lm": "pretrain", "masked_lm": "mlm"}.get(raw["name"], raw["name"])
-        problems.append(f"objective.name: the method is chosen by the top-level task key now; "
-                        f"expected task: {legacy} and no objective.name")
-        raw = {k: v for k, v in raw.items() if k != "name"}
-    sub: list[str] = []
-    cfg.objective = _build(task.options, raw, "objective", sub)
-    problems += [q.replace(" (expected one of", f" for task {cfg.task} (expected one of") for q in sub]
-    if not sub:
-        try:
-            problems += task.check(cfg)
-        except ConfigError:
-            pass  # the model section's own problems are reported by the model check below
-
-
-def config_from_dict(data: dict, *, pending_paths: tuple[str, ...] = ()) -> RunConfig:
+def config_from_dict(data: dict, *, pending_paths: tuple[str, ...] = (), extra_problems=None) -> RunConfig:
     """Build and validate a RunConfig; raises one ConfigError listing every problem.
 
+    This checks the sections every run shares; the ``objective:`` section stays a mapping. The
+    task registry's :func:`lmforge.tasks.config_from_dict` (what the CLI and the run use) adds
+    the task's options and checks through ``extra_problems(cfg, pending_paths) -> problems``,
+    called before the problems are raised so that one error lists them all.
+
     ``pending_paths``: ``model.init_from`` values that need not exist yet (the run folder an
-    earlier stage of a multi-stage recipe writes, lmforge.train.stages)."""
+    earlier stage of a multi-stage recipe writes, lmforge.tasks.pipeline)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
     if "stages" in data:
         raise ConfigError("stages: a multi-stage recipe is not one run; run it with lmforge train -c FILE "
-                          "(lmforge.train.stages.load_pipeline reads it)")
+                          "(lmforge.tasks.pipeline.load_pipeline reads it)")
     problems: list[str] = []
     cfg = _build(RunConfig, data, "config", problems)
     problems = [p.removeprefix("config.") for p in problems]
@@ -386,7 +336,8 @@ def config_from_dict(data: dict, *, pending_paths: tuple[str, ...] = ()) -> RunC
     # it is not reported twice): every problem of the config is reported at once.
     typed = {p.split(":", 1)[0] for p in problems}
     problems += [p for p in _range_problems(cfg, tuple(pending_paths)) if p.split(":", 1)[0] not in typed]
-    _task_problems(cfg, problems)
+    if extra_problems is not None:
+        problems += extra_problems(cfg, tuple(pending_paths))
     if not cfg.init_from:  # the model section validates as a ModelConfig (vocab_size may come from the tokenizer)
         try:
             cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
@@ -453,11 +404,12 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def read_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """A recipe file (or nothing) with ``section.key=value`` overrides merged in, as a mapping."""
     data = read_yaml(path) if path else {}
     if overrides:
         data = merge(data, parse_overrides(overrides))
-    return config_from_dict(data)
+    return data
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -41,12 +41,12 @@ def require_jax() -> None:
 require_jax()
 
 from lmforge.jax.model import (Attention, BigramLM, Block, DecoderLM, Head, MLP, Transformer,  # noqa: E402
-                               build, check_supported, cross_entropy, init_cache)
-from lmforge.jax.convert import (from_state_dict, load_jax, save_jax, to_jax, to_torch,  # noqa: E402
+                               abstract_model, check_supported, cross_entropy, init_cache)
+from lmforge.jax.convert import (build, from_state_dict, load_jax, save_jax, to_jax, to_torch,  # noqa: E402
                                  torch_state_dict)
 from lmforge.jax.generate import generate, generate_text  # noqa: E402
 
-__all__ = ["JaxNotInstalled", "require_jax", "build", "check_supported", "init_cache", "cross_entropy",
+__all__ = ["JaxNotInstalled", "require_jax", "build", "abstract_model", "check_supported", "init_cache", "cross_entropy",
            "BigramLM", "Head", "Attention", "MLP", "Block", "Transformer", "DecoderLM",
            "to_jax", "to_torch", "torch_state_dict", "from_state_dict", "load_jax", "save_jax",
            "generate", "generate_text"]

@@ -14,7 +14,7 @@ state dict lists it as ``lm_head.weight``, the same tensor as ``transformer.tok_
 
 Model folders: :func:`load_jax` reads an lmforge model folder or checkpoint (``config.yaml`` +
 ``model.safetensors``) or a Hugging Face folder (``config.json``), through the PyTorch loaders,
-and :func:`save_jax` writes an lmforge model folder that ``lmforge.model.io.load_model`` reads.
+and :func:`save_jax` writes an lmforge model folder that ``lmforge.store.load_model`` reads.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import torch
 from flax import nnx
 
 from lmforge.errors import CheckpointError, InteropError
-from lmforge.jax.model import build as build_jax
-from lmforge.jax.model import _seed_dropout, check_supported
+from lmforge.jax.model import _seed_dropout, abstract_model, check_supported
+from lmforge.model import build as torch_build
+from lmforge.model.config import ModelConfig
 
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -95,6 +96,24 @@ def _unwrap(module):
     return module
 
 
+def build(config: ModelConfig | str | dict, seed: int = 0, abstract: bool = False) -> nnx.Module:
+    """The JAX model for ``config`` (a ModelConfig, a preset name or a dict of fields).
+
+    Its weights are those of the PyTorch twin built after ``torch.manual_seed(seed)`` (GPT-2's
+    initialisation, the same numbers on both sides; the global torch RNG is left untouched).
+    Drawing them in PyTorch and copying them over is also much faster on a CPU than tracing
+    Flax's initializers one parameter at a time. ``abstract=True`` gives shapes only.
+    Constructing a module directly (``DecoderLM(cfg, rngs=nnx.Rngs(0))``) uses the Flax
+    initializers written in the modules above: the same distributions, other numbers."""
+    model = abstract_model(config, seed)
+    if abstract:
+        return model
+    _seed_dropout(model, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return from_state_dict(model, torch_build(ModelConfig.coerce(config)).state_dict())
+
+
 def to_jax(torch_model, seed: int = 0) -> nnx.Module:
     """A JAX twin of an lmforge PyTorch model, holding the same weights."""
     torch_model = _unwrap(torch_model)
@@ -102,16 +121,14 @@ def to_jax(torch_model, seed: int = 0) -> nnx.Module:
     if cfg is None:
         raise InteropError(f"to_jax: expected an lmforge model (with .config), got {type(torch_model).__name__}")
     check_supported(cfg)
-    model = build_jax(cfg, seed=seed, abstract=True)
+    model = abstract_model(cfg, seed=seed)
     _seed_dropout(model, seed)
     return from_state_dict(model, torch_model.state_dict())
 
 
 def to_torch(jax_model: nnx.Module):
     """The lmforge PyTorch model holding the JAX model's weights (tensors equal to the last bit)."""
-    from lmforge.model import build
-
-    model = build(jax_model.config)
+    model = torch_build(jax_model.config)
     model.load_state_dict(torch_state_dict(jax_model))
     return model
 
@@ -120,7 +137,7 @@ def load_jax(path: str | Path, with_tokenizer: bool = False):
     """A JAX model from an lmforge model folder / checkpoint or a Hugging Face model folder."""
     path = Path(path)
     if (path / "config.yaml").is_file():
-        from lmforge.model.io import load_model
+        from lmforge.store import load_model
 
         model, tok = load_model(path, with_tokenizer=True)
     elif (path / "config.json").is_file():
@@ -136,6 +153,6 @@ def load_jax(path: str | Path, with_tokenizer: bool = False):
 
 def save_jax(jax_model: nnx.Module, folder: str | Path, tokenizer=None, config: dict | None = None) -> Path:
     """Write an lmforge model folder (model.safetensors + config.yaml [+ tokenizer.json])."""
-    from lmforge.model.io import save_model
+    from lmforge.store import save_model
 
     return save_model(to_torch(jax_model), folder, tokenizer=tokenizer, config=config)

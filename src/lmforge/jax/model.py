@@ -331,30 +331,13 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int | None = None, dt
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layer))
 
 
-def build(config: ModelConfig | str | dict, seed: int = 0, abstract: bool = False) -> nnx.Module:
-    """The JAX model for ``config`` (a ModelConfig, a preset name or a dict of fields).
-
-    Its weights are those of the PyTorch twin built after ``torch.manual_seed(seed)`` (GPT-2's
-    initialisation, the same numbers on both sides; the global torch RNG is left untouched).
-    Drawing them in PyTorch and copying them over is also much faster on a CPU than tracing
-    Flax's initializers one parameter at a time. ``abstract=True`` gives shapes only.
-    Constructing a module directly (``DecoderLM(cfg, rngs=nnx.Rngs(0))``) uses the Flax
-    initializers written in the modules above: the same distributions, other numbers."""
+def abstract_model(config: ModelConfig | str | dict, seed: int = 0) -> nnx.Module:
+    """The JAX model for ``config`` with shapes only (``nnx.eval_shape``): no weights are drawn.
+    ``lmforge.jax.convert.build`` fills it with the PyTorch twin's weights."""
     config = ModelConfig.coerce(config)
     check_supported(config)
     cls = {"decoder": DecoderLM, "bigram": BigramLM}[config.arch]
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
-    if abstract:
-        return model
-    _seed_dropout(model, seed)
-    import torch
-
-    from lmforge.jax.convert import from_state_dict
-    from lmforge.model import build as torch_build
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return from_state_dict(model, torch_build(config).state_dict())
+    return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
 
 
 def _seed_dropout(model: nnx.Module, seed: int) -> None:

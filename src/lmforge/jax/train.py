@@ -22,7 +22,8 @@ The train step is a pure function ``(params, rest, opt_state, x, y) -> (params, 
 opt_state, metrics)`` of the model's state, split from the Flax module with ``nnx.split``:
 ``params`` are the weights, ``rest`` everything else (the dropout random state).
 
-Entry point for the run pipeline: :func:`fit_jax` (``train.backend: jax``).
+Entry point: :func:`fit_jax`, which ``lmforge.tasks.run`` calls for ``train.backend: jax`` with the
+recipe's tokenizer and token store (made by the same task pieces as a PyTorch run).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def check_recipe(cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- the loop
 def init_model(mcfg, seed: int):
     """The PyTorch trainer's initial weights (after seeding with ``seed``), as a JAX model."""
-    from lmforge.jax.model import build
+    from lmforge.jax.convert import build
 
     return build(mcfg, seed=seed)  # = lmforge.model.build(mcfg) after torch.manual_seed(seed)
 
@@ -311,49 +312,3 @@ def fit_jax(cfg: RunConfig, tokenizer, store, run_dir, say=print) -> dict:
             summary["sample"] = text
             say("\n--- sample ---\n" + text + "\n--------------")
     return summary
-
-
-# ----------------------------------------------------------------------------- standalone runs
-def prepare_data(cfg: RunConfig, progress: bool = False):
-    """(tokenizer, token store) of a recipe, made by the same task pieces as the PyTorch pipeline
-    (``lmforge.tasks``): the run folder's tokenizer when there is one, else trained or loaded."""
-    from lmforge.tasks.common import TaskContext, build_tokenizer
-    from lmforge.tasks.lm import _documents, build_token_store
-    from lmforge.train.distributed import DistInfo
-
-    ctx = TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=progress)
-    tok = build_tokenizer(ctx, _documents(cfg))
-    return tok, build_token_store(cfg, tok, ctx.dist, progress=progress)
-
-
-def run(cfg: RunConfig, say=print) -> dict:
-    """A whole JAX training run of a recipe: data, ``fit_jax``, the run's config.yaml."""
-    from lmforge.config import save_config
-
-    tok, store = prepare_data(cfg)
-    say(f"data: {store}")
-    save_config(cfg, Path(cfg.run.out_dir) / "config.yaml")
-    return fit_jax(cfg, tok, store, cfg.run.out_dir, say)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lmforge.jax.train --config configs/shakespeare-char.yaml [key=value ...]``"""
-    import argparse
-
-    from lmforge.config import load_config
-    from lmforge.errors import LMForgeError
-
-    p = argparse.ArgumentParser(description="Train a recipe with the JAX backend (lmforge.jax).")
-    p.add_argument("--config", required=True, help="recipe YAML")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = p.parse_args(argv)
-    try:
-        run(load_config(args.config, args.overrides))
-    except LMForgeError as e:
-        print(f"error: {e}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

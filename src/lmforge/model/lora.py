@@ -112,6 +112,8 @@ class LoraLinear(nn.Linear):
     ``self.lora[role]``. ``enabled`` False gives the base layer.
     """
 
+    calls_packed_product = True  # forward runs its base through model.packed itself (packed_linears reads this)
+
     def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], cfg: LoraConfig):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features

@@ -127,15 +127,13 @@ def packed_linears(model: nn.Module, min_elements: int | None = None, keep: bool
     Leaves the model as it was on exit, except that packed copies stay cached on their layers for
     the next call: a frozen weight's always, a trainable one's with ``keep`` (:func:`release_packed`
     frees them)."""
-    from lmforge.model.lora import LoraLinear
-
     min_elements = MIN_ELEMENTS if min_elements is None else min_elements
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and _packable(m, min_elements)]
     if not available():
         layers = []
     for m in layers:
         m.__dict__["_lmforge_packing"] = "train_frozen" if train_frozen else True
-        if not isinstance(m, LoraLinear):  # LoraLinear calls packed_product for its base itself
+        if not getattr(m, "calls_packed_product", False):  # a LoraLinear calls it for its base itself
             m.forward = types.MethodType(packed_product, m)
     try:
         yield model

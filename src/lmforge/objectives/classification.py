@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from lmforge.evaluate import classification_metrics, confusion_matrix
+from lmforge.objectives.metrics import classification_metrics, confusion_matrix
 from lmforge.objectives.base import Objective
 
 

@@ -49,7 +49,7 @@ from lmforge.objectives.grpo_math import (LOSS_AGGREGATIONS, SCALE_REWARDS, entr
                                           grpo_policy_loss, mask_truncated)
 from lmforge.objectives.logprobs import (batch_completion_logprobs, completion_logits, model_completion_logprobs,
                                          shared_prompt_rows)
-from lmforge.rewards import RewardSet, exact_match
+from lmforge.objectives.rewards import RewardSet, exact_match
 
 
 @dataclass

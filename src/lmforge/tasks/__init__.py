@@ -2,7 +2,7 @@
 
 A task is a small builder: given the run's config it returns the model, tokenizer, objective,
 training batch source and evaluation source (:class:`~lmforge.tasks.common.TaskParts`). The one
-run function (``lmforge.train.run``) does everything else: run folder, config, logging, the
+run function (``lmforge.tasks.run``) does everything else: run folder, config, logging, the
 Trainer, resume, curves, summary. Adding a task means an objective, a data format, an entry
 here and its recipes; nothing in the trainer, checkpoints or CLI.
 
@@ -12,9 +12,16 @@ with the rest of the config (unknown keys and wrong types name their key path).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
+
+from lmforge import config as _config
+from lmforge.config import RunConfig
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.store import package_path
 
 # name -> "module:attribute" of its Task, imported on first use (keeps `import lmforge` light)
 TASKS: dict[str, str] = {
@@ -38,9 +45,72 @@ class Task:
 
 
 def get_task(name: str) -> Task:
-    from lmforge.errors import ConfigError
-
     if name not in TASKS:
         raise ConfigError(f"task: got {name!r}, expected one of {', '.join(TASKS)}")
     module, attr = TASKS[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# ------------------------------------------------------------------------------ whole recipes
+def config_from_dict(data: dict, *, pending_paths: tuple[str, ...] = ()) -> RunConfig:
+    """A validated RunConfig, the task's options included: ``lmforge.config.config_from_dict``
+    checks the shared sections, this adds ``task``, the ``objective:`` options and the task's own
+    checks, and ``model.init_from``; one ConfigError lists every problem."""
+    def task_problems(cfg: RunConfig, pending: tuple[str, ...]) -> list[str]:
+        problems = _init_from_problems(cfg.model.get("init_from"), pending)
+        _task_problems(cfg, problems)
+        return problems
+
+    return _config.config_from_dict(data, pending_paths=pending_paths, extra_problems=task_problems)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A recipe file with ``section.key=value`` overrides, validated (see :func:`config_from_dict`)."""
+    return config_from_dict(_config.read_recipe(path, overrides))
+
+
+def _init_from_problems(init, pending: tuple[str, ...] = ()) -> list[str]:
+    if init is None or init in pending:  # pending: a folder an earlier stage of a pipeline will write
+        return []
+    if not isinstance(init, str) or not init.strip():
+        return [f"model.init_from: got {init!r}, expected a path"]
+    try:
+        path = package_path(init)
+    except CheckpointError as e:
+        return [f"model.init_from: {e}"]
+    if not path.exists():
+        return [f"model.init_from: {init} does not exist; expected an lmforge checkpoint, model or run folder, "
+                f"or a Hugging Face model folder"]
+    return []
+
+
+
+
+def _task_problems(cfg: RunConfig, problems: list[str]) -> None:
+    """Validate ``task`` and turn the ``objective:`` mapping into the task's options dataclass."""
+    if cfg.task not in TASKS:
+        problems.append(f"task: got {cfg.task!r}, expected one of {', '.join(TASKS)}")
+        cfg.objective = None
+        return
+    task = get_task(cfg.task)
+    raw = cfg.objective if cfg.objective is not None else {}
+    if dataclasses.is_dataclass(raw):
+        raw = dataclasses.asdict(raw)
+    if not isinstance(raw, dict):
+        problems.append(f"objective: expected a mapping of {cfg.task} options, got {type(raw).__name__}")
+        raw = {}
+    if "name" in raw and "name" not in task.options.__dataclass_fields__:  # recipes from before tasks
+        legacy = {"causal_lm": "pretrain", "masked_lm": "mlm"}.get(raw["name"], raw["name"])
+        problems.append(f"objective.name: the method is chosen by the top-level task key now; "
+                        f"expected task: {legacy} and no objective.name")
+        raw = {k: v for k, v in raw.items() if k != "name"}
+    sub: list[str] = []
+    cfg.objective = _config._build(task.options, raw, "objective", sub)
+    problems += [q.replace(" (expected one of", f" for task {cfg.task} (expected one of") for q in sub]
+    if not sub:
+        try:
+            problems += task.check(cfg)
+        except ConfigError:
+            pass  # the model section's own problems are reported by the model check below
+
+

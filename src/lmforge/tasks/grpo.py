@@ -25,7 +25,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives.grpo import GRPO, GRPOOptions, RolloutBatches, eval_batches, option_problems
-from lmforge.rewards import build_rewards
+from lmforge.objectives.rewards import build_rewards
 from lmforge.tasks import Task
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
 

@@ -107,7 +107,8 @@ def sample_text(model, tokenizer, cfg: RunConfig) -> str | None:
 
 
 # ------------------------------------------------------------------------------ builders
-def _documents(cfg: RunConfig):
+def documents(cfg: RunConfig):
+    """A callable giving the recipe's training documents (texts), for training its tokenizer."""
     def texts():
         for spec in source_specs(cfg.data.sources):
             yield from iter_documents(spec)
@@ -116,7 +117,7 @@ def _documents(cfg: RunConfig):
 
 def _build_lm(ctx: TaskContext, masked: bool) -> TaskParts:
     cfg, t = ctx.cfg, ctx.cfg.train
-    tokenizer = build_tokenizer(ctx, _documents(cfg), (MASK,) if masked else ())
+    tokenizer = build_tokenizer(ctx, documents(cfg), (MASK,) if masked else ())
     model = build_model(ctx, tokenizer.vocab_size)
     mcfg = model.config
     if masked:
@@ -186,3 +187,10 @@ PRETRAIN = Task("pretrain", "causal language modelling (next-token prediction) o
                 PretrainOptions, lambda ctx: _build_lm(ctx, masked=False), _check_lm)
 MLM = Task("mlm", "masked language modelling (BERT) on a token stream", MLMOptions,
            lambda ctx: _build_lm(ctx, masked=True), _check_mlm)
+
+
+def prepare_lm_data(ctx: TaskContext):
+    """(tokenizer, token store) of a causal-LM recipe: the run folder's tokenizer when there is one,
+    else trained or loaded as for a PyTorch run (the JAX backend trains on these)."""
+    tokenizer = build_tokenizer(ctx, documents(ctx.cfg))
+    return tokenizer, build_token_store(ctx.cfg, tokenizer, ctx.dist, progress=ctx.progress)

@@ -2,7 +2,7 @@
 
 A checkpoint is one folder ``<run_dir>/checkpoints/<name>/`` (``step_00000100``, ..., ``best``)::
 
-    model.safetensors   the weights (lmforge.model.io)
+    model.safetensors   the weights (the model folder format of lmforge.store)
     config.yaml         the whole run config, with its ``model:`` section
     tokenizer.json      optional
     trainer_state.pt    torch.save of the trainer's dict: step, optimizer, scheduler, scaler,
@@ -20,8 +20,6 @@ truncated or flipped bytes.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import itertools
 import json
 import math
@@ -39,23 +37,20 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fsutil import fsync_path, publish_folder
-from lmforge.model.io import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_config, write_model_files
+from lmforge.fsutil import fsync_path, is_disk_full, one_line, publish_folder, sha256_file
+from lmforge.store import (CONFIG, EXPECTED, FILES, FORMAT, META, REQUIRED, TOKENIZER, TRAINER_STATE, WEIGHTS,
+                           build_model_from_folder, latest_checkpoint, list_checkpoints, load_weights, read_config,
+                           verify_checkpoint, write_model_files)
+from lmforge.tokenizer import load_tokenizer
+from lmforge.version import __version__
 
 __all__ = [
     "META", "TRAINER_STATE", "FORMAT", "Checkpoint", "CheckpointPolicy", "step_name", "save_checkpoint",
     "verify_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint", "resolve_resume",
 ]
 
-META = "meta.json"
-TRAINER_STATE = "trainer_state.pt"
-FORMAT = "lmforge-checkpoint"
 FORMAT_VERSION = 1
-REQUIRED = (WEIGHTS, CONFIG, TRAINER_STATE)
-FILES = f"{META}, {WEIGHTS}, {TRAINER_STATE}"
-EXPECTED = f"expected {FILES}"
 
-_STEP_RE = re.compile(r"^step_(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _SIDE_RE = re.compile(r"^\.(tmp|old|trash)-(.+)-(\d+)-(\d+)$")  # .<kind>-<name>-<pid>-<n>
 _counter = itertools.count()
@@ -68,14 +63,6 @@ def step_name(step: int) -> str:
 
 
 # --- filesystem helpers --------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _side_path(root: Path, kind: str, name: str) -> Path:
     while True:
@@ -97,27 +84,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if inner is None or hasattr(model, "config") and "_orig_mod" not in model._modules:
             return model
         model = inner
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-            return True
-        text = str(e)
-        if "No space left on device" in text or "os error 28" in text or "StorageFull" in text:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _jsonable(x: Any) -> Any:
@@ -229,9 +195,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
         for fname in (WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE):
             p = tmp / fname
             if p.is_file():
-                files[fname] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-        from lmforge import __version__
-
+                files[fname] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -256,62 +220,15 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
             raise
         if isinstance(e, CheckpointError):
             raise
-        if _is_disk_full(e):
-            raise CheckpointError(f"disk full while saving checkpoint {final}: {_one_line(e)}; "
+        if is_disk_full(e):
+            raise CheckpointError(f"disk full while saving checkpoint {final}: {one_line(e)}; "
                                   f"the previous checkpoints are untouched") from e
-        raise CheckpointError(f"could not save checkpoint {final}: {_one_line(e)}; "
+        raise CheckpointError(f"could not save checkpoint {final}: {one_line(e)}; "
                               f"the previous checkpoints are untouched") from e
     return final
 
 
 # --- verify / load -------------------------------------------------------------------------------
-
-def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> dict:
-    """Check a checkpoint folder against its meta.json and return the meta.
-
-    Raises CheckpointError for: not a folder, an unfinished save (no meta.json), a meta.json that
-    is not valid, and any listed file missing, of the wrong size or (with ``checksums``, the
-    default) with the wrong sha256. ``checksums=False`` checks sizes only (cheap).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint folder; {EXPECTED}")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a folder; expected an lmforge checkpoint folder ({FILES})")
-    meta_path = path / META
-    if not meta_path.is_file():
-        if any((path / f).exists() for f in REQUIRED):
-            raise CheckpointError(f"{path}: partial or unfinished checkpoint (no {META}, which is written "
-                                  f"last); {EXPECTED}")
-        raise CheckpointError(f"{path} is not an lmforge checkpoint ({EXPECTED})")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path} is corrupt: not valid JSON ({type(e).__name__})") from None
-    files = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(files, dict):
-        raise CheckpointError(f"{meta_path}: not an lmforge checkpoint meta file; expected a JSON object "
-                              f"with \"format\": \"{FORMAT}\" and a \"files\" table")
-    if not isinstance(meta.get("step"), int):
-        raise CheckpointError(f"{meta_path}: expected an integer \"step\"")
-    for fname in REQUIRED:
-        if fname not in files:
-            raise CheckpointError(f"{meta_path}: does not list {fname}; {EXPECTED}")
-    for fname, info in files.items():
-        fpath = path / fname
-        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or \
-                not isinstance(info.get("sha256"), str):
-            raise CheckpointError(f"{meta_path}: entry for {fname} lacks size and sha256")
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath} is missing (listed in {META}); the checkpoint is incomplete")
-        size = fpath.stat().st_size
-        if size != info["size"]:
-            raise CheckpointError(f"{fpath} is corrupt: size {size} bytes, expected {info['size']} "
-                                  f"(truncated or overwritten)")
-        if checksums and _sha256(fpath) != info["sha256"]:
-            raise CheckpointError(f"{fpath} is corrupt: checksum mismatch (sha256 differs from {META})")
-    return meta
-
 
 @dataclass
 class Checkpoint:
@@ -332,10 +249,8 @@ class Checkpoint:
         return dict(self.meta.get("metrics") or {})
 
     def build_model(self, device: str | torch.device | None = None) -> nn.Module:
-        from lmforge.model import ModelConfig, build
-
-        model = build(ModelConfig.from_dict(self.config["model"]))
-        load_weights(model, self.path / WEIGHTS)
+        """The checkpoint's model (LoRA adapters rebuilt), as ``lmforge.store.load_model`` builds it."""
+        model = build_model_from_folder(self.path, self.config)
         vocab = model.config.vocab_size
         if self.tokenizer is not None and self.tokenizer.vocab_size > vocab:
             raise CheckpointError(f"{self.path / TOKENIZER}: tokenizer has {self.tokenizer.vocab_size} tokens "
@@ -357,7 +272,7 @@ def _load_state(path: Path, map_location) -> dict:
             # containers (a numpy RNG state, say), which only the full unpickler reads.
             state = torch.load(path, map_location=map_location, weights_only=False)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or unreadable: {_one_line(e)}") from None
+        raise CheckpointError(f"{path} is corrupt or unreadable: {one_line(e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of trainer state, got {type(state).__name__}")
     return state
@@ -373,38 +288,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     state = _load_state(path / TRAINER_STATE, map_location)
     tok = None
     if (path / TOKENIZER).is_file():
-        from lmforge.tokenizer import load_tokenizer
-
         tok = load_tokenizer(path / TOKENIZER)
     return Checkpoint(path=path, config=config, meta=meta, trainer_state=state, tokenizer=tok)
 
 
 # --- find ----------------------------------------------------------------------------------------
-
-def list_checkpoints(ckpt_root: str | os.PathLike) -> list[Path]:
-    """The ``step_*`` folders under ``ckpt_root``, oldest step first (temp/aside folders excluded)."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(ckpt_root: str | os.PathLike) -> Path | None:
-    """The newest ``step_*`` checkpoint that verifies; corrupt or partial ones are skipped with a warning."""
-    for p in reversed(list_checkpoints(ckpt_root)):
-        try:
-            verify_checkpoint(p)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {p}: {e}", stacklevel=2)
-            continue
-        return p
-    return None
-
 
 def resolve_resume(resume: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | None:
     """Which checkpoint a run resumes from.

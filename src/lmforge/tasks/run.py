@@ -17,13 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from lmforge.config import RunConfig
+from lmforge.config import RunConfig, save_config
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.fsutil import atomic_write
+from lmforge.fsutil import atomic_write, is_disk_full, one_line
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
+from lmforge.tasks.lm import prepare_lm_data
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.callbacks import CurvePlotter
+from lmforge.inspect.curves import CurvePlotter
 from lmforge.train.distributed import DistInfo, barrier, setup, teardown
 from lmforge.train.freeze import apply_trainable
 from lmforge.train.logging import MetricsLogger, save_run_info, truncate_metrics
@@ -36,9 +37,7 @@ def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: lis
         if cfg.task != "pretrain":
             raise ConfigError(f"train.backend: jax trains task: pretrain only; got task: {cfg.task} "
                               f"(use train.backend=torch)")
-        from lmforge.jax.train import run as run_jax
-
-        return run_jax(cfg, say=print_fn)
+        return _run_jax(cfg, progress, print_fn)
     dist = setup(cfg.run.device)
     try:
         summary = _run(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None), callbacks or [])
@@ -46,6 +45,17 @@ def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: lis
         return summary
     finally:
         teardown()
+
+
+def _run_jax(cfg: RunConfig, progress: bool, say) -> dict:
+    """A whole JAX run: the same tokenizer and token store as a PyTorch run, then ``fit_jax``."""
+    from lmforge.jax.train import fit_jax  # the optional extra: imported only for backend=jax
+
+    ctx = TaskContext(cfg=cfg, run_dir=Path(cfg.run.out_dir), dist=DistInfo(), progress=progress, say=say)
+    tokenizer, store = prepare_lm_data(ctx)
+    say(f"data: {store}")
+    save_config(cfg, Path(cfg.run.out_dir) / "config.yaml")
+    return fit_jax(cfg, tokenizer, store, cfg.run.out_dir, say)
 
 
 def _prepare_folder(cfg: RunConfig, run_dir: Path, resume_from: Path | None, dist: DistInfo) -> None:
@@ -71,10 +81,10 @@ def _prepare_folder(cfg: RunConfig, run_dir: Path, resume_from: Path | None, dis
             truncate_metrics(run_dir / "metrics.jsonl", ckpt.verify_checkpoint(resume_from, checksums=False)["step"])
         save_run_info(run_dir, cfg.to_dict())  # config.yaml (written once, here) + run_info.json
     except OSError as e:
-        if ckpt._is_disk_full(e):
-            raise CheckpointError(f"disk full while preparing run folder {run_dir}: {ckpt._one_line(e)}; "
+        if is_disk_full(e):
+            raise CheckpointError(f"disk full while preparing run folder {run_dir}: {one_line(e)}; "
                                   f"free some space and run again (nothing was lost)") from None
-        raise CheckpointError(f"cannot write to run folder {run_dir}: {ckpt._one_line(e)}") from None
+        raise CheckpointError(f"cannot write to run folder {run_dir}: {one_line(e)}") from None
 
 
 def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -> dict:

@@ -20,7 +20,7 @@ for one). The pipeline sets ``run.out_dir`` (``<out_dir>/<stage name>``), ``run.
 the first stage, ``model.init_from``: the previous stage's run folder (its best checkpoint, else
 its newest) or, with ``init: last``, its final checkpoint.
 
-:func:`run_pipeline` calls the one run function (:func:`lmforge.train.run.run`) per stage. A
+:func:`run_pipeline` calls the one run function (:func:`lmforge.tasks.run.run`) per stage. A
 finished stage leaves ``stage_done.json`` (written atomically, with its summary) and is skipped
 on the next invocation, so an interrupted pipeline resumes stage by stage: the stage that was
 cut off continues from its checkpoint (``train.resume: auto``). A stage that follows one trained
@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lmforge.config import RunConfig, config_from_dict, merge, parse_overrides, read_yaml
+from lmforge.config import RunConfig, merge, parse_overrides, read_yaml
+
+from lmforge.tasks import config_from_dict
 from lmforge.errors import ConfigError
 
 __all__ = ["Stage", "Pipeline", "is_pipeline", "load_pipeline", "run_pipeline", "format_plan",
@@ -268,14 +270,14 @@ def _write_done(stage: Stage, summary: dict) -> None:
 
 def run_pipeline(pipe: Pipeline, *, progress: bool = True, print_fn: Callable = print,
                  stage_callbacks: dict[str, list] | None = None) -> dict:
-    """Run every stage not finished earlier, in order, through :func:`lmforge.train.run.run`.
+    """Run every stage not finished earlier, in order, through :func:`lmforge.tasks.run.run`.
 
     Returns ``{"stages": {name: summary}, "ran": [...], "skipped": [...], "stopped_early",
     "stage" (the last stage that ran or stopped), "steps", "report"}`` plus the last stage's
     ``reports`` (classification results) when it has them. ``stage_callbacks`` gives extra
     trainer callbacks to named stages (tests stop a stage half-way with it).
     """
-    from lmforge.train.run import run
+    from lmforge.tasks.run import run
 
     say = print_fn if _is_main() else (lambda *a, **k: None)
     summaries: dict[str, dict] = {}
