@@ -357,16 +357,6 @@ def test_report_bad_input(tok, tmp_path):
     assert report_after_run(tmp_path, enabled=False, say=said.append) is None and len(said) == 1
 
 
-def test_run_folder_resolves_to_its_best_checkpoint(tok, tmp_path):
-    run = _tiny_run(tmp_path / "run", tok, _model())
-    folder, note = common.resolve_model_path(run)
-    assert folder == run / "checkpoints" / "best" and "best checkpoint" in note
-    assert common.resolve_model_path(folder) == (folder, None)
-    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match="without a usable checkpoint"):
-        common.resolve_model_path(tmp_path / "empty")
-
-
 def test_head_patterns_of_known_maps():
     from lmforge.inspect.attention_maps import AttentionMaps, head_patterns
 

@@ -59,10 +59,10 @@ def _one_line_error(rc, err, *needles):
 
 
 def test_inspect_attention_writes_grid_layers_and_html(folders, tmp_path, capsys):
-    rc, out, _ = _run(capsys, "inspect", "attention", "--model", folders / "run", "--text", "to be, or not to be",
-                      "--out", tmp_path, "--heads", "1")
+    rc, out, err = _run(capsys, "inspect", "attention", "--model", folders / "run", "--text", "to be, or not to be",
+                        "--out", tmp_path, "--heads", "1")
     assert rc == 0
-    assert "run folder: using its best checkpoint" in out
+    assert "is a run folder; using its best checkpoint" in err
     for name in ("attention.png", "attention_layer0.png", "attention_layer1.png", "attention.html"):
         assert (tmp_path / name).stat().st_size > 500, name
 

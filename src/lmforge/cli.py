@@ -63,22 +63,12 @@ def _train_stages(args) -> int:
     return 0
 
 
-def _load_for_inference(path: str, device: str):
-    """Model + tokenizer (+ the run config it was trained with, {} for other folders)."""
-    from lmforge import from_pretrained
-    from lmforge.device import resolve_device
-    from lmforge.errors import CheckpointError
+def _load_for_inference(path: str, device: str, quantize: str = "none", verb: str | None = None):
+    """Model, tokenizer and the run config it was trained with ({} for other folders), from any
+    name ``lmforge.store`` resolves; ``verb`` names who needs the tokenizer."""
+    from lmforge.store import load_for_inference
 
-    dev = resolve_device(device, key="--device")
-    p = _model_path(path)
-    model, tok = from_pretrained(p, device=dev, with_tokenizer=True)
-    if tok is None:
-        raise CheckpointError(f"{path}: no tokenizer.json beside the weights; the model's tokenizer is needed")
-    run_config = {}
-    if (p / "config.yaml").is_file():
-        from lmforge.store import read_config
-
-        run_config = read_config(p)
+    model, tok, run_config, _ = load_for_inference(path, device, quantize=quantize, need_tokenizer=verb)
     return model, tok, run_config
 
 
@@ -90,57 +80,19 @@ def _positive(name: str, value) -> None:
 
 
 def cmd_eval(args) -> int:
-    from lmforge.data.sources import SourceSpec
+    from lmforge.numbers import metrics_json
+    from lmforge.tasks import EvalRequest, evaluate
 
     for name in ("context", "max_batches", "batch_size", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    model, tok, run_config = _load_for_inference(args.model, args.device)
-    if model.config.num_classes:
-        return _eval_classifier(args, model, tok, run_config)
-    from lmforge.data.tokens import TokenStore, sequential_windows
-    from lmforge.objectives import CausalLM
-
-    spec = SourceSpec(path=args.data, text_field=args.text_field or "text", limit=args.limit, split=args.split,
-                      doc_separator=args.doc_separator)
-    store = TokenStore.build([spec], tok, args.cache_dir, val_fraction=0.0, progress=not args.quiet)
-    context = args.context or model.config.context_length
-    objective = CausalLM()
-    dev = next(model.parameters()).device
-
-    def batches():
-        for x, y in sequential_windows(store.train, context, args.batch_size, max_batches=args.max_batches,
-                                       split_name=args.data):
-            yield {"input_ids": x.to(dev), "targets": y.to(dev)}
-
-    from lmforge.numbers import metrics_json
-
-    m = objective.evaluate(model, batches())
-    print(metrics_json({"model": str(args.model), "data": args.data, "tokens": int(len(store.train)), **m}))
-    return 0
-
-
-def _eval_classifier(args, model, tok, run_config: dict) -> int:
-    """A classifier on labelled records: the fields default to the ones it was trained with."""
-    from lmforge.data.sources import SourceSpec, iter_records
-    from lmforge.tasks.classify import evaluate_records, saved_options
-
-    opts = saved_options(run_config)
-    src = {}
-    sources = (run_config.get("data") or {}).get("sources") or []
-    if sources and isinstance(sources[0], dict):  # the training file's layout (columns, quoting, format)
-        src = {k: sources[0][k] for k in ("columns", "quoting", "format") if k in sources[0]}
-    if args.columns:
-        src["columns"] = args.columns.split(",")
-    spec = SourceSpec(path=args.data, limit=args.limit, split=args.split, **src)
-    records = list(iter_records(spec))
-    r = evaluate_records(model, tok, records, args.text_field or opts.text_field, args.label_field or opts.label_field,
-                         opts.max_length, args.batch_size)
-    from lmforge.numbers import metrics_json
-
-    out = {"model": str(args.model), "data": args.data, "examples": r["examples"], "loss": r["loss"],
-           "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "per_class": r["per_class"],
-           "labels": r["labels"], "confusion_matrix": r["confusion_matrix"], "truncated": r["truncated"]}
-    print(metrics_json(out))
+    model, tok, run_config = _load_for_inference(args.model, args.device, verb="eval")
+    request = EvalRequest(data=args.data, text_field=args.text_field, label_field=args.label_field,
+                          columns=args.columns.split(",") if args.columns else None, limit=args.limit,
+                          split=args.split, doc_separator=args.doc_separator, cache_dir=args.cache_dir,
+                          context=args.context, batch_size=args.batch_size, max_batches=args.max_batches,
+                          progress=not args.quiet)
+    metrics = evaluate(model, tok, run_config, request)
+    print(metrics_json({"model": str(args.model), "data": args.data, **metrics}))
     return 0
 
 
@@ -150,7 +102,7 @@ def cmd_classify(args) -> int:
 
     if (args.text is None) == (args.input is None):
         raise InputError("classify: give --text TEXT or --input FILE (one text per line), not both or neither")
-    model, tok, run_config = _load_for_inference(args.model, args.device)
+    model, tok, run_config = _load_for_inference(args.model, args.device, verb="classify")
     if not model.config.num_classes:
         raise InputError(f"{args.model}: this model has no classification head (model.num_classes is 0); "
                          f"train one with task: classify")
@@ -171,19 +123,13 @@ def cmd_classify(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lmforge.device import resolve_device
-    from lmforge.errors import CheckpointError
     from lmforge.generate import stream_text
 
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop=list(args.stop or []), context_overflow=args.context_overflow)
     _check_sampling_flags(opts)  # before loading anything
-    device = resolve_device(args.device, key="--device")
-    path = _model_path(args.model)
-    model, tok = _inference_model(path, device, args.quantize)
-    if tok is None:
-        raise CheckpointError(f"{path}: no tokenizer.json beside the weights; generate needs the model's tokenizer")
+    model, tok, _ = _load_for_inference(args.model, args.device, args.quantize, verb="generate")
     prompt = args.prompt
     if args.chat:  # the prompt is one user turn in the model's chat template
         from lmforge.chat import render
@@ -215,42 +161,10 @@ def _check_sampling_flags(opts: dict) -> None:
                                  str(e))) from None
 
 
-def _model_path(target) -> Path:
-    """A run folder becomes its best (else newest) checkpoint, said on stderr."""
-    from lmforge.store import resolve_model_path
-
-    path, note = resolve_model_path(target)
-    if note:
-        print(note, file=sys.stderr)
-    return path
-
-
-def _inference_model(path: Path, device, quantize: str):
-    """The model and tokenizer at ``path`` for generation: with ``quantize`` "fp16" or "int8", LoRA
-    adapters merged and the linear weights stored in fewer bytes (lmforge.model.quantize)."""
-    from lmforge import from_pretrained
-
-    model, tok = from_pretrained(path, device=device, with_tokenizer=True)
-    if quantize != "none":
-        from lmforge.model.lora import has_lora, merge_lora
-        from lmforge.model.quantize import quantize_model
-
-        if has_lora(model):
-            merge_lora(model)
-        quantize_model(model, quantize)
-    return model, tok
-
-
 def cmd_chat(args) -> int:
     from lmforge.chat_session import ChatSession, run_chat
-    from lmforge.errors import CheckpointError
 
-    from lmforge.device import resolve_device
-
-    model, tok = _inference_model(_model_path(args.model), resolve_device(args.device, key="--device"),
-                                  args.quantize)
-    if tok is None:
-        raise CheckpointError(f"{args.model}: no tokenizer.json beside the weights; chat needs the model's tokenizer")
+    model, tok, _ = _load_for_inference(args.model, args.device, args.quantize, verb="chat")
     session = ChatSession(model, tok, system=args.system, context=args.context, temperature=args.temperature,
                           top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     for name in ("temperature", "top_p", "max_tokens"):  # checked like the interactive commands
@@ -283,11 +197,13 @@ def cmd_info(args) -> int:
         with torch.device("meta"):
             model = build(mc)
     elif path.exists():
-        from lmforge import from_pretrained
+        from lmforge.store import checkpoint_facts, from_pretrained, resolve_model_path
 
-        path = _model_path(path)
+        path, note = resolve_model_path(path)
+        if note:
+            print(note, file=sys.stderr)
         model = from_pretrained(path)
-        trained = _checkpoint_facts(path)
+        trained = checkpoint_facts(path)
     else:
         from lmforge.errors import ConfigError
 
@@ -314,44 +230,6 @@ def cmd_info(args) -> int:
     for k, v in c.items():
         print(f"    {k}: {v}")
     return 0
-
-
-def _checkpoint_facts(folder: Path) -> dict | None:
-    """Step, metrics and the run's best metric of a training checkpoint (from the meta.json files
-    of it and of its sibling ``best``), or None for a plain model folder: ``{"step": 1400,
-    "metrics": {"loss": 0.51}, "best_metric": "val_loss", "best": 0.47, "best_step": 1200}``."""
-    meta = _read_meta(folder)
-    if meta is None:
-        return None
-    numbers = lambda m: {k: v for k, v in m.items() if isinstance(v, (int, float))}  # noqa: E731
-    facts: dict = {"step": meta["step"], "metrics": numbers(meta.get("metrics") or {})}
-    name = _best_metric_name(folder)
-    best = meta if folder.name == "best" else _read_meta(folder.parent / "best")
-    if name and best is not None and name in (best.get("metrics") or {}):
-        facts.update(best_metric=name, best=best["metrics"][name], best_step=best["step"])
-    return facts
-
-
-def _read_meta(folder: Path) -> dict | None:
-    try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("metrics", {}), dict)
-    return meta if ok else None
-
-
-def _best_metric_name(folder: Path) -> str | None:
-    """``train.best_metric`` of the run config saved in the checkpoint (None if absent)."""
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    train = cfg.get("train") if isinstance(cfg, dict) else None
-    name = train.get("best_metric", "val_loss") if isinstance(train, dict) else None
-    return name if isinstance(name, str) else None
 
 
 def cmd_tokenizer(args) -> int:
@@ -382,7 +260,6 @@ def _check_output_file(out: Path) -> None:
 
 
 def cmd_export(args) -> int:
-    from lmforge import from_pretrained
     from lmforge.interop.hf import export_hf
 
     out = Path(args.out)
@@ -391,7 +268,7 @@ def cmd_export(args) -> int:
             from lmforge.errors import InputError
 
             raise InputError(f"--out {out}: {p} is a file; expected a folder (new or existing) to write into")
-    model, tok = from_pretrained(_model_path(args.model), with_tokenizer=True)
+    model, tok, _ = _load_for_inference(args.model, "cpu")
     export_hf(model, out, tokenizer=tok)
     print(f"wrote {out} (Hugging Face format: config.json, model.safetensors"
           f"{', tokenizer.json, tokenizer_config.json' if tok is not None else ''})")

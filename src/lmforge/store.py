@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from lmforge.device import resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.fsutil import publish_folder, sha256_file
 from lmforge.model import ModelConfig, build
@@ -262,7 +263,9 @@ def load_for_inference(path, device="cpu", quantize: str = "none", need_tokenize
     """``(model, tokenizer, run config, folder)`` for the verbs that use a trained model (eval,
     classify, generate, chat, serve): the note on a run folder goes to stderr; with ``quantize``
     ("fp16", "int8") LoRA adapters are merged and the linear weights stored in fewer bytes;
-    ``need_tokenizer`` names the verb that cannot work without the tokenizer."""
+    ``need_tokenizer`` names the verb that cannot work without the tokenizer. ``device`` may be
+    "auto", "cpu", "cuda[:N]" or a torch.device."""
+    device = resolve_device(device, key="--device")
     folder, note = resolve_model_path(path)
     if note:
         print(note, file=sys.stderr)
@@ -339,9 +342,13 @@ def read_meta(folder: str | os.PathLike) -> dict | None:
 
 def is_complete(ckpt: str | os.PathLike) -> bool:
     """A finished save: its meta.json is valid and every listed file has its size (no checksums:
-    the loader verifies those)."""
-    if not Path(ckpt).is_dir():
+    the loader verifies those); or a model folder (``save_model``, published whole) with its
+    weights and config and no trainer state."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
         return False
+    if not (ckpt / META).exists() and not (ckpt / TRAINER_STATE).exists():
+        return (ckpt / WEIGHTS).is_file() and (ckpt / CONFIG).is_file()
     try:
         verify_checkpoint(ckpt, checksums=False)
     except CheckpointError:

@@ -11,6 +11,14 @@ from lmforge.errors import InputError
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+def _load(path, device: str, need_tokenizer: str | None = None):
+    """(model, tokenizer) from any name ``lmforge.store`` knows (a run folder: its best checkpoint)."""
+    from lmforge.store import load_for_inference  # when the verb runs: the CLI's parser imports this module
+
+    model, tok, _, _ = load_for_inference(path, device, need_tokenizer=need_tokenizer)
+    return model, tok
+
 def _text(args) -> str:
     if args.text is not None and args.file is not None:
         raise InputError("give --text or --file, not both")
@@ -41,9 +49,9 @@ def _wrote(paths) -> None:
 def inspect_attention(args) -> int:
     from lmforge.inspect.attention_maps import (attention, attention_html, head_patterns, plot_attention_grid,
                                                 plot_attention_layer)
-    from lmforge.inspect.common import load_model_or_run, parse_indices
+    from lmforge.inspect.common import parse_indices
 
-    model, tok = load_model_or_run(args.model, args.device)
+    model, tok = _load(args.model, args.device, need_tokenizer="inspect")
     maps = attention(model, tok, _text(args), parse_indices(args.layers), parse_indices(args.heads))
     T = len(maps.ids)
     if T > args.window or args.start:
@@ -65,10 +73,9 @@ def inspect_attention(args) -> int:
 
 def inspect_weights(args) -> int:
     from lmforge import inspect as I
-    from lmforge.inspect.common import load_model_or_run
     from lmforge.inspect.weights import write_json
 
-    model, _ = load_model_or_run(args.model, args.device, need_tokenizer=False)
+    model, _ = _load(args.model, args.device)
     out = _out(args)
     records = I.weight_stats(model)
     paths = [write_json(records, out / "weights.json"), I.plot_weight_stats(records, out / "weights_stats.png"),
@@ -79,7 +86,7 @@ def inspect_weights(args) -> int:
         print(f"{r['name']:44s} {shape:>13s} {r['spectral_norm']:9.3f} {r['frobenius_norm']:9.3f} "
               f"{r['effective_rank']:8.1f}")
     if args.against:
-        other, _ = load_model_or_run(args.against, args.device, need_tokenizer=False)
+        other, _ = _load(args.against, args.device)
         change = I.compare_weights(model, other)
         paths += [write_json(change, out / "weights_change.json"),
                   I.plot_weight_change(change, out / "weights_change.png",
@@ -91,11 +98,10 @@ def inspect_weights(args) -> int:
 
 
 def inspect_lens(args) -> int:
-    from lmforge.inspect.common import load_model_or_run
     from lmforge.inspect.lens import logit_lens, plot_lens, plot_top_tokens
     from lmforge.inspect.weights import write_json
 
-    model, tok = load_model_or_run(args.model, args.device)
+    model, tok = _load(args.model, args.device, need_tokenizer="inspect")
     lens = logit_lens(model, tok, _text(args), k=args.top_k, window=args.window)
     if len(lens.positions) < (lens.total - 1 if model.config.arch == "decoder" else lens.total):
         print(f"the text has {lens.total} tokens: showing the last {len(lens.positions)} positions (--window)")
@@ -113,11 +119,10 @@ def inspect_lens(args) -> int:
 
 
 def inspect_tokens(args) -> int:
-    from lmforge.inspect.common import load_model_or_run
     from lmforge.inspect.tokens import chat_ids, prompt_response_ids, to_terminal, token_html, token_losses
     from lmforge.inspect.weights import write_json
 
-    model, tok = load_model_or_run(args.model, args.device)
+    model, tok = _load(args.model, args.device, need_tokenizer="inspect")
     if args.messages:
         if args.prompt is not None or args.text is not None or args.file is not None:
             raise InputError("--messages stands alone: do not combine it with --prompt, --text or --file")

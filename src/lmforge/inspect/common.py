@@ -1,8 +1,8 @@
 """Shared pieces of the inspection tools: finding a model, encoding a text, labelling tokens,
 and drawing/saving figures without pyplot.
 
-Every tool works on an lmforge model (decoder, encoder, imported weights) and its tokenizer;
-``load_model_or_run`` also accepts a run folder and picks its best (or newest) checkpoint.
+Every tool works on an lmforge model (decoder, encoder, imported weights) and its tokenizer, as
+``lmforge.store`` loads it from any name (a run folder gives its best, else newest, checkpoint).
 """
 
 from __future__ import annotations
@@ -14,46 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmforge.errors import CheckpointError, InputError
+from lmforge.errors import InputError
 from lmforge.fsutil import atomic_write
 
 
 # ----------------------------------------------------------------------------------- models
-def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
-    """``path`` itself when it is a model/checkpoint folder; for a run folder (one with a
-    ``checkpoints/`` folder) its ``checkpoints/best``, else its newest verified checkpoint.
-    Returns the folder and, for a run folder, a note saying which checkpoint was taken."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or folder; expected a model folder, a checkpoint or a run folder")
-    root = p / "checkpoints"
-    is_run = p.is_dir() and not (p / "model.safetensors").is_file() and (
-        root.is_dir() or (p / "metrics.jsonl").is_file())
-    if is_run:
-        if (root / "best" / "model.safetensors").is_file():
-            return root / "best", f"{p} is a run folder: using its best checkpoint {root / 'best'}"
-        from lmforge.train.checkpoint import latest_checkpoint
-
-        latest = latest_checkpoint(root)
-        if latest is None:
-            raise CheckpointError(f"{p}: run folder without a usable checkpoint in {root}")
-        return latest, f"{p} is a run folder without a best checkpoint: using the newest, {latest}"
-    return p, None
-
-
-def load_model_or_run(path: str | os.PathLike, device: str = "cpu", say=print, need_tokenizer: bool = True):
-    """(model, tokenizer) from a model folder, a checkpoint, a Hugging Face folder or a run folder."""
-    from lmforge import from_pretrained
-
-    folder, note = resolve_model_path(path)
-    if note:
-        say(note)
-    model, tok = from_pretrained(folder, device=device, with_tokenizer=True)
-    if tok is None and need_tokenizer:
-        raise CheckpointError(f"{folder}: no tokenizer.json beside the weights; inspecting a text needs the tokenizer")
-    return model, tok
-
-
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention layers of ``model`` in order (one per block); a model without any (bigram)
     is an InputError."""

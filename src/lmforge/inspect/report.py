@@ -24,6 +24,7 @@ from typing import Any
 from lmforge.errors import DataError, LMForgeError
 from lmforge.fsutil import atomic_write
 from lmforge.inspect.common import new_figure
+from lmforge.store import from_pretrained, resolve_model_path
 
 REPORT_FILE = "report.html"
 SAMPLES_FILE = "samples.jsonl"
@@ -157,13 +158,12 @@ def _sample_text(run_dir: Path, cfg: dict, tokenizer, n_tokens: int) -> str:
 
 def _model_section(run_dir: Path, cfg: dict, text: str | None, tmp: Path) -> tuple[str, list[str]]:
     """HTML of the checkpoint's attention and weight plots (and notes on what was skipped)."""
-    from lmforge.inspect.common import load_model_or_run, resolve_model_path
     from lmforge.inspect import weights as W
 
     notes: list[str] = []
     try:
         folder, _ = resolve_model_path(run_dir)
-        model, tok = load_model_or_run(folder, say=lambda *_: None)
+        model, tok = from_pretrained(folder, with_tokenizer=True)
     except LMForgeError as e:
         return "", [f"no checkpoint plots: {e}"]
     parts = [f"<p>checkpoint: <code>{html.escape(str(folder))}</code></p>"]

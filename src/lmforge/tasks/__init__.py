@@ -41,7 +41,26 @@ class Task:
     options: type  # dataclass of the task's ``objective:`` options
     build: Callable  # (TaskContext) -> TaskParts
     check: Callable = field(default=lambda cfg: [])  # (RunConfig) -> problems, after the options validated
-    for_eval: Callable | None = None  # (model, tokenizer, run config, args) -> metrics: ``lmforge eval``
+    for_eval: Callable | None = None  # (model, tokenizer, run config, EvalRequest) -> metrics: ``lmforge eval``
+
+
+@dataclass
+class EvalRequest:
+    """What ``lmforge eval`` asks of a trained model: data to score it on, and how to read it.
+    Fields a task does not use are ignored (an LM reads texts, a classifier labelled records)."""
+
+    data: str  # a file, folder, glob, builtin:NAME or hf:NAME
+    text_field: str | None = None  # None: the field the model was trained with ("text" for an LM)
+    label_field: str | None = None
+    columns: list[str] | None = None  # names of a headerless CSV/TSV's columns
+    limit: int | None = None
+    split: str | None = None
+    doc_separator: str | None = None
+    cache_dir: str | None = None  # where an LM's token store is cached
+    context: int | None = None  # LM windows (default: the model's context)
+    batch_size: int = 8
+    max_batches: int | None = None
+    progress: bool = True
 
 
 def get_task(name: str) -> Task:
@@ -49,6 +68,13 @@ def get_task(name: str) -> Task:
         raise ConfigError(f"task: got {name!r}, expected one of {', '.join(TASKS)}")
     module, attr = TASKS[name].split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def evaluate(model, tokenizer, run_config: dict, request: EvalRequest) -> dict:
+    """``lmforge eval``: the task that fits the model scores it (a classifier: ``classify``'s
+    accuracy, F1 and confusion; any other model: ``pretrain``'s loss and perplexity)."""
+    task = get_task("classify" if model.config.num_classes else "pretrain")
+    return task.for_eval(model, tokenizer, run_config, request)
 
 
 # ------------------------------------------------------------------------------ whole recipes

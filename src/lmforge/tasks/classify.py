@@ -10,6 +10,7 @@ validation and test splits with per-class precision/recall and the confusion mat
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -211,6 +212,26 @@ def classify_texts(model, tokenizer, texts: list[str], max_length: int, batch_si
     return out
 
 
+def eval_classifier(model, tokenizer, run_config: dict, req) -> dict:
+    """A classifier scored on the labelled records of ``req.data`` (``lmforge eval``): the fields
+    default to the ones it was trained with; a file of the training file's kind (same extension)
+    is read with its layout (columns, quoting, format), any other by its own extension."""
+    opts = saved_options(run_config)
+    src = {}
+    sources = (run_config.get("data") or {}).get("sources") or []
+    trained_on = sources[0] if sources and isinstance(sources[0], dict) else {}
+    if Path(str(trained_on.get("path", ""))).suffix.lower() == Path(req.data).suffix.lower():
+        src = {k: trained_on[k] for k in ("columns", "quoting", "format") if k in trained_on}
+    if req.columns:
+        src["columns"] = list(req.columns)
+    records = list(iter_records(SourceSpec(path=req.data, limit=req.limit, split=req.split, **src)))
+    r = evaluate_records(model, tokenizer, records, req.text_field or opts.text_field,
+                         req.label_field or opts.label_field, opts.max_length, req.batch_size)
+    return {"examples": r["examples"], "loss": r["loss"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+            "per_class": r["per_class"], "labels": r["labels"], "confusion_matrix": r["confusion_matrix"],
+            "truncated": r["truncated"]}
+
+
 def saved_options(run_config: dict) -> ClassifyOptions:
     """The classify options a checkpoint was trained with (defaults where absent)."""
     raw = dict(run_config.get("objective") or {})
@@ -219,4 +240,4 @@ def saved_options(run_config: dict) -> ClassifyOptions:
 
 
 CLASSIFY = Task("classify", "text classification: a label per text, head over pooled hidden states",
-                ClassifyOptions, _build, _check)
+                ClassifyOptions, _build, _check, for_eval=eval_classifier)

@@ -12,7 +12,7 @@ import torch
 
 from lmforge.config import RunConfig
 from lmforge.data.sampler import StepSampler
-from lmforge.data.sources import iter_documents
+from lmforge.data.sources import SourceSpec, iter_documents
 from lmforge.data.tokens import TokenStore, check_fits, sequential_windows
 from lmforge.errors import ConfigError
 from lmforge.model import count_parameters, flops_per_token
@@ -183,8 +183,25 @@ def _check_mlm(cfg: RunConfig) -> list[str]:
     return p
 
 
+def eval_lm(model, tokenizer, run_config: dict, req) -> dict:
+    """Loss and perplexity of a causal LM on ``req.data`` (``lmforge eval``), over consecutive
+    windows of the model's context (or ``req.context``)."""
+    spec = SourceSpec(path=req.data, text_field=req.text_field or "text", limit=req.limit, split=req.split,
+                      doc_separator=req.doc_separator)
+    store = TokenStore.build([spec], tokenizer, req.cache_dir, val_fraction=0.0, progress=req.progress)
+    context = req.context or model.config.context_length
+    device = next(model.parameters()).device
+
+    def batches():
+        for x, y in sequential_windows(store.train, context, req.batch_size, max_batches=req.max_batches,
+                                       split_name=req.data):
+            yield {"input_ids": x.to(device), "targets": y.to(device)}
+
+    return {"tokens": int(len(store.train)), **CausalLM().evaluate(model, batches())}
+
+
 PRETRAIN = Task("pretrain", "causal language modelling (next-token prediction) on a token stream",
-                PretrainOptions, lambda ctx: _build_lm(ctx, masked=False), _check_lm)
+                PretrainOptions, lambda ctx: _build_lm(ctx, masked=False), _check_lm, for_eval=eval_lm)
 MLM = Task("mlm", "masked language modelling (BERT) on a token stream", MLMOptions,
            lambda ctx: _build_lm(ctx, masked=True), _check_mlm)
 
