@@ -35,7 +35,8 @@ from _common import prepare  # noqa: E402
 import lmforge  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.model.lora import adapters_disabled  # noqa: E402
-from lmforge.objectives.dpo import DPO, DPOOptions, precompute_reference  # noqa: E402
+from lmforge.objectives.dpo import DPO  # noqa: E402
+from lmforge.tasks.dpo import DPOOptions, precompute_reference  # noqa: E402
 from lmforge.tasks.dpo import EncodedPairs, fixed_batches, source_pairs, split_for_run  # noqa: E402
 from lmforge.tasks.sft import greedy_answers  # noqa: E402
 from lmforge.data.sources import SourceSpec  # noqa: E402
@@ -108,7 +109,7 @@ def main() -> int:
     model, tok = lmforge.from_pretrained(run_dir, with_tokenizer=True)
     cfg = load_config(RECIPE, [f"run.out_dir={run_dir}"])
     o = cfg.objective
-    objective = DPO(o)
+    objective = DPO(o.loss_type, o.beta, o.label_smoothing, o.gamma, o.average_logps)
     beta = o.beta
 
     # ---- HH-RLHF, before (adapters off) and after

@@ -31,8 +31,7 @@ from _common import prepare  # noqa: E402
 
 from lmforge import from_pretrained  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
-from lmforge.objectives.grpo import GRPO, eval_batches  # noqa: E402
-from lmforge.objectives.rewards import build_rewards  # noqa: E402
+from lmforge.tasks.grpo import evaluate_prompts, held_out_batches  # noqa: E402
 from lmforge.tasks.common import resolve_init_path  # noqa: E402
 from lmforge.tasks.grpo import split_for_run  # noqa: E402
 from lmforge.tasks.run import run  # noqa: E402
@@ -62,9 +61,8 @@ def held_out_scores(grpo_cfg, model_path: str, k: int) -> dict:
     """Greedy exact match and pass@k (sampled at the recipe's temperature) on the held-out prompts."""
     held = split_for_run(grpo_cfg)["val"]
     model, tok = from_pretrained(resolve_init_path(model_path), with_tokenizer=True)
-    objective = GRPO(grpo_cfg.objective, build_rewards(grpo_cfg.objective.rewards), tok)
     torch.manual_seed(0)
-    m = objective.evaluate(model.eval(), eval_batches(held, tok, 100)())
+    m = evaluate_prompts(model, held_out_batches(held, tok, 100)(), grpo_cfg.objective, tok)
     return {"greedy_exact_match": m["exact_match"], f"pass_at_{k}": m[f"pass_at_{k}"],
             "completion_length": m["completion_length"], "prompts": len(held)}
 

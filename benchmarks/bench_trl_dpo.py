@@ -80,7 +80,7 @@ def pairs_in_order(args, cfg):
 def lmforge_ids(texts):
     """Token ids lmforge feeds (prompt, chosen + eos, rejected + eos) for each pair."""
     from lmforge.interop.gguf import _reader, read_metadata, tokenizer_from_gguf
-    from lmforge.objectives.logprobs import tokenize_pair
+    from lmforge.tasks.dpo import tokenize_pair
     from lmforge.tasks.common import resolve_init_path
 
     tok = tokenizer_from_gguf(read_metadata(_reader(resolve_init_path(SMOLLM2_INIT))))

@@ -170,7 +170,7 @@ def same_rollouts(args, records: list[dict], model, tok) -> dict:
     """The step-0 prompts with K completions each: a correct final answer, a wrong one, and K-2
     sampled from ``model``; lmforge's rollout rows, rewards, advantages."""
     from lmforge.generate import generate
-    from lmforge.objectives.grpo import rollout_rows, sampling
+    from lmforge.tasks.grpo import rollout_rows, sampling
     from lmforge.objectives.grpo_math import group_advantages
     from lmforge.objectives.rewards import build_rewards
 
@@ -202,9 +202,9 @@ def lmforge_loss(roll: dict, model, tok) -> dict:
     from lmforge.model.lora import LoraLinear
     from lmforge.objectives.grpo import GRPO
     from lmforge.objectives.logprobs import completion_logprobs
-    from lmforge.objectives.rewards import build_rewards
 
-    obj = GRPO(roll["options"], build_rewards(["exact_match"]), tok)
+    o = roll["options"]
+    obj = GRPO(o.loss_type, o.epsilon_low, o.epsilon_high, o.beta, o.max_completion_length, o.mask_truncated)
     obj.setup(model, torch.device("cpu"))
     model.train()
     batch = roll["batch"]

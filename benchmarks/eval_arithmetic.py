@@ -22,8 +22,7 @@ import torch
 
 from lmforge import from_pretrained
 from lmforge.tasks import load_config
-from lmforge.objectives.grpo import GRPO, eval_batches
-from lmforge.objectives.rewards import build_rewards
+from lmforge.tasks.grpo import evaluate_prompts, held_out_batches
 from lmforge.tasks.common import resolve_init_path
 from lmforge.tasks.grpo import split_for_run
 
@@ -44,9 +43,8 @@ def main(argv=None) -> int:
     rows = {}
     for name in args.model:
         model, tok = from_pretrained(resolve_init_path(name), with_tokenizer=True)
-        objective = GRPO(cfg.objective, build_rewards(cfg.objective.rewards), tok)
         t0 = time.time()
-        m = objective.evaluate(model.eval(), eval_batches(held, tok, 100)())
+        m = evaluate_prompts(model, held_out_batches(held, tok, 100)(), cfg.objective, tok)
         rows[name] = {**m, "prompts": len(held), "seconds": round(time.time() - t0, 1)}
         sampled = f"  pass@{args.pass_k} {m[f'pass_at_{args.pass_k}']:.3f}" if args.pass_k else ""
         print(f"{name:32s} greedy exact match {m['exact_match']:.3f}{sampled}  ({len(held)} held-out prompts)")

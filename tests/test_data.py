@@ -184,8 +184,8 @@ def test_builtin_arithmetic_difficulty_options_reach_every_reader():
     """ops / max_operand pick the difficulty of the pretraining text, the GRPO prompts and the
     DPO pairs alike; unset, they keep the generator's defaults."""
     from lmforge.data.builtin_tasks import arithmetic_preference_pairs
-    from lmforge.objectives.grpo import GRPOOptions
-    from lmforge.objectives.dpo import DPOOptions
+    from lmforge.tasks.grpo import GRPOOptions
+    from lmforge.tasks.dpo import DPOOptions
     from lmforge.tasks.dpo import source_pairs
     from lmforge.tasks.grpo import source_records
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from lmforge.data.formats import (balance_records, collate_classification, encode_classification, label_set,
-                                  split_records)
+from lmforge.data.splits import balance_records, label_set, split_records
+from lmforge.tasks.classify import collate_classification, encode_classification
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_documents, iter_records
 from lmforge.errors import DataError

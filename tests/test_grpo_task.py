@@ -14,7 +14,7 @@ import torch
 
 from lmforge.tasks import config_from_dict
 from lmforge.errors import ConfigError, DataError
-from lmforge.objectives.grpo import rollout_rows
+from lmforge.tasks.grpo import rollout_rows
 from lmforge.objectives.logprobs import model_completion_logprobs
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
@@ -90,7 +90,7 @@ def test_rollouts_are_groups_of_k_seeded_by_step(grpo_dict):
 
 def test_chat_template_wraps_each_prompt_as_one_user_turn():
     from lmforge.chat import LMFORGE_TEMPLATE, render
-    from lmforge.objectives.grpo import GRPOOptions
+    from lmforge.tasks.grpo import GRPOOptions
     from lmforge.tasks.grpo import render_prompts
     from lmforge.tokenizer import ByteTokenizer
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from lmforge.errors import CheckpointError, DataError, InputError
+from lmforge.errors import DataError, InputError
 from lmforge.inspect import common
 from lmforge.inspect.attention_maps import (attention, attention_html, plot_attention_grid, plot_attention_layer,
                                             record_attention)

@@ -11,9 +11,9 @@ import torch
 from lmforge.errors import DataError, InputError
 from lmforge.model import ModelConfig, build
 from lmforge.objectives.logprobs import (
-    completion_logprobs, model_completion_logprobs, preference_collate, sequence_logprobs, split_chosen_rejected,
-    token_logprobs, tokenize_pair,
+    completion_logprobs, model_completion_logprobs, sequence_logprobs, split_chosen_rejected, token_logprobs,
 )
+from lmforge.tasks.dpo import preference_collate, tokenize_pair
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is only an oracle here
 

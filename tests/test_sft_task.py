@@ -85,7 +85,7 @@ def test_exact_resume_for_sft(sft_dict):
 
 
 def test_ordered_split_is_the_books_layout(sft_dict, tmp_path):
-    from lmforge.data.formats import ordered_split
+    from lmforge.data.splits import ordered_split
     from lmforge.tasks.sft import _splits
 
     recs = [{"i": i} for i in range(1100)]

@@ -188,10 +188,18 @@ def iter_records(spec: SourceSpec) -> Iterator[dict[str, Any]]:
         raise DataError(f"{spec.path}: no records found (empty file, or a header row only)")
 
 
+def read_records(specs: list[SourceSpec] | None) -> list[dict]:
+    """Every record of every source, in order."""
+    out: list[dict] = []
+    for spec in specs or []:
+        out.extend(iter_records(spec))
+    return out
+
+
 def _part(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     """The records of one part of a seeded (stratified) split: the same split a classification
     run makes with run.seed = part_seed and data.val_fraction/test_fraction = part_split."""
-    from lmforge.data.formats import record_label, split_records
+    from lmforge.data.splits import record_label, split_records
 
     whole = dataclasses.replace(spec, part=None, limit=None)
     records = list(iter_records(whole))

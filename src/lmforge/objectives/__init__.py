@@ -1,25 +1,30 @@
 """Objectives: how a batch becomes a loss. The trainer knows nothing else about the method.
 
-An objective implements::
+Every objective implements the protocol of :class:`~lmforge.objectives.base.Objective` (the
+trainer calls ``setup``, ``loss``, ``targets_in``, ``tokens_in`` and, for validation unless the
+task gives its own evaluation, ``evaluate``). An objective takes tensors and plain arguments: it
+knows nothing of recipes, run folders or logging; the task that builds it (``lmforge.tasks``)
+owns its options, data, batches and reports.
 
-    collate(windows, generator) -> batch      # raw token windows (B, T+1) -> model inputs/targets
-    loss(model, batch) -> (loss, metrics)      # scalar tensor to minimise + floats to log
-    evaluate(model, batches) -> metrics        # averaged over validation batches
+======================  ======================================  ==========================
+objective               loss                                    built by task
+======================  ======================================  ==========================
+``CausalLM``            next-token cross-entropy                pretrain, sft
+``MaskedLM``            BERT's masked-token cross-entropy       mlm
+``Classification``      (weighted) cross-entropy of a head      classify
+``DPO``                 the preference losses (DPO family)      dpo
+``GRPO``                group-relative clipped surrogate        grpo
+======================  ======================================  ==========================
 
-Later objectives (classification, SFT, DPO, GRPO) implement the same three methods.
+The maths they share sits in plain functions with their own tests: ``logprobs`` (log-probs of
+given completions), ``preference_losses``, ``grpo_math``, ``rewards`` and ``metrics``.
 """
 
 from lmforge.objectives.base import Objective
 from lmforge.objectives.causal_lm import CausalLM
+from lmforge.objectives.classification import Classification
+from lmforge.objectives.dpo import DPO
+from lmforge.objectives.grpo import GRPO
 from lmforge.objectives.masked_lm import MaskedLM
 
-__all__ = ["Objective", "CausalLM", "MaskedLM", "make_objective"]
-
-
-def make_objective(name: str, **kwargs) -> Objective:
-    from lmforge.errors import ConfigError
-
-    table = {"causal_lm": CausalLM, "masked_lm": MaskedLM}
-    if name not in table:
-        raise ConfigError(f"objective.name: got {name!r}, expected one of {', '.join(table)}")
-    return table[name](**kwargs)
+__all__ = ["Objective", "CausalLM", "MaskedLM", "Classification", "DPO", "GRPO"]

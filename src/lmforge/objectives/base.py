@@ -1,15 +1,20 @@
-"""The Objective base: the contract between the trainer and a method.
+"""The Objective protocol: the contract between the trainer (``lmforge.train.trainer``) and a method.
 
-The trainer calls, per optimizer step and micro-batch::
+What the trainer calls, and when::
 
-    objective.loss(model, batch) -> (loss, metrics)   # loss: the MEAN over the batch's targets
+    objective.setup(model, device)                    # once, before the first step
+    objective.loss(model, batch) -> (loss, metrics)   # per micro-batch: loss is the MEAN over its targets
     objective.targets_in(batch) -> int|float          # how many targets that mean is over
+    objective.tokens_in(batch) -> int                 # tokens the model ran (throughput, MFU)
+    objective.evaluate(model, batches) -> metrics     # validation (unless the task gives its own evaluate)
 
 and weights each micro-batch's mean by its share of the targets of the whole step (all
 micro-batches, all ranks), so that the step's loss is the mean over the global batch however the
 examples fall into micro-batches (padding and masked labels make them unequal). Around it:
 ``setup(model, device)`` once before training (objectives with state, e.g. a frozen reference
-model, build it there) and ``evaluate(model, batches)`` for validation metrics.
+model, build it there) and ``evaluate(model, batches)`` for validation metrics. The token-stream
+objectives (causal and masked LM) also turn raw windows into model inputs with
+``collate(windows, generator)``, which the LM task's window batches call.
 """
 
 from __future__ import annotations

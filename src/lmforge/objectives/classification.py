@@ -9,27 +9,13 @@ trainer's global normalisation stays exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
 from lmforge.objectives.metrics import classification_metrics, confusion_matrix
 from lmforge.objectives.base import Objective
-
-
-@dataclass
-class ClassifyOptions:
-    """``objective:`` options of ``task: classify``."""
-
-    text_field: str = "text"  # record field holding the text
-    label_field: str = "label"  # record field holding the label (string or integer)
-    labels: list[str] | None = None  # label order (class ids); default: the sorted training labels
-    max_length: int = 128  # tokens per example; longer texts are truncated (and counted)
-    pooling: str | None = None  # mean, cls, last; default: last for decoders, the model's own for encoders
-    class_weights: Any = None  # null, "balanced" (inverse label frequency), or one weight per class
-    label_smoothing: float = 0.0
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,

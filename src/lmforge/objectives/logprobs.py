@@ -1,4 +1,5 @@
-"""Log-probabilities of given tokens under a model's logits, and the preference batch layout.
+"""Log-probabilities of given tokens under a model's logits, and the preference batch layout
+(built by ``lmforge.tasks.dpo.preference_collate``; split again by :func:`split_chosen_rejected`).
 
 Preference learning (DPO and its family) and RL (GRPO) score *given* completions: how likely
 is this answer under the policy, under the reference? A causal LM's logits at position ``t``
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmforge.errors import DataError, InputError
+from lmforge.errors import InputError
 
 __all__ = [
     "token_logprobs",
@@ -31,8 +32,6 @@ __all__ = [
     "completion_logits",
     "batch_completion_logprobs",
     "sequence_logprobs",
-    "tokenize_pair",
-    "preference_collate",
     "split_chosen_rejected",
 ]
 
@@ -185,85 +184,8 @@ def sequence_logprobs(logits: torch.Tensor | None, input_ids: torch.Tensor,
     return total, counts
 
 
-def _check_ids(ids: Sequence[int], what: str, index: int) -> list[int]:
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-        raise InputError(f"preference_collate: pair {index}: {what} must be a list of token ids "
-                         f"(non-negative integers)")
-    return list(ids)
-
-
-def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, add_eos: bool = True
-                  ) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of the prompt and of each completion, each encoded on its own.
-
-    With ``add_eos`` each completion ends with the tokenizer's eos token, so the model also
-    learns (and is scored on) where the answer stops.
-    """
-    return (tokenizer.encode(prompt), tokenizer.encode(chosen, add_eos=add_eos),
-            tokenizer.encode(rejected, add_eos=add_eos))
-
-
-def preference_collate(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
-                       pad_id: int, max_length: int | None = None) -> dict:
-    """Stack ``B`` (prompt, chosen, rejected) token-id lists into one right-padded batch.
-
-    Row ``i`` is ``prompt_i + chosen_i`` and row ``B + i`` is ``prompt_i + rejected_i``.
-    Returns ``input_ids`` (2B, T), ``attention_mask`` (2B, T) (1 on real tokens),
-    ``completion_mask`` (2B, T) (1 on completion tokens only: prompt and padding are 0),
-    ``prompt_lengths`` (2B,) and ``truncated`` (how many completions were cut).
-
-    With ``max_length``, a completion that does not fit after its prompt is cut at the end; a
-    prompt that leaves no room for one completion token is an error naming the pair.
-    """
-    if len(pairs) == 0:
-        raise InputError("preference_collate: got no pairs; expected at least one")
-    prompts, completions = [], []
-    for i, pair in enumerate(pairs):
-        if len(pair) != 3:
-            raise InputError(f"preference_collate: pair {i} has {len(pair)} parts; expected "
-                             f"(prompt, chosen, rejected) token-id lists")
-        prompt = _check_ids(pair[0], "the prompt", i)
-        chosen = _check_ids(pair[1], "the chosen completion", i)
-        rejected = _check_ids(pair[2], "the rejected completion", i)
-        if not chosen or not rejected:
-            which = "chosen" if not chosen else "rejected"
-            raise DataError(f"preference_collate: pair {i}: the {which} completion has no tokens")
-        if max_length is not None and len(prompt) >= max_length:
-            raise InputError(f"preference_collate: pair {i}: the prompt has {len(prompt)} tokens, "
-                             f"which leaves no room for a completion within max_length={max_length}")
-        prompts.append(prompt)
-        completions.append((chosen, rejected))
-
-    rows, prompt_lengths, truncated = [], [], 0
-    for side in (0, 1):  # all chosen rows, then all rejected rows
-        for prompt, pair in zip(prompts, completions):
-            completion = pair[side]
-            if max_length is not None and len(prompt) + len(completion) > max_length:
-                completion = completion[: max_length - len(prompt)]
-                truncated += 1
-            rows.append((prompt, completion))
-            prompt_lengths.append(len(prompt))
-
-    width = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (2B, T)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (2B, T)
-    completion_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (2B, T)
-    for r, (prompt, completion) in enumerate(rows):
-        n_p, n = len(prompt), len(prompt) + len(completion)
-        input_ids[r, :n] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention_mask[r, :n] = 1
-        completion_mask[r, n_p:n] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
-        "truncated": truncated,
-    }
-
-
 def split_chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a (2B, ...) tensor laid out by :func:`preference_collate` into chosen and rejected."""
+    """Split a (2B, ...) tensor laid out by ``lmforge.tasks.dpo.preference_collate`` into chosen and rejected."""
     if x.shape[0] % 2:
         raise InputError(f"split_chosen_rejected: the batch dimension {x.shape[0]} is odd; "
                          f"expected chosen rows followed by as many rejected rows")

@@ -10,32 +10,105 @@ validation and test splits with per-class precision/recall and the confusion mat
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import (ClassificationExamples, balance_records, collate_classification,
-                                  encode_classification, label_set, record_label, record_text, split_for_data)
+from lmforge.data.splits import balance_records, label_set, record_label, record_text, split_for_data
 from lmforge.data.sampler import ExampleBatches, StepSampler
-from lmforge.data.sources import SourceSpec, iter_records
+from lmforge.data.sources import SourceSpec, iter_records, read_records
 from lmforge.errors import ConfigError, DataError
 from lmforge.objectives.metrics import plot_confusion_matrix
 from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
-from lmforge.objectives.classification import Classification, ClassifyOptions
+from lmforge.objectives.classification import Classification
 from lmforge.tasks import Task
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
 
 
+# ------------------------------------------------------------------------------ options
+@dataclass
+class ClassifyOptions:
+    """``objective:`` options of ``task: classify``."""
+
+    text_field: str = "text"  # record field holding the text
+    label_field: str = "label"  # record field holding the label (string or integer)
+    labels: list[str] | None = None  # label order (class ids); default: the sorted training labels
+    max_length: int = 128  # tokens per example; longer texts are truncated (and counted)
+    pooling: str | None = None  # mean, cls, last; default: last for decoders, the model's own for encoders
+    class_weights: Any = None  # null, "balanced" (inverse label frequency), or one weight per class
+    label_smoothing: float = 0.0
+
+
+
+# ------------------------------------------------------------------------------ examples and batches
+@dataclass
+class ClassificationExamples:
+    """Tokenized examples: ``ids[i]`` (a list of token ids) and ``labels[i]`` (a class id)."""
+
+    ids: list[list[int]]
+    labels: list[int]
+    label_names: list[str]
+    truncated: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.labels)
+        return {name: c.get(i, 0) for i, name in enumerate(self.label_names)}
+
+
+def encode_classification(records: list[dict], tokenizer, text_field: str, label_field: str,
+                          label_names: list[str], max_length: int, add_special: bool = False,
+                          split: str = "train") -> ClassificationExamples:
+    """Tokenize ``records``; a label outside ``label_names`` is a DataError naming the record."""
+    index = {n: i for i, n in enumerate(label_names)}
+    texts = [record_text(r, text_field) for r in records]
+    labels = []
+    for r in records:
+        name = record_label(r, label_field)
+        if name not in index:
+            raise DataError(f"{r.get('_where', split)}: label {name!r} was never seen in training; "
+                            f"expected one of {', '.join(label_names)}")
+        labels.append(index[name])
+    encoded = tokenizer.encode_batch(texts) if texts else []
+    ids, truncated = [], 0
+    for seq in encoded:
+        seq = list(seq)
+        if add_special:  # [CLS] text [SEP] (unless the tokenizer added them itself)
+            if tokenizer.bos_id is not None and (not seq or seq[0] != tokenizer.bos_id):
+                seq.insert(0, tokenizer.bos_id)
+            if tokenizer.eos_id is not None and seq[-1] != tokenizer.eos_id:
+                seq.append(tokenizer.eos_id)
+        if len(seq) > max_length:
+            truncated += 1
+            seq = seq[:max_length - 1] + seq[-1:] if add_special else seq[:max_length]
+        if not seq:
+            seq = [tokenizer.pad_id if tokenizer.pad_id is not None else 0]
+        ids.append(seq)
+    return ClassificationExamples(ids=ids, labels=labels, label_names=label_names, truncated=truncated, texts=texts)
+
+
+def collate_classification(ids: list[list[int]], labels: list[int], pad_id: int) -> dict:
+    """Right-pad a micro-batch to its own longest example: input_ids/attention_mask (B, T), labels (B,)."""
+    T = max(len(s) for s in ids)
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, s in enumerate(ids):
+        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+# ------------------------------------------------------------------------------ splits
+
 # ------------------------------------------------------------------------------ data
-def read_records(specs: list[SourceSpec] | None) -> list[dict]:
-    out: list[dict] = []
-    for spec in specs or []:
-        out.extend(iter_records(spec))
-    return out
-
-
 def split_for_run(cfg: RunConfig) -> dict[str, list[dict]]:
     """train/val/test records: the sources, optionally balanced, split (stratified by label) into
     the fractions the ``data:`` section asks, unless val/test have sources of their own."""

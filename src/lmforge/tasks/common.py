@@ -37,6 +37,7 @@ class TaskParts:
     objective: Any
     train_data: Any  # a batch source: .batch(step, micro) -> dict
     eval_data: Callable[[], Iterable[dict]] | None  # a callable giving the same validation batches each time
+    evaluate: Callable | None = None  # (model, batches) -> validation metrics; None: the objective's evaluate
     flops_per_token: float | None = None
     tokens_per_step: int | None = None  # for the start-up line; None when examples vary in length
     describe: list[str] = field(default_factory=list)  # lines printed at start-up (data, model, batch)

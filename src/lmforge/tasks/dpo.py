@@ -9,32 +9,177 @@ preference metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/a
 logps/chosen, logps/rejected) on held-out pairs.
 
 The model usually starts from an SFT or pretrained run (``model.init_from``), which is also the
-reference (see :mod:`lmforge.objectives.dpo`).
+reference (see :mod:`lmforge.objectives.dpo`; ``reference: precompute`` is computed once here and cached
+in the run folder as ``reference_logps.pt``).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from lmforge.chat import render
 from lmforge.config import RunConfig
 from lmforge.data.builtin_tasks import arithmetic_preference_pairs
-from lmforge.data.formats import split_for_data
+from lmforge.data.splits import split_for_data
 from lmforge.data.preference_format import PreferencePair, parse_preference_records, render_pair
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, InputError
 from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.model.lora import has_lora
-from lmforge.objectives.dpo import DPO, DPOOptions, option_problems
-from lmforge.objectives.logprobs import preference_collate, shared_prompt_rows, tokenize_pair
+from lmforge.objectives.dpo import DPO
+from lmforge.objectives.logprobs import shared_prompt_rows
+from lmforge.objectives.preference_losses import LOSS_TYPES, REFERENCE_FREE
 from lmforge.tasks import Task
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
 
 BUILTIN_PAIRS = {"builtin:arithmetic": "correct vs wrong answers to generated arithmetic problems"}
+
+
+# ------------------------------------------------------------------------------ options
+REFERENCES = ("auto", "copy", "precompute", "none")
+
+
+@dataclass
+class DPOOptions:
+    """``objective:`` options of ``task: dpo``."""
+
+    loss_type: str = "sigmoid"  # sigmoid (DPO), robust, hinge, ipo, simpo, orpo
+    beta: float = 0.1  # strength of the implicit KL to the reference (simpo: reward scale)
+    label_smoothing: float = 0.0  # cDPO / robust DPO: assumed rate of flipped labels
+    gamma: float = 0.5  # simpo: target reward margin
+    average_logps: bool = False  # average completion log-probs per token instead of summing
+    reference: str = "auto"  # auto (copy, or none for simpo/orpo), copy, precompute, none
+    format: str = "auto"  # record layout: auto, prompt, instruction (the book's), hh (HH-RLHF)
+    prompt_field: str = "prompt"  # record field names (renamed to prompt/chosen/rejected)
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    max_length: int | None = None  # prompt + completion tokens (null: the model's context length)
+    max_prompt_length: int | None = None  # longer prompts keep their last tokens (null: no limit)
+    add_eos: bool = True  # end each completion with the tokenizer's eos (scored too)
+    skip_identical: bool = False  # drop pairs whose chosen == rejected instead of failing
+    skip_empty: bool = False  # drop pairs with an empty completion instead of failing
+
+
+def option_problems(o: DPOOptions) -> list[str]:
+    """Every bad option, each one line naming its key."""
+    p = []
+    if o.loss_type not in LOSS_TYPES:
+        p.append(f"objective.loss_type: got {o.loss_type!r}, expected one of {', '.join(LOSS_TYPES)}")
+    if not o.beta > 0:
+        p.append(f"objective.beta: got {o.beta}, expected a number > 0")
+    upper_ok = o.label_smoothing < 0.5 if o.loss_type == "robust" else o.label_smoothing <= 0.5
+    if not (0 <= o.label_smoothing and upper_ok):
+        p.append(f"objective.label_smoothing: got {o.label_smoothing}, expected a number in [0, 0.5"
+                 f"{')' if o.loss_type == 'robust' else ']'}")
+    if o.label_smoothing and o.loss_type in ("hinge", "ipo", "orpo"):
+        p.append(f"objective.label_smoothing: the {o.loss_type} loss has none; expected 0")
+    if o.reference not in REFERENCES:
+        p.append(f"objective.reference: got {o.reference!r}, expected one of {', '.join(REFERENCES)}")
+    elif o.reference == "none" and o.loss_type not in REFERENCE_FREE:
+        p.append(f"objective.reference: the {o.loss_type} loss needs a reference; none is only for "
+                 f"{' and '.join(REFERENCE_FREE)}")
+    if o.max_length is not None and o.max_length < 2:
+        p.append(f"objective.max_length: got {o.max_length}, expected an integer >= 2 or null")
+    if o.max_prompt_length is not None and o.max_prompt_length < 1:
+        p.append(f"objective.max_prompt_length: got {o.max_prompt_length}, expected an integer >= 1 or null")
+    if (o.max_length is not None and o.max_prompt_length is not None and o.max_prompt_length >= o.max_length):
+        p.append(f"objective.max_prompt_length: {o.max_prompt_length} leaves no room for a completion within "
+                 f"max_length {o.max_length}")
+    return p
+
+
+def reference_kind(o: DPOOptions) -> str:
+    """``auto`` resolved: no reference for the reference-free losses, else a frozen copy."""
+    if o.reference != "auto":
+        return "none" if o.loss_type in REFERENCE_FREE else o.reference
+    return "none" if o.loss_type in REFERENCE_FREE else "copy"
+
+
+# ------------------------------------------------------------------------------ pairs -> batches
+# The prompt and each completion are tokenized on their own and concatenated (see
+# lmforge.objectives.logprobs for why); chosen rows first, then rejected, in one (2B, T) batch.
+def _check_ids(ids: Sequence[int], what: str, index: int) -> list[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise InputError(f"preference_collate: pair {index}: {what} must be a list of token ids "
+                         f"(non-negative integers)")
+    return list(ids)
+
+
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, add_eos: bool = True
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the prompt and of each completion, each encoded on its own.
+
+    With ``add_eos`` each completion ends with the tokenizer's eos token, so the model also
+    learns (and is scored on) where the answer stops.
+    """
+    return (tokenizer.encode(prompt), tokenizer.encode(chosen, add_eos=add_eos),
+            tokenizer.encode(rejected, add_eos=add_eos))
+
+
+def preference_collate(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                       pad_id: int, max_length: int | None = None) -> dict:
+    """Stack ``B`` (prompt, chosen, rejected) token-id lists into one right-padded batch.
+
+    Row ``i`` is ``prompt_i + chosen_i`` and row ``B + i`` is ``prompt_i + rejected_i``.
+    Returns ``input_ids`` (2B, T), ``attention_mask`` (2B, T) (1 on real tokens),
+    ``completion_mask`` (2B, T) (1 on completion tokens only: prompt and padding are 0),
+    ``prompt_lengths`` (2B,) and ``truncated`` (how many completions were cut).
+
+    With ``max_length``, a completion that does not fit after its prompt is cut at the end; a
+    prompt that leaves no room for one completion token is an error naming the pair.
+    """
+    if len(pairs) == 0:
+        raise InputError("preference_collate: got no pairs; expected at least one")
+    prompts, completions = [], []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 3:
+            raise InputError(f"preference_collate: pair {i} has {len(pair)} parts; expected "
+                             f"(prompt, chosen, rejected) token-id lists")
+        prompt = _check_ids(pair[0], "the prompt", i)
+        chosen = _check_ids(pair[1], "the chosen completion", i)
+        rejected = _check_ids(pair[2], "the rejected completion", i)
+        if not chosen or not rejected:
+            which = "chosen" if not chosen else "rejected"
+            raise DataError(f"preference_collate: pair {i}: the {which} completion has no tokens")
+        if max_length is not None and len(prompt) >= max_length:
+            raise InputError(f"preference_collate: pair {i}: the prompt has {len(prompt)} tokens, "
+                             f"which leaves no room for a completion within max_length={max_length}")
+        prompts.append(prompt)
+        completions.append((chosen, rejected))
+
+    rows, prompt_lengths, truncated = [], [], 0
+    for side in (0, 1):  # all chosen rows, then all rejected rows
+        for prompt, pair in zip(prompts, completions):
+            completion = pair[side]
+            if max_length is not None and len(prompt) + len(completion) > max_length:
+                completion = completion[: max_length - len(prompt)]
+                truncated += 1
+            rows.append((prompt, completion))
+            prompt_lengths.append(len(prompt))
+
+    width = max(len(p) + len(c) for p, c in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (2B, T)
+    completion_mask = torch.zeros(len(rows), width, dtype=torch.long)  # (2B, T)
+    for r, (prompt, completion) in enumerate(rows):
+        n_p, n = len(prompt), len(prompt) + len(completion)
+        input_ids[r, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[r, :n] = 1
+        completion_mask[r, n_p:n] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
+        "truncated": truncated,
+    }
 
 
 # ------------------------------------------------------------------------------ records
@@ -197,9 +342,10 @@ def _build(ctx: TaskContext) -> TaskParts:
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     eb = t.eval_batch_size
     batches = {s: fixed_batches(e, eb, pad, max_length, s) for s, e in enc.items()}
-    precompute = {"batches": {s: {"size": len(e), "batches": batches[s]} for s, e in enc.items()},
-                  "path": ctx.run_dir / "reference_logps.pt"}
-    objective = DPO(o, precompute)
+    tables = {s: {"size": len(e), "batches": batches[s]} for s, e in enc.items()}
+    objective = DPO(o.loss_type, o.beta, o.label_smoothing, o.gamma, o.average_logps, reference_kind(o),
+                    precompute=lambda obj, m, device: precompute_reference(obj, m, device, tables,
+                                                                           ctx.run_dir / "reference_logps.pt"))
     train = enc["train"]
     sampler = StepSampler(len(train), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
     train_data = ExampleBatches(sampler, lambda idx: collate(train, idx, pad, max_length, "train"), dist.rank)
@@ -234,6 +380,37 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
                   f"pairs/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
                   f"on {dist.device}"])
+
+
+@torch.no_grad()
+def precompute_reference(objective: DPO, model, device, batches: dict, path: Path | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Reference log-probs of every pair of every split, ``{split: (N, 2)}``, in eval mode.
+
+    Read from ``path`` when it holds a cache for the same splits and sizes (a resumed run must
+    not score the pairs with the trained model), else computed with ``model`` and saved there.
+    """
+    sizes = {s: b["size"] for s, b in batches.items()}
+    if path is not None and Path(path).is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if {s: int(t.shape[0]) for s, t in saved.items()} == sizes:
+            return saved
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, spec in batches.items():
+        table = torch.zeros(spec["size"], 2)
+        for batch in spec["batches"]():
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            lp = objective._pair_logps(model, batch)
+            idx = batch["pair_index"].cpu()
+            table[idx, 0], table[idx, 1] = lp.chosen.cpu(), lp.rejected.cpu()
+        out[split] = table
+    model.train(was_training)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), lambda p: torch.save(out, p))
+    return out
 
 
 def _check(cfg: RunConfig) -> list[str]:

@@ -120,7 +120,7 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
                            is_main=dist.is_main)
     trainer = Trainer(parts.model, parts.objective, parts.train_data, cfg.train, run_dir=run_dir,
                       eval_data=parts.eval_data, dist_info=dist, tokenizer=parts.tokenizer, run_config=run_config,
-                      flops_per_token=parts.flops_per_token, logger=logger,
+                      flops_per_token=parts.flops_per_token, logger=logger, evaluate=parts.evaluate,
                       callbacks=[CurvePlotter(run_dir, title=cfg.run.name), *parts.callbacks, *callbacks])
     resumed = None
     if resume_from is not None:  # already verified by resolve_resume above

@@ -25,14 +25,16 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import split_for_data
+from lmforge.data.splits import split_for_data
 from lmforge.data.sampler import ExampleBatches, StepSampler
+from lmforge.data.sources import read_records
 from lmforge.data.sft_format import IGNORE, alpaca_prompt, build_examples
 from lmforge.errors import ConfigError, DataError
+from lmforge.generate import generate_text
 from lmforge.model import count_parameters, flops_per_token
+from lmforge.model.packed import release_packed
 from lmforge.objectives import CausalLM
 from lmforge.tasks import Task
-from lmforge.tasks.classify import read_records
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
 from lmforge.train.callbacks import Callback
 
@@ -135,9 +137,8 @@ class SampleAnswers(Callback):
 
 def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """The model's greedy continuation of each prompt, ``batch_size`` prompts per KV-cache decode
-    (left-padded), in eval mode; the model's train/eval mode is restored after."""
-    from lmforge.generate import generate_text
-
+    (left-padded), in eval mode; the model's train/eval mode is restored after, and the packed
+    copies generation made of trainable weights are dropped (training changes those weights)."""
     was = model.training
     model.eval()
     try:
@@ -146,6 +147,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
                                        temperature=0.0)]
     finally:
         model.train(was)
+        release_packed(model, trainable_only=True)
 
 
 def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:

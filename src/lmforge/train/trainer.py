@@ -28,7 +28,6 @@ import torch.nn as nn
 
 from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
-from lmforge.model.packed import release_packed
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, any_across, barrier, max_across, sum_across
 from lmforge.train.logging import MetricsLogger, Progress, mfu
@@ -74,7 +73,7 @@ class Trainer:
                  run_dir: str | Path, eval_data: Callable[[], Iterable[dict]] | None = None,
                  dist_info: DistInfo | None = None, tokenizer=None, run_config: dict | None = None,
                  flops_per_token: float | None = None, logger: MetricsLogger | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, evaluate: Callable[[nn.Module, Iterable[dict]], dict] | None = None):
         self.cfg = cfg
         self.dist = dist_info or DistInfo()
         self.device = self.dist.device
@@ -84,6 +83,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.train_data = train_data
         self.eval_data = eval_data
+        self.evaluate_batches = evaluate or objective.evaluate  # (model, batches) -> validation metrics
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.tokenizer = tokenizer
@@ -253,8 +253,7 @@ class Trainer:
         if self.eval_data is None:
             return {}
         with self._autocast():
-            m = self.objective.evaluate(self.model, (_to(b, self.device) for b in self.eval_data()))
-        release_packed(self.model, trainable_only=True)  # generated samples' packed weights: stale after a step
+            m = self.evaluate_batches(self.model, (_to(b, self.device) for b in self.eval_data()))
         ev = {f"val_{k}": v for k, v in m.items()}
         self._check_best_metric(ev)
         return ev

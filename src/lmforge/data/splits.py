@@ -1,18 +1,14 @@
-"""Task formats: records (dicts from ``lmforge.data.sources``) -> examples -> padded batches.
+"""Records (dicts from ``lmforge.data.sources``) into splits: their text and label fields, label
+sets, seeded (optionally stratified) or ordered train/val/test splits, and class balancing.
 
-Classification: a text field and a label field per record. Labels may be strings or integers;
-the label set (sorted, or as the recipe lists it) fixes the class ids and is saved with the
-model (``model.labels``). Texts are tokenized once, truncated to ``max_length`` (the number of
-truncated examples is reported), and padded per micro-batch when collated.
+Labels may be strings or integers; the label set (sorted, or as the recipe lists it) fixes the
+class ids a classifier saves with the model (``model.labels``). Every task that splits records
+(classify, sft, dpo, grpo) uses :func:`split_for_data`.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
-from dataclasses import dataclass, field
-
-import torch
 
 from lmforge.errors import DataError
 
@@ -53,67 +49,6 @@ def record_label(rec: dict, field_name: str) -> str:
         present = ", ".join(repr(k) for k in rec if k != "_where") or "(none)"
         raise DataError(f"{where}: no label field {field_name!r}; fields present: {present}")
     return label_name(rec[field_name], where, field_name)
-
-
-# ------------------------------------------------------------------------------ examples
-@dataclass
-class ClassificationExamples:
-    """Tokenized examples: ``ids[i]`` (a list of token ids) and ``labels[i]`` (a class id)."""
-
-    ids: list[list[int]]
-    labels: list[int]
-    label_names: list[str]
-    truncated: int = 0
-    texts: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def counts(self) -> dict[str, int]:
-        c = Counter(self.labels)
-        return {name: c.get(i, 0) for i, name in enumerate(self.label_names)}
-
-
-def encode_classification(records: list[dict], tokenizer, text_field: str, label_field: str,
-                          label_names: list[str], max_length: int, add_special: bool = False,
-                          split: str = "train") -> ClassificationExamples:
-    """Tokenize ``records``; a label outside ``label_names`` is a DataError naming the record."""
-    index = {n: i for i, n in enumerate(label_names)}
-    texts = [record_text(r, text_field) for r in records]
-    labels = []
-    for r in records:
-        name = record_label(r, label_field)
-        if name not in index:
-            raise DataError(f"{r.get('_where', split)}: label {name!r} was never seen in training; "
-                            f"expected one of {', '.join(label_names)}")
-        labels.append(index[name])
-    encoded = tokenizer.encode_batch(texts) if texts else []
-    ids, truncated = [], 0
-    for seq in encoded:
-        seq = list(seq)
-        if add_special:  # [CLS] text [SEP] (unless the tokenizer added them itself)
-            if tokenizer.bos_id is not None and (not seq or seq[0] != tokenizer.bos_id):
-                seq.insert(0, tokenizer.bos_id)
-            if tokenizer.eos_id is not None and seq[-1] != tokenizer.eos_id:
-                seq.append(tokenizer.eos_id)
-        if len(seq) > max_length:
-            truncated += 1
-            seq = seq[:max_length - 1] + seq[-1:] if add_special else seq[:max_length]
-        if not seq:
-            seq = [tokenizer.pad_id if tokenizer.pad_id is not None else 0]
-        ids.append(seq)
-    return ClassificationExamples(ids=ids, labels=labels, label_names=label_names, truncated=truncated, texts=texts)
-
-
-def collate_classification(ids: list[list[int]], labels: list[int], pad_id: int) -> dict:
-    """Right-pad a micro-batch to its own longest example: input_ids/attention_mask (B, T), labels (B,)."""
-    T = max(len(s) for s in ids)
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, s in enumerate(ids):
-        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
 
 
 # ------------------------------------------------------------------------------ splits
