@@ -28,7 +28,7 @@ from _common import prepare  # noqa: E402
 import lmforge  # noqa: E402
 from lmforge.config import load_config  # noqa: E402
 from lmforge.model.lora import adapters_disabled  # noqa: E402
-from lmforge.tasks.sft import _prompt_text, _splits, greedy_answers  # noqa: E402
+from lmforge.tasks.sft import prompt_text, split_for_run, greedy_answers  # noqa: E402
 from lmforge.train.logging import read_metrics  # noqa: E402
 from lmforge.tasks.run import run  # noqa: E402
 
@@ -63,8 +63,8 @@ def main() -> int:
     val = [m for m in metrics if m.get("split") == "val"]
     train = [m for m in metrics if m.get("split") == "train"]
     model, tok = lmforge.from_pretrained(run_dir, with_tokenizer=True)  # the best checkpoint
-    _, val_recs, _ = _splits(cfg)
-    prompts = [p for p in (_prompt_text(r, cfg.objective, tok) for r in val_recs) if p][:args.answers]
+    _, val_recs, _ = split_for_run(cfg)
+    prompts = [p for p in (prompt_text(r, cfg.objective, tok) for r in val_recs) if p][:args.answers]
     with adapters_disabled(model):
         before = greedy_answers(model, tok, prompts, args.new_tokens, batch_size=1)
     after = greedy_answers(model, tok, prompts, args.new_tokens, batch_size=1)

@@ -79,11 +79,11 @@ def pairs_in_order(args, cfg):
 
 def lmforge_ids(texts):
     """Token ids lmforge feeds (prompt, chosen + eos, rejected + eos) for each pair."""
-    from lmforge.interop.gguf import _reader, read_metadata, tokenizer_from_gguf
+    from lmforge.interop.gguf import open_gguf, read_metadata, tokenizer_from_gguf
     from lmforge.tasks.dpo import tokenize_pair
     from lmforge.tasks.common import resolve_init_path
 
-    tok = tokenizer_from_gguf(read_metadata(_reader(resolve_init_path(SMOLLM2_INIT))))
+    tok = tokenizer_from_gguf(read_metadata(open_gguf(resolve_init_path(SMOLLM2_INIT))))
     return [tokenize_pair(tok, p, c, r, add_eos=True) for p, c, r in texts]
 
 

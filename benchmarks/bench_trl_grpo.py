@@ -122,10 +122,10 @@ def trl_trainer(args, records: list[dict], out_dir: Path, steps: int, callbacks=
 
 
 def lmforge_tokenizer():
-    from lmforge.interop.gguf import _reader, read_metadata, tokenizer_from_gguf
+    from lmforge.interop.gguf import open_gguf, read_metadata, tokenizer_from_gguf
     from lmforge.tasks.common import resolve_init_path
 
-    return tokenizer_from_gguf(read_metadata(_reader(resolve_init_path(SMOLLM2_INIT))))
+    return tokenizer_from_gguf(read_metadata(open_gguf(resolve_init_path(SMOLLM2_INIT))))
 
 
 # ------------------------------------------------------------------------------ timed sides

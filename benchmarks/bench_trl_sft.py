@@ -8,7 +8,7 @@ projections, batch 8, max length 256, the recipe's AdamW settings and schedule (
 warmup 10, cosine to min_lr), each run stopped after ``--steps`` steps. The data is the recipe's
 training split of the book's instruction-data.json, in the order lmforge's sampler draws it:
 
-* the parent process renders every example with lmforge's own code (``alpaca_prompt`` with the
+* the parent process renders every example with lmforge's own code (``prompt_response`` with the
   book template, ``build_examples`` with the GGUF's tokenizer) and lists the first ``steps x 8``
   examples of lmforge's sampler (seed 123);
 * TRL gets them as a prompt/completion dataset in that order (``train_sampling_strategy:
@@ -139,12 +139,12 @@ def make_plan(cfg, path: Path, steps: int) -> dict:
     """lmforge's examples of the first ``steps`` steps, in its sampler's order: the prompt and
     response text (lmforge's book template), token ids and labels (lmforge's tokenization)."""
     from lmforge.data.sampler import StepSampler
-    from lmforge.data.sft_format import alpaca_prompt, build_examples
+    from lmforge.data.sft_format import prompt_response, build_examples
     from lmforge.interop.gguf import read_metadata, reader_class, tokenizer_from_gguf
-    from lmforge.tasks.sft import _splits
+    from lmforge.tasks.sft import split_for_run
 
     o, t = cfg.objective, cfg.train
-    train_recs, _, _ = _splits(cfg)
+    train_recs, _, _ = split_for_run(cfg)
     tok = tokenizer_from_gguf(read_metadata(reader_class()(path)), str(path))
     built = build_examples(train_recs, tok, kind=o.format, template=o.template, max_length=o.max_length,
                            overflow=o.overflow, train_on_prompt=o.train_on_prompt)
@@ -155,7 +155,7 @@ def make_plan(cfg, path: Path, steps: int) -> dict:
     rows = []
     for idx in order:
         for i in idx:
-            prompt, response = alpaca_prompt(train_recs[i], o.template)
+            prompt, response = prompt_response(train_recs[i], o.template)
             ex = built.examples[i]
             rows.append({"index": i, "prompt": prompt, "completion": response, "input_ids": ex.input_ids,
                          "labels": ex.labels})

@@ -34,30 +34,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import prepare  # noqa: E402
 from smollm2_file import smollm2_path  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.data.sft_format import IGNORE, build_examples  # noqa: E402
+from lmforge.data.sft_format import build_examples  # noqa: E402
 from lmforge.model.lora import (  # noqa: E402
     LoraConfig, adapters_disabled, apply_lora, export_peft, load_adapter, merge_lora, save_adapter,
 )
-
-
-def collate(examples, pad_id: int):
-    """Right-padded input_ids, attention mask and shifted targets (B, T)."""
-    T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id)
-    labels = torch.full((len(examples), T), IGNORE)
-    mask = torch.zeros(len(examples), T, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    targets = torch.cat([labels[:, 1:], torch.full((len(examples), 1), IGNORE)], 1)  # predict t+1 at t
-    return ids, mask, targets
+from lmforge.objectives import CausalLM  # noqa: E402
+from lmforge.tasks.sft import collate_sft  # noqa: E402
 
 
 PROBE = "What is the capital of France? Answer briefly."
@@ -87,15 +75,9 @@ def merge_precision(model, tok) -> dict:
 
 
 def response_loss(model, examples, pad_id, batch_size=8) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            ids, mask, targets = collate(examples[i:i + batch_size], pad_id)
-            logits = model(ids, attention_mask=mask)
-            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                                     reduction="sum").item()
-            count += int((targets != IGNORE).sum())
-    return total / count
+    """Mean loss over the response tokens of ``examples`` (lmforge's SFT batches and LM objective)."""
+    batches = (collate_sft(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size))
+    return CausalLM().evaluate(model, batches)["loss"]
 
 
 def main() -> int:
@@ -141,14 +123,13 @@ def main() -> int:
     losses = []
     for step in range(args.steps):
         idx = torch.randint(0, len(train_ex.examples), (args.batch_size,), generator=g).tolist()
-        ids, mask, targets = collate([train_ex.examples[i] for i in idx], pad)
-        logits = model(ids, attention_mask=mask)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        batch = collate_sft([train_ex.examples[i] for i in idx], pad)
+        loss, _ = CausalLM().loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        tokens += int(mask.sum())
+        tokens += sum(len(train_ex.examples[i].input_ids) for i in idx)  # real tokens, padding excluded
     train_s = time.time() - t0
     model.eval()
     after = response_loss(model, val_ex, pad)

@@ -13,7 +13,8 @@ from lmforge.chat import CHATML_TEMPLATE, render, render_with_spans
 from lmforge.chat_session import ChatSession, run_chat
 from lmforge.errors import InputError
 from lmforge.model import build
-from lmforge.tokenizer import ByteTokenizer, CharTokenizer, render_chat, train_tokenizer
+from lmforge.chat import render_chat
+from lmforge.tokenizer import ByteTokenizer, CharTokenizer, train_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},

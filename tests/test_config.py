@@ -217,11 +217,11 @@ def _stand_in(tmp_path, arch: str) -> str:
 def _gguf_on_meta(cfg):
     """A recipe's model from a .gguf file's metadata, with its LoRA adapters, on the meta device
     (the weights are not read: dequantizing 100 MB takes too long for this test)."""
-    from lmforge.interop.gguf import _reader, config_from_gguf, read_metadata
+    from lmforge.interop.gguf import open_gguf, config_from_gguf, read_metadata
     from lmforge.store import package_path
     from lmforge.tasks.common import with_lora
 
-    base = config_from_gguf(read_metadata(_reader(package_path(cfg.init_from))))
+    base = config_from_gguf(read_metadata(open_gguf(package_path(cfg.init_from))))
     changes = {k: v for k, v in cfg.model_overrides().items() if v is not None}
     with torch.device("meta"):
         model = with_lora(build(ModelConfig.from_dict({**base.to_dict(), **changes})), cfg.model.get("lora"))

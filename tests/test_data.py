@@ -604,7 +604,7 @@ def test_window_shapes_property(n, context, batch, stride, seed):
 
 
 def test_messages_field_is_rendered_with_the_chat_template(tmp_path):
-    from lmforge.tokenizer import render_chat
+    from lmforge.chat import render_chat
 
     msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
             {"role": "assistant", "content": "hello!"}]

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.preference_format import (
-    PreferencePair, alpaca_prompt, hh_split, parse_preference_record, parse_preference_records,
+    PreferencePair, hh_split, parse_preference_record, parse_preference_records,
     read_preference_file, render_pair,
 )
 from lmforge.errors import DataError
-from lmforge.tokenizer import render_chat
+from lmforge.chat import render_chat
+from lmforge.data.sft_format import instruction_prompt
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "preference"
 
@@ -52,7 +53,7 @@ def test_book_instruction_format():
     rec = {"instruction": "Fix the spelling.", "input": "freind", "output": "friend",
            "chosen": "The word is friend.", "rejected": "Learn to spell: friend."}
     p = parse_preference_record(rec, 0)
-    assert p.prompt == alpaca_prompt("Fix the spelling.", "freind")
+    assert p.prompt == instruction_prompt("Fix the spelling.", "freind", "book")
     assert p.prompt.endswith("### Input:\nfreind\n\n### Response:\n")
     assert p.prompt.startswith("Below is an instruction that describes a task.")
     no_input = parse_preference_record({**rec, "input": ""}, 1)

@@ -12,7 +12,7 @@ from lmforge.data.sft_format import (alpaca_fields,
     IGNORE,
     SFTExample,
     alpaca_messages,
-    alpaca_prompt,
+    prompt_response,
     build_examples,
     fit_length,
     oasst_paths,
@@ -31,13 +31,13 @@ def trained_text(tok, ex: SFTExample) -> str:
 
 
 def test_templates():
-    prompt, response = alpaca_prompt(REC, "book")
+    prompt, response = prompt_response(REC, "book")
     assert prompt == ("Below is an instruction that describes a task. Write a response that appropriately completes "
                       "the request.\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n")
     assert response == "5"
-    no_input, _ = alpaca_prompt({**REC, "input": ""}, "book")
+    no_input, _ = prompt_response({**REC, "input": ""}, "book")
     assert "### Input" not in no_input and no_input.endswith("### Instruction:\nAdd the numbers.\n\n### Response:\n")
-    stanford, _ = alpaca_prompt(REC, "alpaca")
+    stanford, _ = prompt_response(REC, "alpaca")
     assert stanford.startswith("Below is an instruction that describes a task, paired with an input")
     assert alpaca_messages(REC) == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
                                     {"role": "assistant", "content": "5"}]

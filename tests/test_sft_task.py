@@ -86,14 +86,14 @@ def test_exact_resume_for_sft(sft_dict):
 
 def test_ordered_split_is_the_books_layout(sft_dict, tmp_path):
     from lmforge.data.splits import ordered_split
-    from lmforge.tasks.sft import _splits
+    from lmforge.tasks.sft import split_for_run
 
     recs = [{"i": i} for i in range(1100)]
     train, val, test = ordered_split(recs, 0.05, 0.10)  # the book: first 85% train, next 10% test, last 5% val
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert train == recs[:935] and test == recs[935:1045] and val == recs[1045:]
     cfg = config_from_dict(sft_dict(data={"split": "ordered", "val_fraction": 0.1, "test_fraction": 0.1}))
-    train, val, test = _splits(cfg)
+    train, val, test = split_for_run(cfg)
     in_file = json.loads(Path(cfg.data.sources[0].path).read_text())
     assert train + test + val == in_file  # file order, nothing shuffled
     assert (len(train), len(test), len(val)) == (33, 4, 4)
@@ -121,35 +121,35 @@ def test_sft_test_fraction_is_held_out_and_evaluated_at_the_end(sft_dict):
 
 def test_smollm2_lora_recipe_has_the_books_935_55_110_split(monkeypatch):
     from lmforge.tasks import load_config
-    from lmforge.tasks.sft import _splits
+    from lmforge.tasks.sft import split_for_run
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     cfg = load_config(root / "configs" / "sft-smollm2-lora.yaml")
     if not Path(cfg.data.sources[0].path).is_file():
         pytest.skip("../shared/data/instruction_small is not here")
-    train, val, test = _splits(cfg)
+    train, val, test = split_for_run(cfg)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert train[0]["instruction"].startswith("Evaluate the following phrase")  # the file's first record
 
 
 def test_fresh_tokenizers_learn_from_the_rendered_prompt_not_json():
-    from lmforge.tasks.sft import SFTOptions, _tokenizer_text
+    from lmforge.tasks.sft import SFTOptions, tokenizer_text
 
     rec = {"instruction": "Name a colour.", "input": "", "output": "Blue.\nOr red."}
-    text = _tokenizer_text(rec, SFTOptions(template="book"))
+    text = tokenizer_text(rec, SFTOptions(template="book"))
     assert text.endswith("### Response:\nBlue.\nOr red.") and "\\n" not in text  # real newlines, no escapes
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    assert json.loads(_tokenizer_text(chat, SFTOptions(format="messages"))) == chat
+    assert json.loads(tokenizer_text(chat, SFTOptions(format="messages"))) == chat
 
 
 def test_oasst_validation_prompts_are_the_first_path_before_its_last_reply():
-    from lmforge.tasks.sft import SFTOptions, _prompt_text
+    from lmforge.tasks.sft import SFTOptions, prompt_text
     from lmforge.tokenizer import ByteTokenizer
 
     tree = {"prompt": {"role": "prompter", "text": "Q1", "replies": [
         {"role": "assistant", "text": "A1", "rank": 0, "replies": [
             {"role": "prompter", "text": "Q2", "replies": [{"role": "assistant", "text": "A2", "rank": 0}]}]}]}}
-    text = _prompt_text(tree, SFTOptions(format="oasst", template="chat"), ByteTokenizer())
+    text = prompt_text(tree, SFTOptions(format="oasst", template="chat"), ByteTokenizer())
     assert text is not None  # the sample answers of an OASST run (it used to write none)
     assert text.index("Q1") < text.index("A1") < text.index("Q2") and "A2" not in text

@@ -6,7 +6,7 @@ GGUF's ``tokenizer.chat_template``). :func:`render` runs that template the way `
 does (sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``,
 ``strftime_now``, the special tokens as variables). A tokenizer without a template gets
 :data:`LMFORGE_TEMPLATE` when its vocabulary has lmforge's role tokens (the same text as
-:func:`lmforge.tokenizer.render_chat`), else ChatML (:data:`CHATML_TEMPLATE`).
+:func:`render_chat`, lmforge's own format), else ChatML (:data:`CHATML_TEMPLATE`).
 
 Training on chats needs to know which tokens belong to which message: :func:`render_with_spans`
 renders the conversation once, finds each message's segment by rendering growing prefixes of the
@@ -28,7 +28,11 @@ from functools import lru_cache
 
 from lmforge.errors import InputError
 
-ROLES = ("system", "user", "assistant")
+# lmforge's own chat format: each message is "<|role|>\n{content}<|end|>\n" (the role tokens are
+# special tokens of every lmforge tokenizer, lmforge.tokenizer.DEFAULT_SPECIAL_TOKENS)
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+ROLE_TOKENS: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+ROLES = tuple(ROLE_TOKENS)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -36,13 +40,30 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# lmforge's own format (lmforge.tokenizer.render_chat) as a template
+# lmforge's own format (render_chat below) as a Jinja template, for tokenizers exported with it
 LMFORGE_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The one chat format of lmforge: each message becomes ``"<|role|>\n{content}<|end|>\n"``;
+    ``add_generation_prompt`` appends ``"<|assistant|>\n"`` so a model continues as the assistant."""
+    parts = []
+    for n, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+            raise InputError(f"messages[{n}]: expected a dict with a string 'content'")
+        role = msg.get("role")
+        if role not in ROLE_TOKENS:
+            raise InputError(f"messages[{n}].role: unknown role {role!r}; "
+                             f"expected one of {', '.join(ROLES)}")
+        parts.append(f"{ROLE_TOKENS[role]}\n{msg['content']}{END}\n")
+    if add_generation_prompt:
+        parts.append(f"{ASSISTANT}\n")
+    return "".join(parts)
 
 
 @dataclass

@@ -39,16 +39,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lmforge.chat import ASSISTANT, END, SYSTEM, USER, render, render_chat
 from lmforge.errors import ConfigError, DataError, InputError, TokenizerError
 from lmforge.fsutil import atomic_write
 
 FORMAT_VERSION = 1
 
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>"
-SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 CHAR_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 DEFAULT_SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
-CHAT_ROLES: dict[str, str] = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate: a str that is not valid unicode
 
 
@@ -172,10 +171,8 @@ class Tokenizer(ABC):
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Render ``[{"role": ..., "content": ...}]`` with the tokenizer's Jinja ``chat_template``
         when it has one (:func:`lmforge.chat.render`), else as lmforge's role-tagged text
-        (:func:`render_chat`)."""
+        (:func:`lmforge.chat.render_chat`)."""
         if self.chat_template is not None:
-            from lmforge.chat import render
-
             return render(messages, self, add_generation_prompt=add_generation_prompt)
         return render_chat(messages, add_generation_prompt)
 
@@ -571,23 +568,6 @@ class BPETokenizer(HFTokenizer):
         else:
             backend.train_from_iterator(texts, trainer)
         return cls(backend)
-
-
-def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The one chat format of lmforge: each message becomes ``"<|role|>\n{content}<|end|>\n"``;
-    ``add_generation_prompt`` appends ``"<|assistant|>\n"`` so a model continues as the assistant."""
-    parts = []
-    for n, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
-            raise InputError(f"messages[{n}]: expected a dict with a string 'content'")
-        role = msg.get("role")
-        if role not in CHAT_ROLES:
-            raise InputError(f"messages[{n}].role: unknown role {role!r}; "
-                             f"expected one of {', '.join(CHAT_ROLES)}")
-        parts.append(f"{CHAT_ROLES[role]}\n{msg['content']}{END}\n")
-    if add_generation_prompt:
-        parts.append(f"{ASSISTANT}\n")
-    return "".join(parts)
 
 
 def _byte_level_chars() -> list[str]:

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.sft_format import instruction_prompt
 from lmforge.errors import DataError, InputError
 
 __all__ = [
     "FORMATS",
     "PreferencePair",
-    "alpaca_prompt",
     "hh_split",
     "parse_preference_record",
     "parse_preference_records",
@@ -68,15 +68,6 @@ class PreferencePair:
 # --------------------------------------------------------------------------------------------
 # Templates and transcript splitting
 # --------------------------------------------------------------------------------------------
-
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt the book uses for instruction data, up to where the response begins."""
-    text = ("Below is an instruction that describes a task. Write a response that appropriately "
-            f"completes the request.\n\n### Instruction:\n{instruction}")
-    if input:
-        text += f"\n\n### Input:\n{input}"
-    return text + "\n\n### Response:\n"
-
 
 def hh_split(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Split two HH-RLHF transcripts into (prompt, chosen completion, rejected completion).
@@ -153,7 +144,7 @@ def _from_instruction(record: dict) -> tuple[str, str, str]:
         raise ValueError("'instruction' must be a non-empty string")
     if not isinstance(inp, str):
         raise ValueError(f"'input' is {type(inp).__name__}; expected a string")
-    return alpaca_prompt(instruction, inp), _reply(record["chosen"], "chosen"), \
+    return instruction_prompt(instruction, inp, "book"), _reply(record["chosen"], "chosen"), \
         _reply(record["rejected"], "rejected")
 
 
@@ -267,7 +258,7 @@ def render_pair(pair: PreferencePair,
     if isinstance(pair.prompt, str):
         return pair.prompt, pair.chosen, pair.rejected
     if render_messages is None:
-        from lmforge.tokenizer import render_chat as render_messages
+        from lmforge.chat import render_chat as render_messages
     try:
         prompt = render_messages(pair.prompt, add_generation_prompt=True)
         completions = []

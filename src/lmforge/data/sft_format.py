@@ -91,17 +91,21 @@ def alpaca_fields(record, where: str = "record") -> tuple[str, str, str]:
     return instruction, inp, output
 
 
-def alpaca_prompt(record, template: str = "alpaca", where: str = "record") -> tuple[str, str]:
+def instruction_prompt(instruction: str, inp: str = "", template: str = "alpaca") -> str:
+    """The prompt text of an instruction (and optional input) in the ``"alpaca"`` or the book's
+    (``"book"``) template, up to where the response begins."""
+    if template == "alpaca":
+        return (_ALPACA_INPUT if inp.strip() else _ALPACA_NO_INPUT).format(instruction=instruction, input=inp)
+    if template == "book":
+        section = f"\n\n### Input:\n{inp}" if inp.strip() else ""
+        return _BOOK.format(instruction=instruction, input_section=section)
+    raise ConfigError(f"sft.template: got {template!r} for a prompt/response pair, expected alpaca or book")
+
+
+def prompt_response(record, template: str = "alpaca", where: str = "record") -> tuple[str, str]:
     """(prompt, response) text of an Alpaca-style record in the ``"alpaca"`` or ``"book"`` template."""
     instruction, inp, output = alpaca_fields(record, where)
-    if template == "alpaca":
-        prompt = (_ALPACA_INPUT if inp.strip() else _ALPACA_NO_INPUT).format(instruction=instruction, input=inp)
-    elif template == "book":
-        section = f"\n\n### Input:\n{inp}" if inp.strip() else ""
-        prompt = _BOOK.format(instruction=instruction, input_section=section)
-    else:
-        raise ConfigError(f"sft.template: got {template!r} for a prompt/response pair, expected alpaca or book")
-    return prompt, output
+    return instruction_prompt(instruction, inp, template), output
 
 
 def alpaca_messages(record, where: str = "record") -> list[dict]:
@@ -250,7 +254,7 @@ def build_examples(records: Iterable, tokenizer, kind: str = "alpaca", template:
             counts.dropped_nothing_to_train += 1
             continue
         if kind == "alpaca" and template != "chat":
-            prompt, response = alpaca_prompt(record, template, where)
+            prompt, response = prompt_response(record, template, where)
             exs = [tokenize_prompt_response(tokenizer, prompt, response, train_on_prompt=train_on_prompt)]
         elif kind == "alpaca":
             exs = [tokenize_chat(tokenizer, alpaca_messages(record, where), train_on_prompt=train_on_prompt,

@@ -391,7 +391,7 @@ def _text_value(record: Any, field: str, where: str) -> str:
         return ""
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
         from lmforge.errors import InputError
-        from lmforge.tokenizer import render_chat
+        from lmforge.chat import render_chat
 
         try:  # a conversation: rendered with lmforge's chat template
             return render_chat(value)

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from lmforge.errors import InputError
 from lmforge.fsutil import atomic_write
-from lmforge.inspect.common import (attention_modules, encode_text, label_fontsize, new_figure, pick, save_png,
-                                    token_labels, token_texts)
+from lmforge.inspect.common import attention_modules, encode_text, label_fontsize, pick, token_labels, token_texts
+from lmforge.inspect.figures import new_figure, save_png
 
 WINDOW = 64  # tokens per axis that stay readable in a heatmap
 

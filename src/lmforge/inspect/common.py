@@ -7,15 +7,12 @@ Every tool works on an lmforge model (decoder, encoder, imported weights) and it
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from lmforge.errors import InputError
-from lmforge.fsutil import atomic_write
 
 
 # ----------------------------------------------------------------------------------- models
@@ -104,23 +101,6 @@ def token_texts(tokenizer, ids) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- figures
-def new_figure(width: float, height: float, dpi: int = 100):
-    """A matplotlib Figure on an Agg canvas (no pyplot, no display, no global backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save_png(fig, out_png: str | os.PathLike) -> Path:
-    """Write ``fig`` atomically (temporary file, fsync, rename); parent folders are created."""
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(out, lambda p: fig.savefig(p, format="png"))
-
-
 def label_fontsize(n: int) -> float:
     """Tick-label size for n labels along one axis: small enough to fit, large enough to read."""
     return max(4.0, min(10.0, 420.0 / max(n, 1)))

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import InputError
-from lmforge.inspect.common import attention_modules, encode_text, new_figure, save_png, token_labels
+from lmforge.inspect.common import attention_modules, encode_text, token_labels
+from lmforge.inspect.figures import new_figure, save_png
 
 WINDOW = 64
 

@@ -18,24 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lmforge.errors import DataError
-from lmforge.fsutil import atomic_write
+from lmforge.inspect.figures import new_figure, save_png
 
 TRAIN = "train"
 _PPL_KEYS = ("ppl", "perplexity")
 _THROUGHPUT_KEY = "tokens_per_s"
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_atomic(fig, out_png: str | os.PathLike) -> Path:
-    return atomic_write(out_png, lambda p: fig.savefig(p, format="png"))
 
 
 def _finite(x: Any) -> float | None:
@@ -139,7 +126,7 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png
 
     tput = _series(train, (_THROUGHPUT_KEY,))
     n_panels = 1 + max(len(metric_names), 1) + 1 + (1 if tput[0] else 0)
-    fig = _new_figure(8.0, 2.2 * n_panels + 0.6)
+    fig = new_figure(8.0, 2.2 * n_panels + 0.6)
     axes = fig.subplots(n_panels, 1, sharex=True)
 
     ax = axes[0]
@@ -194,7 +181,7 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save_atomic(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def plot_loss_comparison(curves: Mapping[str, Sequence[tuple[float, float]]], out_png: str | os.PathLike,
@@ -207,7 +194,7 @@ def plot_loss_comparison(curves: Mapping[str, Sequence[tuple[float, float]]], ou
     """
     if not curves:
         raise DataError("plot_loss_comparison: no curves given; expected {label: [(x, y), ...]}")
-    fig = _new_figure(7.0, 4.5)
+    fig = new_figure(7.0, 4.5)
     ax = fig.subplots()
     for label, points in curves.items():
         pts = sorted((x, y) for x, y in ((_finite(a), _finite(b)) for a, b in points)
@@ -222,7 +209,7 @@ def plot_loss_comparison(curves: Mapping[str, Sequence[tuple[float, float]]], ou
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save_atomic(fig, out_png)
+    return save_png(fig, out_png)
 
 
 def _serve(metrics: str, out_png: str, title: str | None = None) -> None:

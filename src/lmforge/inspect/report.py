@@ -23,7 +23,7 @@ from typing import Any
 
 from lmforge.errors import DataError, LMForgeError
 from lmforge.fsutil import atomic_write
-from lmforge.inspect.common import new_figure
+from lmforge.inspect.figures import new_figure
 from lmforge.store import from_pretrained, resolve_model_path
 
 REPORT_FILE = "report.html"

@@ -51,7 +51,7 @@ def prompt_response_ids(tokenizer, prompt: str, response: str) -> tuple[list[int
 def chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """ids of ``messages`` rendered in lmforge's chat format, and the loss mask: the content of
     assistant turns and their end tag train; role tags and other turns do not."""
-    from lmforge.tokenizer import render_chat
+    from lmforge.chat import render_chat
 
     ids: list[int] = []
     mask: list[bool] = []

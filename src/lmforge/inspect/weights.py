@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from lmforge.errors import InputError
 from lmforge.fsutil import atomic_write
-from lmforge.inspect.common import new_figure, save_png
+from lmforge.inspect.figures import new_figure, save_png
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 

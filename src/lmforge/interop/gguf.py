@@ -79,7 +79,7 @@ def reader_class():
     return Reader
 
 
-def _reader(path: Path):
+def open_gguf(path: Path):
     """A GGUF reader on ``path``; a file that is not GGUF or is cut short is a CheckpointError."""
     GGUFReader = reader_class()
 
@@ -319,7 +319,7 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokeniz
     from lmforge.model import build
 
     path = Path(path)
-    reader = _reader(path)
+    reader = open_gguf(path)
     meta = read_metadata(reader)
     check_types(reader, str(path))
     cfg = config_from_gguf(meta)

@@ -6,8 +6,6 @@ and shared by the training-time evaluation, ``lmforge eval`` and the benchmarks.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 
@@ -42,33 +40,3 @@ def classification_metrics(cm: torch.Tensor, names: list[str] | None = None) -> 
         "confusion_matrix": cm.long().tolist(),
         "labels": list(names),
     }
-
-
-def plot_confusion_matrix(cm: list[list[int]], names: list[str], path: str | Path, title: str = "") -> Path:
-    """A confusion-matrix heatmap with counts in the cells (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmforge.fsutil import atomic_write
-
-    k = len(names)
-    size = max(3.5, 0.6 * k + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    top = max(max(r) for r in cm) if cm else 0
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i][j]), ha="center", va="center",
-                    color="white" if cm[i][j] > top / 2 else "black")
-    ax.set_xticks(range(k), names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    out = Path(path)
-    atomic_write(out, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
-    return out

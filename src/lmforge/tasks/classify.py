@@ -22,7 +22,7 @@ from lmforge.data.splits import balance_records, label_set, record_label, record
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_records, read_records
 from lmforge.errors import ConfigError, DataError
-from lmforge.objectives.metrics import plot_confusion_matrix
+from lmforge.inspect.figures import plot_confusion_matrix
 from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives.classification import Classification

@@ -28,7 +28,7 @@ from lmforge.config import RunConfig
 from lmforge.data.splits import split_for_data
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import read_records
-from lmforge.data.sft_format import IGNORE, alpaca_prompt, build_examples
+from lmforge.data.sft_format import IGNORE, prompt_response, build_examples
 from lmforge.errors import ConfigError, DataError
 from lmforge.generate import generate_text
 from lmforge.model import count_parameters, flops_per_token
@@ -150,10 +150,10 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         release_packed(model, trainable_only=True)
 
 
-def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
+def prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
     try:
         if opts.format == "alpaca" and opts.template != "chat":
-            return alpaca_prompt(record, opts.template)[0]
+            return prompt_response(record, opts.template)[0]
         from lmforge.chat import render
 
         msgs = record.get("messages") if opts.format == "messages" else None
@@ -173,12 +173,12 @@ def _prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
         return None
 
 
-def _tokenizer_text(record: dict, opts: SFTOptions) -> str:
+def tokenizer_text(record: dict, opts: SFTOptions) -> str:
     """What a fresh (char, bpe) tokenizer learns from: the rendered prompt and response of an Alpaca
     record (so the template's characters and real newlines are in it), else the record as JSON."""
     if opts.format == "alpaca" and opts.template != "chat":
         try:
-            return "".join(alpaca_prompt(record, opts.template))
+            return "".join(prompt_response(record, opts.template))
         except DataError:
             pass
     return json.dumps(record, ensure_ascii=False)
@@ -188,7 +188,7 @@ def _records(sources) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(sources))]
 
 
-def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
+def split_for_run(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
     """Train, validation and test records: val/test sources of their own, or fractions of the
     training sources (seeded shuffle, or file order with ``data.split: ordered``)."""
     d = cfg.data
@@ -205,7 +205,7 @@ def _splits(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
 def write_test_responses(path, model, tokenizer, records: list[dict], o: SFTOptions, batch_size: int) -> int:
     """Greedy answers to the test records' prompts (batched), one JSON line each beside the
     reference answer; returns how many were written."""
-    rows = [(r, p) for r in records if (p := _prompt_text(r, o, tokenizer))]
+    rows = [(r, p) for r in records if (p := prompt_text(r, o, tokenizer))]
     answers = greedy_answers(model, tokenizer, [p for _, p in rows], o.test_response_tokens, batch_size)
     with open(path, "w", encoding="utf-8") as f:
         for (r, p), a in zip(rows, answers, strict=True):
@@ -216,8 +216,8 @@ def write_test_responses(path, model, tokenizer, records: list[dict], o: SFTOpti
 
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
-    train_recs, val_recs, test_recs = _splits(cfg)
-    tokenizer = build_tokenizer(ctx, lambda: (_tokenizer_text(r, o) for r in train_recs))
+    train_recs, val_recs, test_recs = split_for_run(cfg)
+    tokenizer = build_tokenizer(ctx, lambda: (tokenizer_text(r, o) for r in train_recs))
     model = build_model(ctx, tokenizer.vocab_size)
     if model.config.arch != "decoder":
         raise ConfigError(f"task: sft trains a decoder; model.arch is {model.config.arch!r}")
@@ -256,7 +256,7 @@ def _build(ctx: TaskContext) -> TaskParts:
             ctx.say(f"test: {n} greedy responses of the best model in {ctx.run_dir / 'test_responses.jsonl'}")
         return {f"test_{k}": v for k, v in metrics.items()}
 
-    prompts = [p for p in (_prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
+    prompts = [p for p in (prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
     mcfg = model.config
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
