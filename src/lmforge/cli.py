@@ -494,7 +494,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge import __version__
+    from lmforge.version import __version__
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Build, train and inspect transformer LMs.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import ConfigError
+from lmforge.fsutil import atomic_write
 from lmforge.model.config import ModelConfig
 
 
@@ -413,7 +414,5 @@ def read_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from lmforge.fsutil import atomic_write
-
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(Path(path), lambda p: p.write_text(text))

@@ -44,6 +44,8 @@ import yaml
 from lmforge.device import resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.fsutil import publish_folder, sha256_file
+from lmforge.interop.gguf import load_gguf
+from lmforge.interop.hf import load_hf
 from lmforge.model import ModelConfig, build
 from lmforge.model.lora import LoraConfig, apply_lora, has_lora, merge_lora
 from lmforge.model.quantize import quantize_model
@@ -246,15 +248,9 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None):
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder, "
                               f"a run folder or a .gguf file")
-    # the readers of other formats are imported when a file of theirs is opened (gguf and the
-    # safetensors index reader are not needed by most runs)
     if p.is_file() and p.suffix.lower() == ".gguf":
-        from lmforge.interop.gguf import load_gguf
-
         return load_gguf(p, device=device, with_tokenizer=with_tokenizer)
     if p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
-        from lmforge.interop.hf import load_hf
-
         return load_hf(p, device=device, with_tokenizer=with_tokenizer)
     return load_model(p, device=device, with_tokenizer=with_tokenizer)
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.sources import read_json_records
 from lmforge.errors import DataError
 
 __all__ = ["gsm8k_final_answer", "parse_prompt_answer_records", "read_prompt_answer_file"]
@@ -72,8 +73,6 @@ def parse_prompt_answer_records(records: Iterable[Any], prompt_field: str = "pro
 def read_prompt_answer_file(path: str | Path, prompt_field: str = "prompt",
                             answer_field: str = "answer", format: str = "auto") -> list[dict]:
     """Read a .jsonl or .json (array) file of prompt/answer records."""
-    from lmforge.data.sources import read_json_records
-
     path = Path(path)
     records = read_json_records(path, "prompt/answer")
     return parse_prompt_answer_records(records, prompt_field, answer_field, format, str(path))

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.chat import render_chat
 from lmforge.data.sft_format import instruction_prompt
+from lmforge.data.sources import read_json_records
 from lmforge.errors import DataError, InputError
 
 __all__ = [
@@ -233,8 +235,6 @@ def parse_preference_records(records: Iterable[Any], format: str = "auto",
 
 
 def _load_records(path: Path) -> list:
-    from lmforge.data.sources import read_json_records
-
     return read_json_records(path, "preference")
 
 
@@ -258,7 +258,7 @@ def render_pair(pair: PreferencePair,
     if isinstance(pair.prompt, str):
         return pair.prompt, pair.chosen, pair.rejected
     if render_messages is None:
-        from lmforge.chat import render_chat as render_messages
+        render_messages = render_chat
     try:
         prompt = render_messages(pair.prompt, add_generation_prompt=True)
         completions = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from lmforge.chat import encode_with_starts, render_with_spans
 from lmforge.errors import ConfigError, DataError, InputError
 
 IGNORE = -100
@@ -184,8 +185,6 @@ def tokenize_prompt_response(tokenizer, prompt: str, response: str, add_eos: boo
                              train_on_prompt: bool = False) -> SFTExample:
     """``prompt + response`` (+ eos) tokenized as one text; labels on the response tokens (and
     eos), or on everything with ``train_on_prompt``."""
-    from lmforge.chat import encode_with_starts
-
     ids, starts = encode_with_starts(tokenizer, prompt + response)
     cut = len(prompt)
     labels = [i if (train_on_prompt or s >= cut) else IGNORE for i, s in zip(ids, starts)]
@@ -200,8 +199,6 @@ def tokenize_chat(tokenizer, messages: list[dict], template: str | None = None,
                   train_on_prompt: bool = False, where: str = "record") -> SFTExample:
     """A conversation in the chat template; labels on every assistant turn's content and
     end-of-turn tokens (or everywhere with ``train_on_prompt``)."""
-    from lmforge.chat import render_with_spans
-
     check_chat(messages, where)
     try:
         chat = render_with_spans(messages, tokenizer, template)

@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.chat import render_chat
 from lmforge.data.builtin import ARITHMETIC_OPS, BUILTIN_CORPORA, BUILTIN_VERSION, builtin_documents
-from lmforge.errors import DataError
+from lmforge.data.splits import record_label, split_records
+from lmforge.errors import DataError, InputError
 
 __all__ = [
     "SourceSpec",
@@ -199,8 +201,6 @@ def read_records(specs: list[SourceSpec] | None) -> list[dict]:
 def _part(spec: SourceSpec) -> Iterator[dict[str, Any]]:
     """The records of one part of a seeded (stratified) split: the same split a classification
     run makes with run.seed = part_seed and data.val_fraction/test_fraction = part_split."""
-    from lmforge.data.splits import record_label, split_records
-
     whole = dataclasses.replace(spec, part=None, limit=None)
     records = list(iter_records(whole))
     key = (lambda r: record_label(r, spec.part_stratify)) if spec.part_stratify else None
@@ -390,9 +390,6 @@ def _text_value(record: Any, field: str, where: str) -> str:
     if value is None:
         return ""
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
-        from lmforge.errors import InputError
-        from lmforge.chat import render_chat
-
         try:  # a conversation: rendered with lmforge's chat template
             return render_chat(value)
         except InputError as e:

@@ -13,14 +13,13 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import InputError
+from lmforge.model.layers import Attention
 
 
 # ----------------------------------------------------------------------------------- models
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention layers of ``model`` in order (one per block); a model without any (bigram)
     is an InputError."""
-    from lmforge.model.layers import Attention
-
     found = [m for m in model.modules() if isinstance(m, Attention)]
     if not found:
         arch = getattr(getattr(model, "config", None), "arch", type(model).__name__)

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lmforge.errors import DataError
 from lmforge.inspect.figures import new_figure, save_png
+from lmforge.train.logging import read_metrics
 
 TRAIN = "train"
 _PPL_KEYS = ("ppl", "perplexity")
@@ -112,8 +113,6 @@ def plot_training_curves(metrics: Sequence[Mapping] | str | os.PathLike, out_png
     run folder). Returns the written path.
     """
     if isinstance(metrics, (str, os.PathLike)):
-        from lmforge.train.logging import read_metrics
-
         metrics = read_metrics(metrics)
     splits = _latest_per_step(metrics)
     train = splits.get(TRAIN, [])

@@ -23,8 +23,11 @@ from typing import Any
 
 from lmforge.errors import DataError, LMForgeError
 from lmforge.fsutil import atomic_write
+from lmforge.inspect import weights as W
+from lmforge.inspect.attention_maps import attention, plot_attention_grid
 from lmforge.inspect.figures import new_figure
 from lmforge.store import from_pretrained, resolve_model_path
+from lmforge.train.logging import read_metrics
 
 REPORT_FILE = "report.html"
 SAMPLES_FILE = "samples.jsonl"
@@ -33,8 +36,6 @@ _SKIP_KEYS = ("step", "split", "time")
 
 # ------------------------------------------------------------------------------------ reading
 def _metric_records(run_dir: Path) -> list[dict]:
-    from lmforge.train.logging import read_metrics
-
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl; expected a run folder written by a training run")
@@ -158,8 +159,6 @@ def _sample_text(run_dir: Path, cfg: dict, tokenizer, n_tokens: int) -> str:
 
 def _model_section(run_dir: Path, cfg: dict, text: str | None, tmp: Path) -> tuple[str, list[str]]:
     """HTML of the checkpoint's attention and weight plots (and notes on what was skipped)."""
-    from lmforge.inspect import weights as W
-
     notes: list[str] = []
     try:
         folder, _ = resolve_model_path(run_dir)
@@ -174,8 +173,6 @@ def _model_section(run_dir: Path, cfg: dict, text: str | None, tmp: Path) -> tup
     if model.config.arch == "bigram":
         notes.append("no attention plots: a bigram model has no attention layers")
     else:
-        from lmforge.inspect.attention_maps import attention, plot_attention_grid
-
         n = min(32, model.config.context_length)
         text = text or _sample_text(run_dir, cfg, tok, n)
         try:

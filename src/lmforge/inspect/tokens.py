@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.chat import render_chat
 from lmforge.errors import InputError
 from lmforge.fsutil import atomic_write
 from lmforge.inspect.common import encode_text, token_labels, token_texts
@@ -51,8 +52,6 @@ def prompt_response_ids(tokenizer, prompt: str, response: str) -> tuple[list[int
 def chat_ids(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """ids of ``messages`` rendered in lmforge's chat format, and the loss mask: the content of
     assistant turns and their end tag train; role tags and other turns do not."""
-    from lmforge.chat import render_chat
-
     ids: list[int] = []
     mask: list[bool] = []
     for n, msg in enumerate(messages):

@@ -27,9 +27,11 @@ import torch
 from flax import nnx
 
 from lmforge.errors import CheckpointError, InteropError
+from lmforge.interop.hf import load_hf
 from lmforge.jax.model import _seed_dropout, abstract_model, check_supported
 from lmforge.model import build as torch_build
 from lmforge.model.config import ModelConfig
+from lmforge.store import load_model, save_model
 
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -137,12 +139,8 @@ def load_jax(path: str | Path, with_tokenizer: bool = False):
     """A JAX model from an lmforge model folder / checkpoint or a Hugging Face model folder."""
     path = Path(path)
     if (path / "config.yaml").is_file():
-        from lmforge.store import load_model
-
         model, tok = load_model(path, with_tokenizer=True)
     elif (path / "config.json").is_file():
-        from lmforge.interop.hf import load_hf
-
         model, tok = load_hf(path, with_tokenizer=True)
     else:
         raise CheckpointError(f"{path}: expected an lmforge model folder (config.yaml) or a Hugging Face "
@@ -153,6 +151,4 @@ def load_jax(path: str | Path, with_tokenizer: bool = False):
 
 def save_jax(jax_model: nnx.Module, folder: str | Path, tokenizer=None, config: dict | None = None) -> Path:
     """Write an lmforge model folder (model.safetensors + config.yaml [+ tokenizer.json])."""
-    from lmforge.store import save_model
-
     return save_model(to_torch(jax_model), folder, tokenizer=tokenizer, config=config)

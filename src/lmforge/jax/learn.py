@@ -20,7 +20,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lmforge.errors import DataError
 from lmforge.jax.model import cross_entropy
+from lmforge.tokenizer import CharTokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -32,9 +34,6 @@ def budget(default_steps: int) -> int:
 
 def load_data(path: str | os.PathLike | None = None):
     """(tokenizer, train ids, val ids): a character tokenizer (lmforge's) and a 90/10 split."""
-    from lmforge.errors import DataError
-    from lmforge.tokenizer import CharTokenizer
-
     path = Path(path or os.environ.get("LMFORGE_JAX_DATA") or DEFAULT_DATA)
     if not path.is_file():
         raise DataError(f"{path}: text file not found; set LMFORGE_JAX_DATA to a text file (e.g. tiny shakespeare)")

@@ -43,8 +43,11 @@ from flax import nnx
 from lmforge.config import RunConfig, TrainSection
 from lmforge.data.tokens import check_fits, random_windows, sequential_windows
 from lmforge.errors import ConfigError, TrainingError
-from lmforge.jax.convert import to_jax, to_torch
+from lmforge.jax.convert import build, to_jax, to_torch
+from lmforge.jax.generate import generate_text
 from lmforge.jax.model import cross_entropy
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.logging import MetricsLogger
 from lmforge.train.optim import lr_at
 
 
@@ -161,8 +164,6 @@ def check_recipe(cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- the loop
 def init_model(mcfg, seed: int):
     """The PyTorch trainer's initial weights (after seeding with ``seed``), as a JAX model."""
-    from lmforge.jax.convert import build
-
     return build(mcfg, seed=seed)  # = lmforge.model.build(mcfg) after torch.manual_seed(seed)
 
 
@@ -180,10 +181,6 @@ def fit_jax(cfg: RunConfig, tokenizer, store, run_dir, say=print) -> dict:
     paths, a sample, plus ``tokens_per_s`` (training steps only, first compiled step excluded)
     and ``compile_seconds``.
     """
-    from lmforge.jax.generate import generate_text
-    from lmforge.train import checkpoint as ckpt
-    from lmforge.train.logging import MetricsLogger
-
     t_start = time.time()
     check_recipe(cfg)
     t = cfg.train

@@ -15,6 +15,7 @@ from lmforge.data.sampler import StepSampler
 from lmforge.data.sources import SourceSpec, iter_documents
 from lmforge.data.tokens import TokenStore, check_fits, sequential_windows
 from lmforge.errors import ConfigError
+from lmforge.generate import generate_text
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives import CausalLM, MaskedLM
 from lmforge.tasks import Task
@@ -96,7 +97,6 @@ def sample_text(model, tokenizer, cfg: RunConfig) -> str | None:
     """A sample from the trained model, as the recipe's ``sample:`` section asks."""
     if model.config.arch == "encoder" or cfg.sample.max_new_tokens <= 0:
         return None
-    from lmforge.generate import generate_text
 
     prompt = cfg.sample.prompt or "\n"
     limit = model.config.context_length - len(tokenizer.encode(prompt)) - 1

@@ -42,9 +42,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lmforge.config import RunConfig, merge, parse_overrides, read_yaml
-
-from lmforge.tasks import config_from_dict
 from lmforge.errors import ConfigError
+from lmforge.fsutil import atomic_write
+from lmforge.tasks import config_from_dict
+from lmforge.tasks.run import run
+from lmforge.train.checkpoint import step_name
+
 
 __all__ = ["Stage", "Pipeline", "is_pipeline", "load_pipeline", "run_pipeline", "format_plan",
            "DONE_FILE", "SUMMARY_FILE"]
@@ -214,7 +217,6 @@ def _init_path(prev: Stage, init: str) -> str:
     newest), or its final checkpoint (``step_<max_steps>``)."""
     if init == "best":
         return str(prev.out_dir)
-    from lmforge.train.checkpoint import step_name
 
     return str(prev.out_dir / "checkpoints" / step_name(prev.cfg.train.max_steps))
 
@@ -260,8 +262,6 @@ def _brief(summary: dict) -> dict:
 
 
 def _write_done(stage: Stage, summary: dict) -> None:
-    from lmforge.fsutil import atomic_write
-
     record = {"stage": stage.name, "index": stage.index, "task": stage.cfg.task, "source": stage.source,
               "init_from": stage.cfg.init_from, "config_sha256": _config_hash(stage.cfg),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": _brief(summary)}
@@ -277,8 +277,6 @@ def run_pipeline(pipe: Pipeline, *, progress: bool = True, print_fn: Callable = 
     ``reports`` (classification results) when it has them. ``stage_callbacks`` gives extra
     trainer callbacks to named stages (tests stop a stage half-way with it).
     """
-    from lmforge.tasks.run import run
-
     say = print_fn if _is_main() else (lambda *a, **k: None)
     summaries: dict[str, dict] = {}
     ran: list[str] = []
@@ -337,8 +335,6 @@ def run_pipeline(pipe: Pipeline, *, progress: bool = True, print_fn: Callable = 
 def write_pipeline_report(pipe: Pipeline, summaries: dict[str, dict], stopped: bool = False) -> Path:
     """``pipeline.json`` (the plan and every stage's summary) and ``report.html`` (a table of the
     stages linking each stage's own report and curves) in the top folder; returns the HTML path."""
-    from lmforge.fsutil import atomic_write
-
     rows = []
     for s in pipe.stages:
         sm = summaries.get(s.name)

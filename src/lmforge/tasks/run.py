@@ -20,14 +20,16 @@ from pathlib import Path
 from lmforge.config import RunConfig, save_config
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fsutil import atomic_write, is_disk_full, one_line
+from lmforge.inspect.curves import CurvePlotter
+from lmforge.inspect.report import log_sample, report_after_run
+from lmforge.perf import format_flops, measured_matmul_flops
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.tasks.lm import prepare_lm_data
 from lmforge.train import checkpoint as ckpt
-from lmforge.inspect.curves import CurvePlotter
 from lmforge.train.distributed import DistInfo, barrier, setup, teardown
 from lmforge.train.freeze import apply_trainable
-from lmforge.train.logging import MetricsLogger, save_run_info, truncate_metrics
+from lmforge.train.logging import MetricsLogger, peak_flops, save_run_info, truncate_metrics
 from lmforge.train.trainer import FitResult, Trainer, seed_everything
 
 
@@ -105,8 +107,6 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         why = "LoRA adapters, base frozen" if cfg.model.get("lora") else f"train.trainable={cfg.train.trainable}"
         say(f"trainable: {trainable:,} of {total:,} parameters ({why})")
     if progress and dist.is_main:  # a slow machine or a slow program? the yardstick beside MFU
-        from lmforge.perf import format_flops, measured_matmul_flops
-        from lmforge.train.logging import peak_flops
 
         peak = peak_flops(dist.device)
         say(f"machine: fp32 matmul measured at {format_flops(measured_matmul_flops(dist.device))} now"
@@ -154,12 +154,8 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
             say("results: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
             atomic_write(run_dir / "results.json", json.dumps({"step": result.step, **scalars}, indent=1) + "\n")
     if dist.is_main and summary.get("sample"):
-        from lmforge.inspect.report import log_sample
-
         log_sample(run_dir, result.step, summary["sample"])
     summary["wall_seconds"] = time.time() - t_start
     if dist.is_main and not result.stopped_early and cfg.logging.report:
-        from lmforge.inspect.report import report_after_run
-
         report_after_run(run_dir, enabled=True, say=say)
     return summary

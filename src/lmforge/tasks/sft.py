@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.chat import render
 from lmforge.config import RunConfig
-from lmforge.data.splits import split_for_data
 from lmforge.data.sampler import ExampleBatches, StepSampler
+from lmforge.data.sft_format import IGNORE, alpaca_messages, build_examples, oasst_paths, prompt_response
 from lmforge.data.sources import read_records
-from lmforge.data.sft_format import IGNORE, prompt_response, build_examples
+from lmforge.data.splits import split_for_data
 from lmforge.errors import ConfigError, DataError
 from lmforge.generate import generate_text
 from lmforge.model import count_parameters, flops_per_token
@@ -154,16 +155,12 @@ def prompt_text(record: dict, opts: SFTOptions, tokenizer) -> str | None:
     try:
         if opts.format == "alpaca" and opts.template != "chat":
             return prompt_response(record, opts.template)[0]
-        from lmforge.chat import render
 
         msgs = record.get("messages") if opts.format == "messages" else None
         if opts.format == "oasst":  # the tree's first path: every turn before its last reply
-            from lmforge.data.sft_format import oasst_paths
 
             msgs = next(iter(oasst_paths(record, opts.oasst_mode)), None)
         if msgs is None and opts.format == "alpaca":
-            from lmforge.data.sft_format import alpaca_messages
-
             msgs = alpaca_messages(record)
         if not msgs:
             return None

@@ -34,6 +34,7 @@ import yaml
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.fsutil import atomic_write
+from lmforge.version import __version__
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -457,8 +458,6 @@ def save_run_info(run_dir: str | os.PathLike, config: dict) -> None:
     device, ``sys.argv`` and the start time (UTC, ISO 8601). Calling it again on resume keeps
     earlier starts under ``previous_starts``. Both files are written atomically. Call on rank 0.
     """
-    from lmforge import __version__
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / CONFIG_FILE, yaml.safe_dump(_plain(config), sort_keys=False))
