@@ -100,12 +100,12 @@ def test_round_trip(tmp_path, tiny):
 
     assert path == root / "step_00000007" and path.is_dir()
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.pt", "meta.json"])
+        ["model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.safetensors", "meta.json"])
     assert _leftovers(root) == []
 
     c = load_checkpoint(path)
     assert c.step == 7 and c.meta["metrics"]["val_loss"] == 2.5 and c.meta["metrics"]["acc"] == "nan"
-    assert set(c.meta["files"]) == {"model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.pt"}
+    assert set(c.meta["files"]) == {"model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.safetensors"}
     assert c.meta["lmforge_version"] and c.meta["wall_time"] > 0
     assert c.config["run"] == {"seed": 1} and c.config["model"] == model.config.to_dict()
     assert c.tokenizer.fingerprint() == tok.fingerprint()
@@ -167,16 +167,17 @@ def test_exception_mid_write_leaves_previous(tmp_path, tiny, monkeypatch):
     model, opt = tiny
     root = tmp_path / "checkpoints"
     first = _save(root, 1, model, opt)
-    real_save = torch.save
+    import lmforge.train.checkpoint as checkpoint_module
 
-    def half_save(obj, f, *a, **k):
-        f.write(b"PK\x03\x04 half a file")
+    def half_save(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"\x10\x00\x00\x00 half a file")
         raise RuntimeError("boom mid-write")
 
-    monkeypatch.setattr(torch, "save", half_save)
+    monkeypatch.setattr(checkpoint_module, "save_state", half_save)
     with pytest.raises(CheckpointError, match=r"could not save checkpoint .*step_00000002.*boom mid-write"):
         _save(root, 2, model, opt)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
 
     assert not (root / "step_00000002").exists()
     assert _leftovers(root) == []
@@ -190,15 +191,17 @@ def test_kill_minus_9_mid_save(tmp_path, tiny):
     root = tmp_path / "checkpoints"
     script = textwrap.dedent(f"""
         import os, torch
+        import lmforge.train.checkpoint as checkpoint_module
         from lmforge.model import ModelConfig, build
         from lmforge.train.checkpoint import save_checkpoint
         model = build(ModelConfig(**{CFG!r}))
         save_checkpoint({str(root)!r}, "step_00000001", model, config={{}}, trainer_state={{"step": 1}}, step=1)
-        def die(obj, f, *a, **k):
-            f.write(b"PK partial")
-            f.flush()
-            os._exit(9)  # like kill -9: no cleanup, no finally
-        torch.save = die
+        def die(obj, path):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+                f.flush()
+                os._exit(9)  # like kill -9: no cleanup, no finally
+        checkpoint_module.save_state = die
         save_checkpoint({str(root)!r}, "step_00000002", model, config={{}}, trainer_state={{"step": 2}}, step=2)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -266,7 +269,7 @@ def _truncate(p: Path):
 @pytest.mark.parametrize("damage, match", [
     (lambda d: _flip(d / "model.safetensors"), r"model\.safetensors is corrupt: checksum mismatch"),
     (lambda d: _truncate(d / "model.safetensors"), r"model\.safetensors is corrupt: size \d+ bytes, expected"),
-    (lambda d: _flip(d / "trainer_state.pt"), r"trainer_state\.pt is corrupt: checksum mismatch"),
+    (lambda d: _flip(d / "trainer_state.safetensors"), r"trainer_state\.safetensors is corrupt: checksum mismatch"),
     (lambda d: (d / "config.yaml").unlink(), r"config\.yaml is missing"),
     (lambda d: (d / "meta.json").unlink(), r"step_00000002: partial or unfinished checkpoint \(no meta\.json"),
     (lambda d: (d / "meta.json").write_text("{not json"), r"meta\.json is corrupt: not valid JSON"),
@@ -294,7 +297,7 @@ def test_verify_not_a_checkpoint(tmp_path):
     (tmp_path / "random").mkdir()
     (tmp_path / "random" / "notes.md").write_text("hi")
     with pytest.raises(CheckpointError, match=r"random is not an lmforge checkpoint \(expected meta\.json, "
-                                              r"model\.safetensors, trainer_state\.pt\)"):
+                                              r"model\.safetensors, trainer_state\.safetensors\)"):
         verify_checkpoint(tmp_path / "random")
 
 
@@ -342,7 +345,7 @@ def _enospc(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.parametrize("target", ["torch.save", "safetensors", "meta"])
+@pytest.mark.parametrize("target", ["trainer_state", "safetensors", "meta"])
 def test_disk_full(tmp_path, tiny, monkeypatch, target):
     import safetensors.torch
 
@@ -350,11 +353,14 @@ def test_disk_full(tmp_path, tiny, monkeypatch, target):
     root = tmp_path / "checkpoints"
     first = _save(root, 1, model, opt)
     best = _save(root, 1, model, opt, name="best")
-    if target == "torch.save":
-        def partial(obj, f, *a, **k):
-            f.write(b"some bytes")
+    if target == "trainer_state":
+        import lmforge.train.checkpoint as checkpoint_module
+
+        def partial(obj, path):
+            with open(path, "wb") as f:
+                f.write(b"some bytes")
             _enospc()
-        monkeypatch.setattr(torch, "save", partial)
+        monkeypatch.setattr(checkpoint_module, "save_state", partial)
     elif target == "safetensors":
         monkeypatch.setattr(safetensors.torch, "save_model", _enospc)
     else:

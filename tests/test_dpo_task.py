@@ -157,7 +157,7 @@ def test_grad_accum_and_precomputed_reference_match_one_big_batch_with_a_copy(dp
     a = _run(dpo_dict("big", train={"max_steps": 3, "batch_size": 4, "grad_accum": 1, "eval_every": 100}))
     b = _run(dpo_dict("accum", objective={"reference": "precompute"},
                       train={"max_steps": 3, "batch_size": 2, "grad_accum": 2, "eval_every": 100}))
-    assert (Path(b["run_dir"]) / "reference_logps.pt").is_file()
+    assert (Path(b["run_dir"]) / "reference_logps.safetensors").is_file()
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], abs=1e-5)
     assert a["evals"][-1]["val_loss"] == pytest.approx(b["evals"][-1]["val_loss"], abs=1e-5)
 

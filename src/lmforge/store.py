@@ -63,7 +63,8 @@ CONFIG = "config.yaml"
 TOKENIZER = "tokenizer.json"
 META = "meta.json"
 FORMAT = "lmforge-checkpoint"
-TRAINER_STATE = "trainer_state.pt"  # named here only to tell a checkpoint from a model folder
+TRAINER_STATE = "trainer_state.safetensors"  # named here only to tell a checkpoint from a model folder
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # older checkpoints: a pickle; their weights load, their state never
 REQUIRED = (WEIGHTS, CONFIG, TRAINER_STATE)  # what every checkpoint's meta.json must list
 FILES = f"{META}, {WEIGHTS}, {TRAINER_STATE}"
 EXPECTED = f"expected {FILES}"
@@ -307,6 +308,8 @@ def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> dic
     if not isinstance(meta.get("step"), int):
         raise CheckpointError(f"{meta_path}: expected an integer \"step\"")
     for fname in REQUIRED:
+        if fname == TRAINER_STATE and LEGACY_TRAINER_STATE in files:
+            continue  # an old checkpoint: its weights may be read; load_checkpoint refuses its pickled state
         if fname not in files:
             raise CheckpointError(f"{meta_path}: does not list {fname}; {EXPECTED}")
     for fname, info in files.items():
@@ -343,7 +346,7 @@ def is_complete(ckpt: str | os.PathLike) -> bool:
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         return False
-    if not (ckpt / META).exists() and not (ckpt / TRAINER_STATE).exists():
+    if not (ckpt / META).exists() and not (ckpt / TRAINER_STATE).exists() and not (ckpt / LEGACY_TRAINER_STATE).exists():
         return (ckpt / WEIGHTS).is_file() and (ckpt / CONFIG).is_file()
     try:
         verify_checkpoint(ckpt, checksums=False)

@@ -16,7 +16,7 @@ The same recipe, piece by piece:
 * the same initial weights: the PyTorch model built after ``torch.manual_seed(run.seed)``,
   converted, so a JAX run and a PyTorch run of one recipe start from the same point;
 * checkpoints in lmforge's format (``lmforge.train.checkpoint``): the PyTorch side loads them as
-  any other checkpoint; the optimizer state rides along in ``trainer_state.pt`` for a JAX resume.
+  any other checkpoint; the optimizer state rides along in ``trainer_state.safetensors`` for a JAX resume.
 
 The train step is a pure function ``(params, rest, opt_state, x, y) -> (params, rest,
 opt_state, metrics)`` of the model's state, split from the Flax module with ``nnx.split``:

@@ -10,7 +10,7 @@ logps/chosen, logps/rejected) on held-out pairs.
 
 The model usually starts from an SFT or pretrained run (``model.init_from``), which is also the
 reference (see :mod:`lmforge.objectives.dpo`; ``reference: precompute`` is computed once here and cached
-in the run folder as ``reference_logps.pt``).
+in the run folder as ``reference_logps.safetensors``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from lmforge.data.splits import split_for_data
 from lmforge.data.preference_format import PreferencePair, parse_preference_records, render_pair
 from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
-from lmforge.errors import ConfigError, DataError, InputError
+from lmforge.errors import CheckpointError, ConfigError, DataError, InputError
 from lmforge.fsutil import atomic_write
+from lmforge.statefile import load_state, save_state
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.model.lora import has_lora
 from lmforge.objectives.dpo import DPO
@@ -345,7 +346,7 @@ def _build(ctx: TaskContext) -> TaskParts:
     tables = {s: {"size": len(e), "batches": batches[s]} for s, e in enc.items()}
     objective = DPO(o.loss_type, o.beta, o.label_smoothing, o.gamma, o.average_logps, reference_kind(o),
                     precompute=lambda obj, m, device: precompute_reference(obj, m, device, tables,
-                                                                           ctx.run_dir / "reference_logps.pt"))
+                                                                           ctx.run_dir / "reference_logps.safetensors"))
     train = enc["train"]
     sampler = StepSampler(len(train), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
     train_data = ExampleBatches(sampler, lambda idx: collate(train, idx, pad, max_length, "train"), dist.rank)
@@ -392,7 +393,10 @@ def precompute_reference(objective: DPO, model, device, batches: dict, path: Pat
     """
     sizes = {s: b["size"] for s, b in batches.items()}
     if path is not None and Path(path).is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_state(path)  # safetensors + JSON: reading it cannot run code
+        if not isinstance(saved, dict) or not all(torch.is_tensor(t) and t.dim() == 2 for t in saved.values()):
+            raise CheckpointError(f"{path}: expected reference log-probs ({{split: (N, 2) tensor}}); delete it "
+                                  f"to recompute them")
         if {s: int(t.shape[0]) for s, t in saved.items()} == sizes:
             return saved
     was_training = model.training
@@ -409,7 +413,7 @@ def precompute_reference(objective: DPO, model, device, batches: dict, path: Pat
     model.train(was_training)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(path), lambda p: torch.save(out, p))
+        atomic_write(Path(path), lambda p: save_state(out, p))
     return out
 
 

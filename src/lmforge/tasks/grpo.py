@@ -26,8 +26,9 @@ from lmforge.data.builtin import arithmetic
 from lmforge.data.splits import split_for_data
 from lmforge.data.sampler import StepSampler
 from lmforge.data.sources import SourceSpec, iter_records
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.fsutil import atomic_write
+from lmforge.statefile import load_state, save_state
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.generate import SamplingConfig, generate
 from lmforge.model.packed import release_packed
@@ -164,20 +165,23 @@ class RolloutBatches:
 
     @property
     def _cache_path(self) -> Path | None:
-        return None if self.run_dir is None else Path(self.run_dir) / f"rollouts_rank{self.rank}.pt"
+        return None if self.run_dir is None else Path(self.run_dir) / f"rollouts_rank{self.rank}.safetensors"
 
     def _save(self, group: int) -> None:
         if (path := self._cache_path) is None:
             return
         data = {"group": group, "batches": {m: b for (_, m), b in self._cache.items()}}
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: torch.save(data, p))
+        atomic_write(path, lambda p: save_state(data, p))
 
     def _load(self, group: int) -> dict:
         path = self._cache_path
         if path is None or not path.is_file():
             return {}
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_state(path)  # safetensors + JSON: reading it cannot run code
+        if not isinstance(data, dict) or not isinstance(data.get("batches"), dict) or "group" not in data:
+            raise CheckpointError(f"{path}: not a rollout cache (expected group and batches); delete it to redraw "
+                                  f"the rollouts of the current group")
         return {(group, m): b for m, b in data["batches"].items()} if data["group"] == group else {}
 
     def rollouts(self, step: int, micro: int) -> dict:

@@ -5,8 +5,9 @@ A checkpoint is one folder ``<run_dir>/checkpoints/<name>/`` (``step_00000100``,
     model.safetensors   the weights (the model folder format of lmforge.store)
     config.yaml         the whole run config, with its ``model:`` section
     tokenizer.json      optional
-    trainer_state.pt    torch.save of the trainer's dict: step, optimizer, scheduler, scaler,
-                        RNG states, data position, metrics, ...
+    trainer_state.safetensors  the trainer's dict: step, optimizer, scheduler, scaler, RNG states,
+                        data position, ...: tensors as safetensors, the rest as JSON in its header
+                        (lmforge.statefile; never a pickle, so loading it cannot run code)
     meta.json           written LAST: step, metrics, time, versions, and every file's size + sha256
 
 A save never overwrites a checkpoint in place. It builds ``<root>/.tmp-<name>-<pid>-<n>``, fsyncs
@@ -24,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import time
@@ -38,7 +38,9 @@ import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fsutil import fsync_path, is_disk_full, one_line, publish_folder, sha256_file
-from lmforge.store import (CONFIG, EXPECTED, FILES, FORMAT, META, REQUIRED, TOKENIZER, TRAINER_STATE, WEIGHTS,
+from lmforge.statefile import load_state, save_state
+from lmforge.store import (CONFIG, EXPECTED, FILES, FORMAT, LEGACY_TRAINER_STATE, META, REQUIRED, TOKENIZER,
+                           TRAINER_STATE, WEIGHTS,
                            build_model_from_folder, latest_checkpoint, list_checkpoints, load_weights, read_config,
                            verify_checkpoint, write_model_files)
 from lmforge.tokenizer import load_tokenizer
@@ -189,8 +191,10 @@ def save_checkpoint(ckpt_root: str | os.PathLike, name: str, model: nn.Module, *
         tmp = _side_path(root, "tmp", name)
         tmp.mkdir()
         write_model_files(model, tmp, tokenizer=tokenizer, config=config)
-        with open(tmp / TRAINER_STATE, "wb") as f:
-            torch.save(trainer_state, f)
+        try:
+            save_state(trainer_state, tmp / TRAINER_STATE)
+        except TypeError as e:
+            raise CheckpointError(f"{final}: the trainer state cannot be saved: {e}") from None
         files = {}
         for fname in (WEIGHTS, CONFIG, TOKENIZER, TRAINER_STATE):
             p = tmp / fname
@@ -264,15 +268,11 @@ class Checkpoint:
 
 
 def _load_state(path: Path, map_location) -> dict:
-    try:
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError:
-            # Our own file, checksum-verified: it holds something besides tensors and plain
-            # containers (a numpy RNG state, say), which only the full unpickler reads.
-            state = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or unreadable: {one_line(e)}") from None
+    if not path.is_file() and (path.parent / LEGACY_TRAINER_STATE).is_file():
+        raise CheckpointError(f"{path.parent / LEGACY_TRAINER_STATE}: a trainer state in the old pickle format, "
+                              f"which can run code when loaded, so lmforge does not read it; start a new run "
+                              f"from these weights with model.init_from={path.parent} instead of resuming")
+    state = load_state(path, device=map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of trainer state, got {type(state).__name__}")
     return state
