@@ -21,6 +21,7 @@ the prompt.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,12 +85,14 @@ class ChatSession:
     # ------------------------------------------------------------------ one turn
     def answer(self, user_text: str, write: Callable[[str], None]) -> str:
         """Add a user turn, stream the answer through ``write`` and add it; returns the answer.
-        A KeyboardInterrupt stops the answer and keeps what was written."""
+        A KeyboardInterrupt stops the answer and keeps what was written. A message that cannot be
+        answered (too long for the context) leaves the conversation as it was."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": user_text})
         try:
             dropped = self.fit()
         except InputError:
-            self.messages.pop()
+            self.messages = before  # fit() may have dropped older turns before giving up
             raise
         if dropped:
             write(f"[dropped the {dropped} oldest message(s) to stay within the context of {self.context} tokens]\n")
@@ -97,7 +100,11 @@ class ChatSession:
         cfg = SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
                              top_p=self.top_p if self.temperature > 0 else None, seed=self.seed)
         pieces: list[str] = []
-        pieces_gen = stream_text(self.model, self.tokenizer, prompt, cfg)
+        try:
+            pieces_gen = stream_text(self.model, self.tokenizer, prompt, cfg)
+        except InputError:
+            self.messages = before
+            raise
         try:
             for piece in pieces_gen:
                 pieces.append(piece)
@@ -126,7 +133,7 @@ class ChatSession:
                 return "usage: /save FILE"
             Path(arg).write_text(json.dumps(self.messages, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
             return f"[saved {len(self.messages)} messages to {arg}]"
-        setters = {"temperature": (float, lambda v: v >= 0, "a number >= 0"),
+        setters = {"temperature": (float, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
                    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
                    "max_tokens": (int, lambda v: 0 < v < self.context, f"an integer in [1, {self.context})")}
         if name in setters:

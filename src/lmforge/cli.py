@@ -129,6 +129,11 @@ def cmd_generate(args) -> int:
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop=list(args.stop or []), context_overflow=args.context_overflow)
     _check_sampling_flags(opts)  # before loading anything
+    if args.system is not None and not args.chat:
+        from lmforge.errors import InputError
+
+        raise InputError("--system needs --chat (a system prompt is part of the chat template); add --chat, "
+                         "or write the instructions into the prompt")
     model, tok, _ = _load_for_inference(args.model, args.device, args.quantize, verb="generate")
     prompt = args.prompt
     if args.chat:  # the prompt is one user turn in the model's chat template
@@ -507,6 +512,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; Ctrl-C at any point (start-up included) exits 130 with one line, no traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from lmforge.errors import LMForgeError
 
     from lmforge.cli_args import normalize_override_args

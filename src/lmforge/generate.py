@@ -158,7 +158,9 @@ def sample_next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torc
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= cfg.top_p, float("-inf"))
+        drop = mass_before >= cfg.top_p  # a top_p below float32's range (1e-300) rounds to 0 here...
+        drop[..., 0] = False  # ...so the most likely token is kept explicitly
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

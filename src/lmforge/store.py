@@ -19,6 +19,11 @@ An lmforge model folder holds::
     tokenizer.json      optional, an lmforge tokenizer file
     meta.json           checkpoints only, written last: step, metrics and every file's size and
                         sha256 (``lmforge.train.checkpoint`` writes it; this module checks it)
+    checksums.json      model folders (save_model / export), written last: every file's size and
+                        sha256 (``lmforge.integrity``), checked on load
+
+Every loader here refuses weights holding NaN or inf, naming the tensor (``LMFORGE_ALLOW_NONFINITE=1``
+loads them anyway, for debugging).
 
 :func:`load_model` reads an lmforge folder (checksums verified, LoRA rebuilt, tokenizer checked);
 :func:`from_pretrained` reads any of the names above. The trainer's checkpoint loading goes through
@@ -44,6 +49,7 @@ import yaml
 from lmforge.device import resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.fsutil import publish_folder, sha256_file
+from lmforge.integrity import check_finite_model, verify_checksums, write_checksums
 from lmforge.interop.gguf import load_gguf
 from lmforge.interop.hf import load_hf
 from lmforge.model import ModelConfig, build
@@ -154,6 +160,7 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer=None, config: dic
     tmp.mkdir()
     try:
         write_model_files(model, tmp, tokenizer, config)
+        write_checksums(tmp, (WEIGHTS, CONFIG, TOKENIZER))  # last: what load_model checks the files against
         publish_folder(tmp, folder, aside=folder.parent / f".{folder.name}.old-{os.getpid()}")
     finally:
         if tmp.exists():
@@ -193,7 +200,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or unexpected:
         what = f"missing {sorted(missing)[:5]}" if missing else f"unexpected {sorted(unexpected)[:5]}"
         raise CheckpointError(f"{path}: weights do not match the model config: {what}")
-    return model
+    return check_finite_model(model, path)
 
 
 def check_tokenizer(tok, vocab_size: int, fingerprint: str | None, where) -> None:
@@ -226,6 +233,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", with_toke
         raise CheckpointError(f"{folder}: not a folder; expected an lmforge checkpoint or model folder")
     if (folder / META).is_file():
         verify_checkpoint(folder)
+    else:  # a model folder: checked against its checksums.json (older folders have none)
+        verify_checksums(folder, required=(WEIGHTS, CONFIG))
     cfg = read_config(folder)
     model = build_model_from_folder(folder, cfg).to(device).eval()
     tok = None
@@ -250,10 +259,13 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None):
         raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder, "
                               f"a run folder or a .gguf file")
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return load_gguf(p, device=device, with_tokenizer=with_tokenizer)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
-        return load_hf(p, device=device, with_tokenizer=with_tokenizer)
-    return load_model(p, device=device, with_tokenizer=with_tokenizer)
+        loaded = load_gguf(p, device=device, with_tokenizer=with_tokenizer)
+    elif p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
+        loaded = load_hf(p, device=device, with_tokenizer=with_tokenizer)
+    else:
+        return load_model(p, device=device, with_tokenizer=with_tokenizer)  # load_weights checked it
+    check_finite_model(loaded[0] if with_tokenizer else loaded, p)
+    return loaded
 
 
 def load_for_inference(path, device="cpu", quantize: str = "none", need_tokenizer: str | None = None):
