@@ -45,7 +45,7 @@ from lmforge.config import RunConfig, merge, parse_overrides, read_yaml
 from lmforge.errors import ConfigError
 from lmforge.fsutil import atomic_write
 from lmforge.tasks import config_from_dict
-from lmforge.tasks.run import run
+from lmforge.tasks.run import folder_lock, run
 from lmforge.train.checkpoint import step_name
 
 
@@ -275,8 +275,14 @@ def run_pipeline(pipe: Pipeline, *, progress: bool = True, print_fn: Callable = 
     Returns ``{"stages": {name: summary}, "ran": [...], "skipped": [...], "stopped_early",
     "stage" (the last stage that ran or stopped), "steps", "report"}`` plus the last stage's
     ``reports`` (classification results) when it has them. ``stage_callbacks`` gives extra
-    trainer callbacks to named stages (tests stop a stage half-way with it).
+    trainer callbacks to named stages (tests stop a stage half-way with it). The pipeline's folder
+    is locked while it runs: a second run of it is refused at once.
     """
+    with folder_lock(pipe.out_dir):
+        return _run_pipeline(pipe, progress, print_fn, stage_callbacks)
+
+
+def _run_pipeline(pipe: Pipeline, progress: bool, print_fn: Callable, stage_callbacks: dict[str, list] | None) -> dict:
     say = print_fn if _is_main() else (lambda *a, **k: None)
     summaries: dict[str, dict] = {}
     ran: list[str] = []

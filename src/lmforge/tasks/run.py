@@ -13,7 +13,9 @@ Nothing here knows which task it runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from lmforge.fsutil import atomic_write, is_disk_full, one_line
 from lmforge.inspect.curves import CurvePlotter
 from lmforge.inspect.report import log_sample, report_after_run
 from lmforge.perf import format_flops, measured_matmul_flops
+from lmforge.runlock import RunLock
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.tasks.lm import prepare_lm_data
@@ -33,8 +36,20 @@ from lmforge.train.logging import MetricsLogger, peak_flops, save_run_info, trun
 from lmforge.train.trainer import FitResult, Trainer, seed_everything
 
 
+def folder_lock(folder) -> contextlib.AbstractContextManager:
+    """The run folder's lock (:class:`lmforge.runlock.RunLock`), taken by the main process only
+    (the other ranks of a torchrun job share its folder)."""
+    return RunLock(folder) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
 def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: list | None = None) -> dict:
-    """Train as ``cfg`` says; returns a summary (steps, last losses, checkpoint paths, task results)."""
+    """Train as ``cfg`` says; returns a summary (steps, last losses, checkpoint paths, task results).
+    A second run on the same ``run.out_dir`` while this one runs is refused at once (ConfigError)."""
+    with folder_lock(cfg.run.out_dir):
+        return _run_locked(cfg, progress, print_fn, callbacks)
+
+
+def _run_locked(cfg: RunConfig, progress: bool, print_fn, callbacks: list | None) -> dict:
     if cfg.train.backend == "jax":  # the JAX twin of the trainer (causal LM on one process)
         if cfg.task != "pretrain":
             raise ConfigError(f"train.backend: jax trains task: pretrain only; got task: {cfg.task} "
