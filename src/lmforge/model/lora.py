@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
+from lmforge.integrity import check_finite, verify_checksums, write_checksums
 from lmforge.model.layers import MLP, Attention, dropout
 from lmforge.model.packed import packed_product
 
@@ -272,6 +273,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_path: str | Path | N
             "base": {"path": str(base_path) if base_path is not None else None, "sha256": base_checksum(model)}}
     atomic_write(folder / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     atomic_write(folder / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
+    write_checksums(folder, (ADAPTER_WEIGHTS, ADAPTER_CONFIG))  # last: an edited adapter.json is refused
     return folder
 
 
@@ -291,11 +293,13 @@ def read_adapter_config(folder: str | Path) -> dict:
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Add the adapter saved in ``folder`` to ``model`` (its base): applies the saved LoRA config
     and loads the tensors. A model whose base weights differ from those the adapter was trained
-    on is a :class:`CheckpointError`."""
+    on, a folder whose files do not match its ``checksums.json``, or adapter tensors holding NaN/inf
+    are a :class:`CheckpointError`; a refused adapter leaves the model as it was (no adapters)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    verify_checksums(folder, required=(ADAPTER_WEIGHTS, ADAPTER_CONFIG))  # older folders have none
     meta = read_adapter_config(folder)
     if has_lora(model):
         raise ConfigError("load_adapter: the model already has adapters")
@@ -308,16 +312,28 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: missing or corrupt ({str(e).splitlines()[0][:120]})") from None
-    apply_lora(model, LoraConfig(**meta["lora"]))
-    expected = lora_state_dict(model)
-    if set(tensors) != set(expected):
-        raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: adapter tensors do not match its config "
-                              f"({len(tensors)} in the file, {len(expected)} expected)")
-    for k, t in tensors.items():
-        if t.shape != expected[k].shape:
-            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: {k}: shape {tuple(t.shape)}, expected "
-                                  f"{tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)
+    check_finite(tensors.items(), folder / ADAPTER_WEIGHTS)
+    cfg = LoraConfig(**meta["lora"])
+    before = [(parent, name, getattr(parent, name)) for parent, name, _ in _targets(model, cfg)]
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    apply_lora(model, cfg)
+    try:
+        expected = lora_state_dict(model)
+        if set(tensors) != set(expected):
+            raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: adapter tensors do not match its config "
+                                  f"({len(tensors)} in the file, {len(expected)} expected)")
+        for k, t in tensors.items():
+            if t.shape != expected[k].shape:
+                raise CheckpointError(f"{folder / ADAPTER_WEIGHTS}: {k}: shape {tuple(t.shape)}, expected "
+                                      f"{tuple(expected[k].shape)}")
+        model.load_state_dict(tensors, strict=False)
+    except BaseException:  # put the base layers back: a refused adapter leaves nothing attached
+        for parent, name, module in before:
+            setattr(parent, name, module)
+        for p, flag in trainable:
+            p.requires_grad_(flag)
+        del model.lora_config
+        raise
     return model
 
 
