@@ -42,6 +42,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -259,7 +260,8 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None):
         raise CheckpointError(f"{p}: no such file or folder; expected an lmforge or Hugging Face model folder, "
                               f"a run folder or a .gguf file")
     if p.is_file() and p.suffix.lower() == ".gguf":
-        loaded = load_gguf(p, device=device, with_tokenizer=with_tokenizer)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN blocks: refused just below, by name
+            loaded = load_gguf(p, device=device, with_tokenizer=with_tokenizer)
     elif p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
         loaded = load_hf(p, device=device, with_tokenizer=with_tokenizer)
     else:
