@@ -562,15 +562,26 @@ def _run_verb(args) -> int:
     except LMForgeError as e:
         print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"lmforge {args.verb}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # e.g. `lmforge info gpt2 | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        import errno
+
+        if isinstance(e, PermissionError) or e.errno == errno.EROFS:  # a read-only place
+            where = Path(e.filename) if e.filename else None
+            if where is not None and where.name.startswith(".") and where.name.endswith(".tmp"):
+                where = where.parent  # an atomic write's temporary file: name the folder
+            print(f"lmforge {args.verb}: error: {where or ''}: {e.strerror or e}; check its permissions or "
+                  f"choose a place you can write to", file=sys.stderr)
+            return 2
+        if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+            print(f"lmforge {args.verb}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def cli(*args, cwd: Path, user: str | None = None, env: dict | None = None, time
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "lmforge.cli", *map(str, args)]
     if user is not None:
-        cmd = [shutil.which("setpriv"), "--reuid", user, "--regid", user, "--clear-groups", *cmd]
+        cmd = [shutil.which("setpriv"), "--reuid", str(user), "--regid", str(user), "--clear-groups", *cmd]
         full_env["HOME"] = str(cwd)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -115,7 +115,8 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     """Exit 2, no traceback, one line on stderr holding every needle; returns the line."""
     assert r.returncode == 2, (r.returncode, r.stdout[-1500:], r.stderr[-3000:])
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-3000:]
-    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    lines = [line for line in r.stderr.splitlines()
+             if line.strip() and not line.startswith("note:") and "is a run folder; using" not in line]
     assert len(lines) == 1, r.stderr
     for n in needles:
         assert n in lines[0], lines[0]
