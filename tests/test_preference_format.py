@@ -81,7 +81,7 @@ def test_hh_rlhf_transcripts():
 @pytest.mark.parametrize("record,message", [
     ({"prompt": "q", "rejected": "b"}, "record 7: no 'chosen' field; fields present: 'prompt', 'rejected'"),
     ({"prompt": "q", "chosen": "a"}, "record 7: no 'rejected' field"),
-    ({"prompt": "q", "chosen": None, "rejected": "b"}, "record 7: no 'chosen' field"),
+    ({"prompt": "q", "chosen": None, "rejected": "b"}, "record 7: 'chosen' is null; expected a string or a list of messages"),
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "record 7: chosen and rejected are identical"),
     ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "record 7: the chosen completion is empty"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "record 7: prompt is int"),

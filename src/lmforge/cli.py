@@ -102,6 +102,9 @@ def cmd_classify(args) -> int:
 
     if (args.text is None) == (args.input is None):
         raise InputError("classify: give --text TEXT or --input FILE (one text per line), not both or neither")
+    if args.max_length is not None and args.max_length < 2:  # before loading anything; 0 is not "the default"
+        raise InputError(f"--max-length: got {args.max_length}, expected an integer >= 2 (tokens per text, "
+                         f"special tokens included), or leave it out for the training max_length")
     model, tok, run_config = _load_for_inference(args.model, args.device, verb="classify")
     if not model.config.num_classes:
         raise InputError(f"{args.model}: this model has no classification head (model.num_classes is 0); "
@@ -116,7 +119,7 @@ def cmd_classify(args) -> int:
         texts = [t for t in texts if t.strip()]
         if not texts:
             raise InputError(f"{args.input}: no text lines; expected one text per line")
-    max_length = args.max_length or saved_options(run_config).max_length
+    max_length = args.max_length if args.max_length is not None else saved_options(run_config).max_length
     for text, r in zip(texts, classify_texts(model, tok, texts, max_length)):
         print(json.dumps({"text": text, **r}, ensure_ascii=False))
     return 0

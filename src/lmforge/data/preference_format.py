@@ -187,9 +187,11 @@ def parse_preference_record(record: Any, index: int, format: str = "auto",
     if not isinstance(record, dict):
         raise DataError(f"{at}: expected a JSON object, got {type(record).__name__}")
     for field in ("chosen", "rejected"):
-        if field not in record or record[field] is None:
-            present = ", ".join(repr(k) for k in record) or "(none)"
+        if field not in record:
+            present = ", ".join(repr(k) for k in record if not str(k).startswith("_")) or "(none)"
             raise DataError(f"{at}: no {field!r} field; fields present: {present}")
+        if record[field] is None:
+            raise DataError(f"{at}: {field!r} is null; expected a string or a list of messages")
     kind = _detect(record) if format == "auto" else format
     try:
         prompt, chosen, rejected = _PARSERS[kind](record)

@@ -51,6 +51,15 @@ class SFTExample:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
+class Located(dict):
+    """A record that remembers where it came from (``where``: its file and line), for error
+    messages after the records were shuffled. Serialises as the plain dict it is."""
+
+    def __init__(self, record: dict, where: str | None = None):
+        super().__init__(record)
+        self.where = where
+
+
 @dataclass
 class SFTCounts:
     """What happened to the records: kept as they were, truncated, or dropped (and why)."""
@@ -245,7 +254,7 @@ def build_examples(records: Iterable, tokenizer, kind: str = "alpaca", template:
         raise ConfigError(f"sft.max_length: got {max_length!r}, expected an integer >= 2")
     counts = SFTCounts()
     for n, record in enumerate(records):
-        where = f"record {n}"
+        where = getattr(record, "where", None) or f"record {n}"
         if kind == "alpaca" and isinstance(record, dict) and isinstance(record.get("output"), str) \
                 and not record["output"].strip():  # nothing to learn from (real Alpaca has a few): counted
             counts.dropped_nothing_to_train += 1

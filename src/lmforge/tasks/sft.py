@@ -27,7 +27,7 @@ import torch
 from lmforge.chat import render
 from lmforge.config import RunConfig
 from lmforge.data.sampler import ExampleBatches, StepSampler
-from lmforge.data.sft_format import IGNORE, alpaca_messages, build_examples, oasst_paths, prompt_response
+from lmforge.data.sft_format import IGNORE, Located, alpaca_messages, build_examples, oasst_paths, prompt_response
 from lmforge.data.sources import read_records
 from lmforge.data.splits import split_for_data
 from lmforge.errors import ConfigError, DataError
@@ -182,7 +182,9 @@ def tokenizer_text(record: dict, opts: SFTOptions) -> str:
 
 
 def _records(sources) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "_where"} for r in read_records(source_specs(sources))]
+    """The records, each remembering its file and line (errors name it even after shuffling)."""
+    return [Located({k: v for k, v in r.items() if k != "_where"}, r.get("_where"))
+            for r in read_records(source_specs(sources))]
 
 
 def split_for_run(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
@@ -226,8 +228,15 @@ def _build(ctx: TaskContext) -> TaskParts:
     train, val = build_examples(train_recs, tokenizer, **kw), build_examples(val_recs, tokenizer, **kw)
     test = build_examples(test_recs, tokenizer, **kw).examples
     if not train.examples or not val.examples:
-        raise DataError(f"task sft: {len(train.examples)} training and {len(val.examples)} validation examples; "
-                        f"expected at least one of each (data.val_fraction / data.val_sources)")
+        too_long = train.dropped_too_long + val.dropped_too_long
+        empty = train.dropped_nothing_to_train + val.dropped_nothing_to_train
+        why = "".join([
+            f"; {too_long} example(s) dropped as longer than objective.max_length={o.max_length} (raise it, or "
+            f"objective.overflow: truncate)" if too_long else "",
+            f"; {empty} example(s) had no response token to train on within objective.max_length={o.max_length} "
+            f"(an empty response, or a prompt that fills max_length: raise it)" if empty else ""])
+        raise DataError(f"task sft: {len(train.examples)} training and {len(val.examples)} validation examples"
+                        f"{why}; expected at least one of each (data.val_fraction / data.val_sources)")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
     sampler = StepSampler(len(train.examples), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
 
