@@ -150,8 +150,10 @@ def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> A
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; expected an lmforge state file (safetensors)")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":  # a pickle protocol 2+ opcode, or torch.save's zip archive
+        head = f.read(9)
+    size = path.stat().st_size
+    looks_safetensors = len(head) == 9 and int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+    if not looks_safetensors and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"):  # pickle / torch.save zip
         raise CheckpointError(f"{path} is a pickle (torch.save) file, which can run code when loaded; lmforge "
                               f"refuses it and reads only its safetensors state files")
     try:
