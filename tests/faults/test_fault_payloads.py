@@ -196,3 +196,29 @@ def test_adapter_refuses_a_payload_and_stays_off(tmp_path, marker):
         load_adapter(base, folder)
     assert not has_lora(base)
     shutil.rmtree(folder)
+
+
+def test_state_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors header length is little-endian: its first byte may be 0x80 (a pickle's first
+    opcode); such a file is still read as the state it is."""
+    for k in range(256):
+        path = tmp_path / "s.safetensors"
+        save_state({"pad": "x" * k, "t": torch.ones(2)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length starting with 0x80")
+    assert load_state(path)["pad"] == "x" * k
+
+
+def test_chat_template_from_a_file_runs_in_a_sandbox(tmp_path, marker):
+    """A tokenizer's chat template is code from a file: rendered in Jinja's immutable sandbox,
+    reaching for Python internals is refused with one InputError line."""
+    from lmforge.chat import render
+    from lmforge.errors import InputError
+
+    tok = faultkit.tiny_tokenizer()
+    tok.chat_template = ("{{ ''.__class__.__mro__[1].__subclasses__() }}"
+                         "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
+    with pytest.raises(InputError, match="chat template"):
+        render([{"role": "user", "content": "hi"}], tok, add_generation_prompt=True)
