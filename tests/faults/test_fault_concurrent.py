@@ -65,6 +65,7 @@ def test_lock_of_a_killed_run_is_stale(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_second_train_on_a_running_folder_refused_at_once(tmp_path, tiny_yaml):
     """Two ``lmforge train`` processes on one run.out_dir: the first trains on, the second exits
     2 within seconds naming the first's pid, and the first's files are untouched by it."""

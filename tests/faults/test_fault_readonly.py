@@ -34,34 +34,49 @@ def _user():
     return NOBODY
 
 
-@pytest.fixture(scope="module")
-def places():
-    """``ro/`` (a trained run ``ro/run`` inside, read-only) and ``w/`` (writable by the CLI's user)."""
-    user = _user()
-    top = Path(tempfile.mkdtemp(prefix="lmforge-ro-"))
-    ro, w = top / "ro", top / "w"
-    ro.mkdir()
-    w.mkdir()
-    cfg = tiny_run_dict(ro / "run", w / "cache")
-    cfg["train"].update(max_steps=3, checkpoint_every=3)
-    (w / "train.yaml").write_text(yaml.safe_dump(cfg))
-    r = faultkit.cli("train", "-c", w / "train.yaml", "--quiet", cwd=w)
-    assert r.returncode == 0, r.stderr
-    (w / "text.txt").write_text(faultkit.TEXT)
+def _lock_down(top: Path, ro: Path, w: Path, user) -> None:
     for p in [top, *top.rglob("*")]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    if user is None:
+    if user is None:  # not root: permission bits apply to us
         for p in [ro, *ro.rglob("*")]:
             if p.is_dir():
                 os.chmod(p, 0o555)
     else:
         for p in [w, *w.rglob("*")]:
             os.chown(p, user, user)
-    yield {"ro": ro, "w": w, "user": user, "run": ro / "run"}
+
+
+@pytest.fixture(scope="module")
+def places():
+    """``ro/`` (read-only for the CLI's user) and ``w/`` (writable by it)."""
+    user = _user()
+    top = Path(tempfile.mkdtemp(prefix="lmforge-ro-"))
+    ro, w = top / "ro", top / "w"
+    ro.mkdir()
+    w.mkdir()
+    (w / "text.txt").write_text(faultkit.TEXT)
+    _lock_down(top, ro, w, user)
+    yield {"top": top, "ro": ro, "w": w, "user": user, "run": ro / "run"}
     for p in [ro, *ro.rglob("*")]:
         if p.is_dir():
             os.chmod(p, 0o755)
     shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ro_run(places):
+    """A trained run ``ro/run`` (trained by the test process, then read-only for the CLI's user)."""
+    if not places["run"].is_dir():
+        for p in [places["ro"], *places["ro"].rglob("*")]:
+            if p.is_dir():
+                os.chmod(p, 0o755)
+        cfg = tiny_run_dict(places["run"], places["w"] / "cache")
+        cfg["train"].update(max_steps=3, checkpoint_every=3)
+        (places["w"] / "train.yaml").write_text(yaml.safe_dump(cfg))
+        r = faultkit.cli("train", "-c", places["w"] / "train.yaml", "--quiet", cwd=places["w"])
+        assert r.returncode == 0, r.stderr
+        _lock_down(places["top"], places["ro"], places["w"], places["user"])
+    return places["run"]
 
 
 def _cli(places, *args):
@@ -109,8 +124,8 @@ def test_multi_stage_recipe_into_a_read_only_folder(places):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("verb", ["report", "export", "tokenizer", "inspect"])
-def test_writing_verbs_into_read_only_places(places, verb):
-    ro, run = places["ro"], places["run"]
+def test_writing_verbs_into_read_only_places(places, ro_run, verb):
+    ro, run = places["ro"], ro_run
     args = {"report": ["report", run, "--no-model"],
             "export": ["export", "--model", run, "--out", ro / "hf"],
             "tokenizer": ["tokenizer", "train", "--kind", "char", "--input", places["w"] / "text.txt",
@@ -122,8 +137,8 @@ def test_writing_verbs_into_read_only_places(places, verb):
 
 
 @pytest.mark.slow
-def test_reading_verbs_work_on_a_read_only_run(places):
-    run = places["run"]
+def test_reading_verbs_work_on_a_read_only_run(places, ro_run):
+    run = ro_run
     for args in (["eval", "--model", run, "--data", places["w"] / "text.txt", "--cache-dir", places["w"] / "c",
                   "--quiet"],
                  ["generate", "--model", run, "--prompt", "the", "--max-new-tokens", "3"],
