@@ -278,6 +278,9 @@ def cmd_export(args) -> int:
             raise InputError(f"--out {out}: {p} is a file; expected a folder (new or existing) to write into")
     model, tok, _ = _load_for_inference(args.model, "cpu")
     export_hf(model, out, tokenizer=tok)
+    from lmforge.integrity import write_checksums
+
+    write_checksums(out, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
     print(f"wrote {out} (Hugging Face format: config.json, model.safetensors"
           f"{', tokenizer.json, tokenizer_config.json' if tok is not None else ''})")
     return 0

@@ -263,6 +263,7 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None):
         with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN blocks: refused just below, by name
             loaded = load_gguf(p, device=device, with_tokenizer=with_tokenizer)
     elif p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
+        verify_checksums(p)  # an `lmforge export` folder carries checksums.json (others have none)
         loaded = load_hf(p, device=device, with_tokenizer=with_tokenizer)
     else:
         return load_model(p, device=device, with_tokenizer=with_tokenizer)  # load_weights checked it

@@ -188,3 +188,13 @@ def test_intact_adapter_still_loads(tmp_path):
     folder = _adapter(tmp_path)
     base, _ = faultkit.tiny_model()
     assert has_lora(load_adapter(base, folder))
+
+
+def test_exported_folder_carries_checksums(tmp_path, capsys):
+    folder = faultkit.model_folder(tmp_path / "m")
+    code, out = _cli(capsys, "export", "--model", folder, "--out", tmp_path / "hf")
+    assert code == 0, out.err
+    assert from_pretrained(tmp_path / "hf") is not None
+    _flip(tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt: checksum mismatch"):
+        from_pretrained(tmp_path / "hf")
