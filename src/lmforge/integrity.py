@@ -44,7 +44,10 @@ def check_finite(named: Iterable[tuple[str, torch.Tensor]], where) -> None:
     for name, t in named:
         if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
             continue
-        finite = torch.isfinite(t)
+        total = t.detach().sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        if bool(torch.isfinite(total)):  # one NaN or inf makes the sum non-finite: the fast common case
+            continue
+        finite = torch.isfinite(t)  # a non-finite sum: NaN/inf inside, or finite values that overflowed
         if not bool(finite.all()):
             bad = int((~finite).sum())
             raise CheckpointError(f"{where}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) of "

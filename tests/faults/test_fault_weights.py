@@ -198,3 +198,18 @@ def test_exported_folder_carries_checksums(tmp_path, capsys):
     _flip(tmp_path / "hf" / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors is corrupt: checksum mismatch"):
         from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_finite_check_counts_exactly_and_large_finite_values_pass(dtype):
+    """The fast path (a finite sum) and the exact count agree with torch.isfinite; values whose
+    sum overflows are finite and pass."""
+    from lmforge.integrity import check_finite
+
+    big = torch.full((10,), torch.finfo(dtype).max / 2, dtype=dtype)
+    check_finite([("big", big)], "here")
+    t = torch.randn(100, dtype=torch.float32).to(dtype)
+    t[[3, 50]] = torch.tensor([float("inf"), float("nan")], dtype=dtype)
+    with pytest.raises(CheckpointError, match=r"here: tensor w holds 2 non-finite value\(s\) \(NaN or inf\) of 100"):
+        check_finite([("w", t)], "here")
+    check_finite([("ids", torch.tensor([1, 2]))], "here")  # integer tensors are not weights to check
