@@ -222,3 +222,17 @@ def test_chat_template_from_a_file_runs_in_a_sandbox(tmp_path, marker):
                          "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}")
     with pytest.raises(InputError, match="chat template"):
         render([{"role": "user", "content": "hi"}], tok, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("state", [{"step": 2}, {"step": 2, "optimizer": {"state": {}, "param_groups": []}}],
+                         ids=["no-optimizer", "no-groups"])
+def test_resume_from_a_state_of_another_shape_is_one_line(tmp_path, tiny_yaml, capsys, state):
+    """A trainer state that is valid safetensors + JSON but not what the trainer wrote (resealed)."""
+    cfg = tiny_yaml("run", train={"max_steps": 2, "checkpoint_every": 2})
+    code, err = run_cli(capsys, "train", "-c", cfg, "--quiet")
+    assert code == 0, err
+    ck = tmp_path / "run" / "checkpoints" / "step_00000002"
+    save_state(state, ck / "trainer_state.safetensors")
+    faultkit.reseal(ck)
+    code, err = run_cli(capsys, "train", "-c", cfg, "--quiet", "train.max_steps=4")
+    one_line(code, err, "trainer state does not fit this run")

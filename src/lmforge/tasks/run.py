@@ -139,7 +139,12 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
                       callbacks=[CurvePlotter(run_dir, title=cfg.run.name), *parts.callbacks, *callbacks])
     resumed = None
     if resume_from is not None:  # already verified by resolve_resume above
-        trainer.load_checkpoint(resume_from)
+        try:
+            trainer.load_checkpoint(resume_from)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # a state of another shape
+            raise CheckpointError(f"{resume_from}: its trainer state does not fit this run ({one_line(e)}); "
+                                  f"train.resume=never starts over, model.init_from={resume_from} starts from "
+                                  f"its weights") from None
         resumed = resume_from
     if resumed is not None:
         say(f"resumed from {resumed} at step {trainer.step}")
