@@ -53,6 +53,33 @@ def reseal(folder: Path, meta_name: str = "meta.json") -> None:
     meta_path.write_text(json.dumps(meta))
 
 
+HOLD = """
+import os, sys, time
+from lmforge.runlock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+if sys.argv[2] == "crash":
+    os.kill(os.getpid(), 9)
+time.sleep(120)
+"""
+
+
+def lock_holder(folder: Path, mode: str = "hold") -> subprocess.Popen:
+    """Another process holding ``folder``'s run lock ("hold"), or taking it then dying by kill -9 ("crash")."""
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), mode], stdout=subprocess.PIPE, text=True)
+    if mode == "hold":
+        assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.kill()
+    p.wait(timeout=30)
+    if p.stdout:
+        p.stdout.close()
+
+
 def tiny_tokenizer():
     return train_tokenizer("char", [TEXT])
 

@@ -1,5 +1,5 @@
-"""Two runs, one folder: the second is refused at once naming the first's pid; a lock left by a
-killed process is never in the way. Real processes throughout."""
+"""Two runs, one folder, end to end: a second ``lmforge train`` and a multi-stage recipe on a folder
+in use are refused at once naming the holder's pid (the lock itself: tests/test_runlock.py)."""
 
 from __future__ import annotations
 
@@ -7,62 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-import faultkit
 from lmforge.errors import ConfigError
-from lmforge.runlock import LOCK_FILE, RunLock
-
-HOLD = textwrap.dedent("""
-    import os, sys, time
-    from lmforge.runlock import RunLock
-    lock = RunLock(sys.argv[1]).acquire()
-    print("held", flush=True)
-    if sys.argv[2] == "crash":
-        os.kill(os.getpid(), 9)
-    time.sleep(120)
-""")
-
-
-def _holder(folder: Path, mode: str = "hold") -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), mode], stdout=subprocess.PIPE, text=True)
-    if mode == "hold":
-        assert p.stdout.readline().strip() == "held"
-    return p
-
-
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.kill()
-    p.wait(timeout=30)
-    if p.stdout:
-        p.stdout.close()
-
-
-def test_second_lock_refused_naming_the_holder_then_free_after_exit(tmp_path):
-    p = _holder(tmp_path / "run")
-    try:
-        with pytest.raises(ConfigError, match=rf"in use by another lmforge run \(pid {p.pid}\)"):
-            RunLock(tmp_path / "run").acquire()
-    finally:
-        _stop(p)
-    with RunLock(tmp_path / "run"):  # the kernel dropped the lock with its process
-        assert (tmp_path / "run" / LOCK_FILE).read_text().strip() == str(os.getpid())
-    assert (tmp_path / "run" / LOCK_FILE).read_text() == ""
-
-
-def test_lock_of_a_killed_run_is_stale(tmp_path):
-    p = _holder(tmp_path / "run", "crash")
-    assert p.wait(timeout=60) == -signal.SIGKILL
-    _stop(p)
-    assert (tmp_path / "run" / LOCK_FILE).read_text().strip() == str(p.pid)  # left behind...
-    with RunLock(tmp_path / "run"):  # ...and not in the way
-        pass
+from tests.faults import faultkit
 
 
 @pytest.mark.slow
@@ -105,17 +57,17 @@ def test_pipeline_refused_while_its_folder_is_held(tmp_path, tiny_dict):
     path = tmp_path / "pipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     pipe = load_pipeline(path)
-    p = _holder(tmp_path / "pipe")
+    p = faultkit.lock_holder(tmp_path / "pipe")
     try:
         with pytest.raises(ConfigError, match=rf"pid {p.pid}"):
             run_pipeline(pipe, progress=False, print_fn=lambda *a, **k: None)
     finally:
-        _stop(p)
+        faultkit.stop(p)
     assert not (tmp_path / "pipe" / "one").exists()  # nothing ran
-    q = _holder(tmp_path / "pipe" / "two")  # a stage folder in use: the pipeline stops there
+    q = faultkit.lock_holder(tmp_path / "pipe" / "two")  # a stage folder in use: the pipeline stops there
     try:
         with pytest.raises(ConfigError, match=rf"pid {q.pid}"):
             run_pipeline(pipe, progress=False, print_fn=lambda *a, **k: None)
     finally:
-        _stop(q)
+        faultkit.stop(q)
     assert (tmp_path / "pipe" / "one" / "stage_done.json").is_file()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import faultkit
 from conftest import tiny_run_dict
+from tests.faults import faultkit
 
 
 @pytest.fixture

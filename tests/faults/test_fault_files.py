@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-import faultkit
 from lmforge.errors import CheckpointError
 from lmforge.statefile import load_state
 from lmforge.train.checkpoint import load_checkpoint
+from tests.faults import faultkit
 
 FILES = ["model.safetensors", "config.yaml", "tokenizer.json", "trainer_state.safetensors", "meta.json"]
 

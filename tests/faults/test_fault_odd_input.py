@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-import faultkit
 from lmforge.chat_session import ChatSession, run_chat
 from lmforge.generate import SamplingConfig, sample_next_token
+from tests.faults import faultkit
 
 
 @pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-45, 1e-8])
@@ -94,13 +94,27 @@ def test_generate_top_p_1e_300_cli(tmp_path, capsys):
     assert greedy == 0 and capsys.readouterr().out == out.out  # only the top token was ever kept
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0])
+def _importing_torch(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "libtorch" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="watches /proc/PID/maps for the torch import")
+@pytest.mark.parametrize("delay", [0.0, 0.5])
 def test_ctrl_c_while_the_cli_starts_exits_130_quietly(tmp_path, delay):
+    """SIGINT while the verb is still importing torch / loading the model (``delay`` seconds after
+    the torch libraries appear in the process; before that the interpreter itself is starting)."""
     folder = faultkit.model_folder(tmp_path / "m")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "generate", "--model", str(folder), "--prompt",
                           "the", "--max-new-tokens", "100000", "--temperature", "0"], cwd=tmp_path, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not _importing_torch(p.pid) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.005)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
