@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.tasks import config_from_dict
+from lmforge.tasks import config_from_dict, get_task
 from lmforge.errors import ConfigError, DataError
 from lmforge.tasks.grpo import rollout_rows
 from lmforge.objectives.logprobs import model_completion_logprobs
-from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.train.distributed import DistInfo
 from lmforge.tasks.run import run
-from tests.conftest import deep_merge, loss_metrics_grads, run_in_two_parts, shrunk_arithmetic_sft, shrunk_recipe
+from tests.conftest import (
+    deep_merge, loss_metrics_grads, run_in_two_parts, shrunk_arithmetic_sft, shrunk_recipe,
+)
 
 
 def quiet(*a, **k):
@@ -218,17 +219,6 @@ def test_shared_prompt_rows_layout():
     empty = rollout_rows([[5, 6]] * 2, [[], [4]], [False] * 2, None, 0)  # a completion cut by a stop string
     out = shared_prompt_rows(empty["input_ids"], empty["completion_mask"], [[0, 1]], 0)
     assert out["shared_ids"].tolist() == [[5, 6, 4]] and out["shared_index"].tolist() == [1]
-
-
-def test_tokens_counted_are_those_the_forward_runs():
-    """Throughput and MFU count real tokens: no padding, a shared prompt once per group."""
-    from lmforge.objectives.grpo import GRPO
-    from lmforge.objectives.logprobs import shared_prompt_rows
-
-    rows = rollout_rows([[5, 6, 7]] * 2 + [[8]] * 2, [[1, 2], [3], [4, 4, 4], [9]], [False] * 4, None, 0)
-    assert GRPO.tokens_in(None, rows) == (3 + 2) + (3 + 1) + (1 + 3) + (1 + 1)
-    rows.update(shared_prompt_rows(rows["input_ids"], rows["completion_mask"], [[0, 1], [2, 3]], 0))
-    assert GRPO.tokens_in(None, rows) == (3 + 2 + 1) + (1 + 3 + 1)
 
 
 def test_grpo_arithmetic_recipes_golden_curve(tmp_path, token_cache):
