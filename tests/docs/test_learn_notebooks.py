@@ -68,6 +68,6 @@ def _kernel_env() -> dict[str, str]:
                                   for p in NOTEBOOKS])
 def test_notebook_runs(path):
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", shutdown_kernel="immediate",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute(env=_kernel_env())  # raises CellExecutionError naming the failing cell
