@@ -71,3 +71,16 @@ def test_notebook_runs(path):
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", shutdown_kernel="immediate",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute(env=_kernel_env())  # raises CellExecutionError naming the failing cell
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["02_bigram.ipynb", "08_pretraining.ipynb"])
+def test_notebook_runs_without_shakespeare(name, tmp_path):
+    """A clone without shared/data/tinyshakespeare: the notebook says so and trains on the
+    built-in stories (run from a temporary folder, which has no shared/ above it)."""
+    nb = nbformat.read(LEARN / name, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", shutdown_kernel="immediate",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=_kernel_env())
+    printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    assert "tiny shakespeare not found" in printed, printed[:500]
