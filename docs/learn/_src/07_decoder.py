@@ -35,7 +35,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_head
-        q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, hs).transpose(1, 2).split(self.n_head, dim=1)  # (B, nh, T, hs) each
+        qkv = self.qkv(x).view(B, T, 3 * self.n_head, hs).transpose(1, 2)  # (B, 3nh, T, hs)
+        q, k, v = qkv.split(self.n_head, dim=1)  # (B, nh, T, hs) each
         scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, T)
         future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
         y = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v  # (B, nh, T, hs)

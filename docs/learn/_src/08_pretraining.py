@@ -15,6 +15,7 @@
 # stand in for it, and the notebook says so.
 
 # %%
+import copy
 import math
 import tempfile
 import time
@@ -78,13 +79,16 @@ print(sum(p.numel() for p in model.parameters()), "parameters")
 
 windows = get_windows(train_data)
 x, y = windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
-logits = model(x)  # (B, T, V)
-logp = logits.log_softmax(dim=-1)  # (B, T, V)
-loss_hand = -logp.gather(-1, y[..., None]).squeeze(-1).mean()  # mean of -log p(next token)
+model64 = copy.deepcopy(model).double()  # the check in float64, so 1e-6 is far above rounding
+with torch.no_grad():
+    logits = model64(x)  # (B, T, V)
+    logp = logits.log_softmax(dim=-1)  # (B, T, V)
+    loss_hand = -logp.gather(-1, y[..., None]).squeeze(-1).mean()  # mean of -log p(next token)
 
-objective = CausalLM()
-loss_lmforge, _ = objective.loss(model, objective.collate(windows))
-print(f"hand loss {loss_hand.item():.6f}  lmforge CausalLM {loss_lmforge.item():.6f}  ln V {math.log(tok.vocab_size):.6f}")
+    objective = CausalLM()
+    loss_lmforge, _ = objective.loss(model64, objective.collate(windows))
+print(f"hand loss {loss_hand.item():.6f}  lmforge CausalLM {loss_lmforge.item():.6f}  "
+      f"ln V {math.log(tok.vocab_size):.6f}")
 assert abs(loss_hand.item() - loss_lmforge.item()) < 1e-6
 
 # %% [markdown]

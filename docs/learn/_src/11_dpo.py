@@ -65,7 +65,8 @@ lm = preference_collate([tokenize_pair(tok, p["prompt"], p["chosen"], p["rejecte
                         pad_id=tok.pad_id)
 assert torch.equal(ids, lm["input_ids"]) and torch.equal(completion_mask, lm["completion_mask"])
 print(ids.shape)
-print(tok.decode(ids[0].tolist(), skip_special_tokens=False), "|", tok.decode(ids[4].tolist(), skip_special_tokens=False))
+for row in (0, 4):  # pair 0: its chosen row, then its rejected row
+    print(tok.decode(ids[row].tolist(), skip_special_tokens=False))
 
 # %% [markdown]
 # ## Sequence log-probabilities
@@ -159,7 +160,8 @@ with torch.no_grad():
     start = dpo_loss(policy, reference, test_pairs).metrics()
 print(f"step  0  held-out reward accuracy {start['rewards/accuracy']:.2f}  margin {start['rewards/margins']:.3f}")
 for step in range(1, 61):
-    out = dpo_loss(policy, reference, [train_pairs[i] for i in torch.randint(len(train_pairs), (16,), generator=g).tolist()])
+    idx = torch.randint(len(train_pairs), (16,), generator=g).tolist()
+    out = dpo_loss(policy, reference, [train_pairs[i] for i in idx])
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     opt.step()

@@ -173,7 +173,8 @@ with torch.no_grad():
 A = adv.advantages.double()
 loss_hand = grpo_loss_by_hand(logp, old, ref, A, mask.double())
 out = grpo_policy_loss(logp, old, A, mask, ref_logps=ref, beta=0.04, epsilon_low=0.2, loss_type="grpo")
-print(f"GRPO loss by hand {loss_hand.item():.8f}  lmforge {out.loss.item():.8f}  clipped: {out.metrics['clip_ratio/region']:.2f}")
+print(f"GRPO loss by hand {loss_hand.item():.8f}  lmforge {out.loss.item():.8f}  "
+      f"tokens clipped {out.metrics['clip_ratio/region']:.2f}")
 assert abs(loss_hand.item() - out.loss.item()) < 1e-6
 
 # %% [markdown]
