@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.model import DecoderLM, KVCache, ModelConfig, count_parameters
+from lmforge.model.layers import Attention, RotaryEmbedding
 
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)  # compare to 1e-6 without fp32 rounding in the way
@@ -164,6 +165,54 @@ with torch.no_grad():
     full = model(out)  # (1, T', V): everything at once
 assert torch.allclose(torch.stack(steps, dim=1), full, atol=1e-6, rtol=0)
 print("cache holds", cache.length, "positions")
+
+# %% [markdown]
+# ## Rotary positions (RoPE), the Llama way
+#
+# Learned position vectors are added to the tokens once, at the bottom. Llama instead *rotates*
+# each query and key inside every attention layer by an angle proportional to its position: the
+# head's channels are taken in pairs `(x_i, x_{i+hs/2})`, pair `i` turning at frequency
+# `theta^(-2i/hs)`. A rotated query and key then have a dot product that depends only on how far
+# apart they are, not where they sit, and nothing caps the length at a table's size. We rotate by
+# hand and compare with lmforge's `Attention` fed by its `RotaryEmbedding`.
+
+# %%
+def rope_by_hand(x, positions, theta=10000.0):
+    """Rotate x (B, nh, T, hs) by its positions (T,): pairs (x_i, x_{i+hs/2}) turn by pos * freq_i."""
+    hs = x.shape[-1]
+    freq = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+    angle = positions[:, None].double() * freq  # (T, hs/2)
+    cos, sin = angle.cos().repeat(1, 2), angle.sin().repeat(1, 2)  # (T, hs): the same angle for both halves
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, nh, T, hs)
+
+
+rcfg = ModelConfig(vocab_size=V, context_length=T, n_layer=1, n_head=4, n_kv_head=2, n_embd=C,
+                   positional="rope", bias=False)
+attn = Attention(rcfg)
+hs, nh, nkv = rcfg.head_dim, rcfg.n_head, rcfg.n_kv_head
+x = torch.randn(2, T, C)  # (B, T, C)
+with torch.no_grad():
+    qkv = attn.qkv(x).view(2, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+    q, k, v = qkv.split([nh, nkv, nkv], dim=1)
+    pos = torch.arange(T)
+    q, k = rope_by_hand(q, pos), rope_by_hand(k, pos)  # rotate queries and keys, never values
+    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, nh, T, T)
+    future = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+    y = scores.masked_fill(future, float("-inf")).softmax(-1) @ v  # (B, nh, T, hs)
+    y = attn.proj(y.transpose(1, 2).reshape(2, T, C))  # (B, T, C)
+
+    cos_sin = RotaryEmbedding(hs, rcfg.rope_theta)(pos[None])  # cos, sin (1, 1, T, hs)
+    y_lmforge = attn(x, rope=cos_sin, is_causal=True)  # (B, T, C)
+print("max |y - lmforge|", (y - y_lmforge).abs().max().item())
+assert torch.allclose(y, y_lmforge, atol=1e-6, rtol=0)
+
+# the score between a query at m and a key at n depends on n - m only
+qv, kv = torch.randn(1, 1, 1, hs), torch.randn(1, 1, 1, hs)
+score = lambda m, n: (rope_by_hand(qv, torch.tensor([m])) * rope_by_hand(kv, torch.tensor([n]))).sum().item()
+print(score(3, 1), score(13, 11), score(103, 101))
+assert abs(score(3, 1) - score(103, 101)) < 1e-9
 
 # %% [markdown]
 # lmforge's presets are these same fields: `ModelConfig.from_preset("gpt2")` is GPT-2 small, and
