@@ -13,13 +13,18 @@
 # arithmetic problems (`lmforge.data`'s built-in set: "What is 3 + 4? Answer: 7").
 
 # %%
+import json
+import tempfile
+
 import torch
 
+from lmforge.config import config_from_dict
 from lmforge.data.builtin_tasks import arithmetic_split
 from lmforge.data.sft_format import IGNORE, alpaca_prompt, tokenize_prompt_response
 from lmforge.model import DecoderLM, ModelConfig
 from lmforge.objectives import CausalLM
 from lmforge.tokenizer import CharTokenizer
+from lmforge.train.run import run
 
 torch.manual_seed(0)
 train_recs, test_recs = arithmetic_split(n_train=400, n_eval=40, seed=0, max_operand=9, ops="+")
@@ -141,8 +146,36 @@ for r in test_recs[:5]:
     print(r["prompt"], repr(answer(model, r["prompt"])), "expected", r["answer"])
 
 # %% [markdown]
-# In the library, `task: sft` reads Alpaca, chat-message or OpenAssistant records, applies a
-# template, masks the prompts (`train_on_prompt: false`), packs or pads the examples and trains
-# with the same `CausalLM` objective: see `configs/arithmetic-sft.yaml`.
+# ## The same through lmforge's `task: sft`
+#
+# In the library, `task: sft` reads Alpaca, chat-message or OpenAssistant records from files,
+# applies a template, masks the prompts (`train_on_prompt: false`), pads (or packs) the examples
+# and trains with the same `CausalLM` objective. Here our problems become Alpaca records in a JSONL
+# file, rendered with the `book` template (a longer prompt, so a longer context), for 40 steps.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    with open(f"{tmp}/arithmetic.jsonl", "w") as f:
+        for r in train_recs:
+            f.write(json.dumps({"instruction": r["prompt"], "input": "", "output": r["answer"]}) + "\n")
+    summary = run(config_from_dict({
+        "task": "sft",
+        "run": {"name": "learn-10", "out_dir": f"{tmp}/run", "seed": 0, "device": "cpu"},
+        "model": {"vocab_size": None, "context_length": 192, "n_layer": 2, "n_head": 4, "n_embd": 64},
+        "tokenizer": {"kind": "char"},
+        "objective": {"format": "alpaca", "template": "book", "max_length": 192, "sample_prompts": 2,
+                      "sample_tokens": 4, "test_response_tokens": 0},
+        "data": {"sources": [{"path": f"{tmp}/arithmetic.jsonl"}], "val_fraction": 0.1,
+                 "cache_dir": f"{tmp}/cache"},
+        "train": {"max_steps": 40, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-3, "schedule": "constant",
+                  "warmup_steps": 5, "weight_decay": 0.0, "eval_every": 20, "eval_at_start": True,
+                  "eval_batch_size": 40, "log_every": 20, "checkpoint_every": None, "resume": "never",
+                  "progress": False},
+        "logging": {"report": False},
+    }), progress=False)
+print([(e["step"], round(e["val_loss"], 3)) for e in summary["evals"]])
+assert summary["evals"][-1]["val_loss"] < summary["evals"][0]["val_loss"]
+
+# %% [markdown]
 #
 # **Next:** [11 · DPO](11_dpo.ipynb): learning from pairs of answers, one preferred to the other.

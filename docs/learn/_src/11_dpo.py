@@ -20,15 +20,19 @@
 # %%
 import copy
 import math
+import tempfile
 
 import torch
 import torch.nn.functional as F
 
+from lmforge.config import config_from_dict
 from lmforge.data.builtin_tasks import arithmetic_preference_pairs
 from lmforge.model import DecoderLM, ModelConfig
+from lmforge.model.io import save_model
 from lmforge.objectives.logprobs import preference_collate, sequence_logprobs, tokenize_pair
 from lmforge.objectives.preference_losses import sigmoid_loss
 from lmforge.tokenizer import CharTokenizer
+from lmforge.train.run import run
 
 torch.manual_seed(0)
 pairs = arithmetic_preference_pairs(440, seed=0, max_operand=9, ops="+")
@@ -178,8 +182,36 @@ assert m["rewards/margins"] > start["rewards/margins"]
 # likely than the reference did) as long as the rejected one falls faster; this is a known trait of
 # DPO, and one reason for variants. lmforge's `preference_losses` has them side by side: cDPO and
 # robust DPO (noisy labels), IPO (a bounded target margin), hinge, and the reference-free SimPO and
-# ORPO. `task: dpo` in a config runs all of this with batching, the reference (a frozen copy, the
-# LoRA base, or cached log-probs) and the metrics: see `configs/dpo-scratch.yaml`.
+# ORPO.
 #
+# ## The same through lmforge's `task: dpo`
+#
+# `task: dpo` in a config runs all of this with batching, the reference (a frozen copy, the LoRA
+# base, or cached log-probs) and the metrics (`configs/dpo-scratch.yaml`). It starts from a model
+# folder: `save_model` writes our SFT model (the frozen `reference` above) with its tokenizer, and
+# `model.init_from` names it. The pairs are the built-in arithmetic ones, read by the task itself.
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    save_model(reference, f"{tmp}/sft", tokenizer=tok)
+    summary = run(config_from_dict({
+        "task": "dpo",
+        "run": {"name": "learn-11", "out_dir": f"{tmp}/dpo", "seed": 0, "device": "cpu"},
+        "model": {"init_from": f"{tmp}/sft"},
+        "objective": {"loss_type": "sigmoid", "beta": beta, "reference": "copy"},
+        "data": {"sources": [{"path": "builtin:arithmetic", "num_docs": 440, "seed": 0, "ops": "+",
+                              "max_operand": 9}],
+                 "val_fraction": 0.1, "cache_dir": f"{tmp}/cache"},
+        "train": {"max_steps": 40, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-3, "schedule": "constant",
+                  "warmup_steps": 2, "weight_decay": 0.0, "eval_every": 20, "eval_at_start": True,
+                  "eval_batch_size": 44, "log_every": 20, "checkpoint_every": None, "resume": "never",
+                  "progress": False, "best_metric": "val_rewards/accuracy", "best_mode": "max"},
+        "logging": {"report": False},
+    }), progress=False)
+for e in summary["evals"]:
+    print(f"step {e['step']:2d}  val reward accuracy {e['val_rewards/accuracy']:.2f}  margin {e['val_rewards/margins']:.3f}")
+assert summary["evals"][-1]["val_rewards/margins"] > summary["evals"][0]["val_rewards/margins"]
+
+# %% [markdown]
 # **Next:** [12 · GRPO](12_grpo.ipynb): no fixed pairs at all; the model samples answers and a
 # reward function scores them.
