@@ -155,7 +155,7 @@ print(sample(model, "ROMEO:" if path is not None else "One day"))
 #
 # In the library, a run is a config: the model, the tokenizer, where the text comes from and how to
 # train. `run(cfg)` builds the tokenizer and a token cache, trains with the same objective (plus
-# a cosine schedule, checkpoints, metrics and a sample), and returns a summary. This is what
+# a cosine learning-rate schedule, evaluation, metrics and a sample), and returns a summary. This is what
 # `lmforge train -c configs/shakespeare-char.yaml` does, here for 60 steps in a temporary folder.
 
 # %%
