@@ -65,8 +65,9 @@ print(f"count model NLL {nll_counts:.4f}  (uniform guess: ln V = {math.log(V):.4
 #
 # Now a table `W` of *logits* (any real numbers), turned into probabilities by a softmax along each
 # row. The loss is the same negative log-likelihood, which `F.cross_entropy` computes from the
-# logits; its minimum is at `W[a] = log P[a] + any constant per row`, the counting answer again. We
-# train on random batches of windows, the way every later model trains.
+# logits; its minimum is at `W[a] = log(counts[a] / counts[a].sum())` plus any constant per row:
+# the counting answer again (without the +1). We train on random batches of windows, the way every
+# later model trains.
 
 # %%
 def get_batch(batch_size=32, context=64):
