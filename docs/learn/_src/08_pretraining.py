@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import config_from_dict
 from lmforge.data import stories
 from lmforge.model import DecoderLM, ModelConfig
 from lmforge.objectives import CausalLM
+from lmforge.tasks import config_from_dict
+from lmforge.tasks.run import run
 from lmforge.tokenizer import CharTokenizer
-from lmforge.train.run import run
 
 torch.manual_seed(0)
 

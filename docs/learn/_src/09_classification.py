@@ -23,11 +23,11 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import config_from_dict
 from lmforge.model import DecoderLM, ModelConfig
 from lmforge.objectives.classification import Classification
+from lmforge.tasks import config_from_dict
+from lmforge.tasks.run import run
 from lmforge.tokenizer import CharTokenizer
-from lmforge.train.run import run
 
 torch.manual_seed(0)
 rng = random.Random(0)

@@ -18,13 +18,13 @@ import tempfile
 
 import torch
 
-from lmforge.config import config_from_dict
 from lmforge.data.builtin_tasks import arithmetic_split
-from lmforge.data.sft_format import IGNORE, alpaca_prompt, tokenize_prompt_response
+from lmforge.data.sft_format import IGNORE, prompt_response, tokenize_prompt_response
 from lmforge.model import DecoderLM, ModelConfig
 from lmforge.objectives import CausalLM
+from lmforge.tasks import config_from_dict
+from lmforge.tasks.run import run
 from lmforge.tokenizer import CharTokenizer
-from lmforge.train.run import run
 
 torch.manual_seed(0)
 train_recs, test_recs = arithmetic_split(n_train=400, n_eval=40, seed=0, max_operand=9, ops="+")
@@ -62,7 +62,7 @@ print("trained tokens:", example.n_trained, "of", len(ids))
 # the masking is the same, the prompt is just longer. We keep the short prompt to stay fast.
 
 # %%
-alpaca, _ = alpaca_prompt({"instruction": prompt, "input": "", "output": response}, "alpaca")
+alpaca, _ = prompt_response({"instruction": prompt, "input": "", "output": response}, "alpaca")
 print(alpaca)
 
 # %% [markdown]

@@ -14,7 +14,7 @@
 #
 # At the start the policy *is* the reference, every reward is 0 and the loss is `ln 2`. We write the
 # batch layout, the sequence log-probs and the loss by hand, check each against lmforge
-# (`lmforge.objectives.logprobs`, `lmforge.objectives.preference_losses`), then train on built-in
+# (`lmforge.tasks.dpo`, `lmforge.objectives.logprobs`, `lmforge.objectives.preference_losses`), then train on built-in
 # arithmetic pairs: the right answer chosen, a plausible wrong one rejected.
 
 # %%
@@ -25,14 +25,15 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import config_from_dict
 from lmforge.data.builtin_tasks import arithmetic_preference_pairs
 from lmforge.model import DecoderLM, ModelConfig
-from lmforge.model.io import save_model
-from lmforge.objectives.logprobs import preference_collate, sequence_logprobs, tokenize_pair
+from lmforge.objectives.logprobs import sequence_logprobs
 from lmforge.objectives.preference_losses import sigmoid_loss
+from lmforge.store import save_model
+from lmforge.tasks import config_from_dict
+from lmforge.tasks.dpo import preference_collate, tokenize_pair
+from lmforge.tasks.run import run
 from lmforge.tokenizer import CharTokenizer
-from lmforge.train.run import run
 
 torch.manual_seed(0)
 pairs = arithmetic_preference_pairs(440, seed=0, max_operand=9, ops="+")

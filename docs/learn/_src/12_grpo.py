@@ -25,13 +25,13 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import config_from_dict
 from lmforge.data.builtin_tasks import arithmetic_split
 from lmforge.model import DecoderLM, ModelConfig
-from lmforge.model.io import save_model
 from lmforge.objectives.grpo_math import group_advantages, grpo_policy_loss
+from lmforge.store import save_model
+from lmforge.tasks import config_from_dict
+from lmforge.tasks.run import run
 from lmforge.tokenizer import CharTokenizer
-from lmforge.train.run import run
 
 torch.manual_seed(0)
 train_recs, test_recs = arithmetic_split(n_train=400, n_eval=40, seed=0, max_operand=9, ops="+")
