@@ -131,7 +131,7 @@ def _task_problems(cfg: RunConfig, problems: list[str]) -> None:
                         f"expected task: {legacy} and no objective.name")
         raw = {k: v for k, v in raw.items() if k != "name"}
     sub: list[str] = []
-    cfg.objective = _config._build(task.options, raw, "objective", sub)
+    cfg.objective = _config.build_section(task.options, raw, "objective", sub)
     problems += [q.replace(" (expected one of", f" for task {cfg.task} (expected one of") for q in sub]
     if not sub:
         try:
