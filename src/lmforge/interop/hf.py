@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
 from lmforge.fsutil import atomic_write
-from lmforge.model.config import ModelConfig
+from lmforge.model.config import ROPE_SCALINGS, ModelConfig
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -49,9 +49,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
 # Hugging Face activation names -> lmforge's (gelu_new and gelu_pytorch_tanh are both the tanh form).
 _GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bert": "bert"}
+# Hugging Face model_type -> the weight layout lmforge reads it with ("llama": model.layers.{i}.self_attn.q_proj ...)
+_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+                "gemma3_text": "llama", "bert": "bert"}
 # Hugging Face base models (no LM head): their logits come from the tied embeddings.
-_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel"}
+_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma3TextModel"}
 # Where each family's backbone tensors live in a model with a head ("transformer.wte.weight").
 _PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
 _HEAD_PREFIXES = ("lm_head.", "cls.")
@@ -185,38 +187,150 @@ def _gpt2_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
 
 def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    _require(problems, hf, "hidden_act", "silu", ("silu",), "lmforge's SwiGLU uses silu")
-    _require(problems, hf, "attention_bias", False, (False,), "Llama-style lmforge models have no biases")
-    _require(problems, hf, "mlp_bias", False, (False,), "Llama-style lmforge models have no biases")
-    scaling = hf.get("rope_scaling")
-    if scaling is not None and not (isinstance(scaling, dict) and
-                                    scaling.get("rope_type", scaling.get("type")) == "default"):
-        problems.append(f"rope_scaling: got {scaling!r}, expected null (lmforge implements plain RoPE only)")
-    if hf.get("model_type") == "mistral":
-        _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window attention")
-    rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
-    if not isinstance(rope, dict):
-        problems.append(f"rope_parameters: got {rope!r}, expected an object")
-        rope = {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_parameters.rope_type: got {rope['rope_type']!r}, expected 'default' "
-                        f"(lmforge implements plain RoPE only)")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        problems.append(f"rope_parameters.partial_rotary_factor: got {rope['partial_rotary_factor']!r}, "
-                        f"expected 1.0 (lmforge rotates the whole head)")
+    """Fields of a decoder laid out as Llama: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text.
+
+    What a ``model_type`` always has comes from ``_ROPE_DECODERS``; the rest (head size, RoPE
+    base and scaling, sliding-window layers, Gemma's scalars) is read from ``config.json``.
+    """
+    mt = hf["model_type"]
+    fixed = dict(_ROPE_DECODERS[mt])
+    gemma = fixed.get("activation") == "geglu_tanh"
+    if gemma:
+        _require(problems, hf, "hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",),
+                 "Gemma's GeGLU uses the tanh GELU")
+        _require(problems, hf, "use_bidirectional_attention", False, (False, None),
+                 "lmforge's Gemma 3 is a causal decoder")
+        # transformers' Gemma 3 attention does not apply this cap (Gemma 2's does): refuse, not guess
+        _require(problems, hf, "attn_logit_softcapping", None, (None,),
+                 "transformers' Gemma 3 ignores it; lmforge would apply it")
+    else:
+        _require(problems, hf, "hidden_act", "silu", ("silu",), "lmforge's SwiGLU uses silu")
+    if "qkv_bias" not in fixed:  # Qwen2's q/k/v biases are fixed by its model type, not a field
+        _require(problems, hf, "attention_bias", False, (False,), "lmforge has no bias on o_proj")
+    _require(problems, hf, "mlp_bias", False, (False,), "lmforge's gated MLP here has no biases")
     n_embd, n_head = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+    n_layer = hf.get("num_hidden_layers", 32)
     head_dim = hf.get("head_dim")
     if head_dim is not None and isinstance(n_embd, int) and isinstance(n_head, int) and n_head \
-            and head_dim != n_embd // n_head:
-        problems.append(f"head_dim: got {head_dim!r}, expected hidden_size/num_attention_heads = "
-                        f"{n_embd // n_head} (lmforge derives the head size)")
-    return dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
-                context_length=hf.get("max_position_embeddings", 2048), n_layer=hf.get("num_hidden_layers", 32),
-                n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
-                mlp_hidden=hf.get("intermediate_size", 11008), activation="swiglu", norm="rmsnorm",
-                norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope",
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), bias=False,
-                tie_embeddings=hf.get("tie_word_embeddings", False))
+            and head_dim == n_embd // n_head and not n_embd % n_head:
+        head_dim = None  # the derived size: keep the config plain (and its round trip exact)
+
+    # RoPE: one set of parameters, or (Gemma 3) one per layer type
+    if gemma:
+        nested = hf.get("rope_parameters") or {}
+        if not isinstance(nested, dict):
+            problems.append(f"rope_parameters: got {nested!r:.80}, expected an object")
+            nested = {}
+        glob = dict(nested.get("full_attention") or {})
+        if hf.get("rope_scaling"):  # older files: the global scaling sits here
+            glob.update(hf["rope_scaling"])
+        theta, scaling = _rope_from_hf(glob, hf.get("rope_theta", 1000000.0), "rope_parameters.full_attention",
+                                       problems)
+        local_theta, local_scaling = _rope_from_hf(nested.get("sliding_attention") or {},
+                                                   hf.get("rope_local_base_freq", 10000.0),
+                                                   "rope_parameters.sliding_attention", problems)
+        if local_scaling is not None:
+            problems.append("rope_parameters.sliding_attention: got a scaled RoPE, expected rope_type 'default' "
+                            "(lmforge scales the global layers' RoPE only)")
+    else:
+        if mt == "mistral":
+            _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window Mistral")
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers' precedence
+        where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        if not isinstance(rope, dict):
+            problems.append(f"{where}: got {rope!r:.80}, expected an object")
+            rope = {}
+        theta, scaling = _rope_from_hf(rope, hf.get("rope_theta", 10000.0), where, problems)
+        local_theta = None
+
+    # sliding-window (local) layers
+    types = _layer_types_from_hf(hf, mt, n_layer, problems)
+    window = hf.get("sliding_window") if "local" in (types or ()) else None
+    if gemma:
+        fields = dict(attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                      logit_softcap=hf.get("final_logit_softcapping"),
+                      rope_local_theta=local_theta if types and "local" in types else None)
+    else:
+        fields = {}
+    return {**dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
+                   context_length=hf.get("max_position_embeddings", 2048), n_layer=n_layer,
+                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                   mlp_hidden=hf.get("intermediate_size", 11008), activation="swiglu", norm="rmsnorm",
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope", rope_theta=theta,
+                   rope_scaling=scaling, bias=False, tie_embeddings=hf.get("tie_word_embeddings", gemma),
+                   head_size=head_dim, layer_types=types if types and "local" in types else None,
+                   sliding_window=window, **fields), **fixed}
+
+
+# What each Llama-layout model type always has (beyond Llama's RMSNorm, SwiGLU, RoPE, no biases).
+_ROPE_DECODERS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": dict(qkv_bias=True),  # Qwen2 / Qwen2.5: biases on q, k and v, none on o or the MLP
+    "qwen3": dict(qk_norm=True),  # Qwen3: per-head RMSNorm on q and k before RoPE
+    # Gemma 3 text: q/k norm, four norms per block, tanh-GeGLU, sqrt(C)-scaled embeddings, (1 + w) RMSNorm
+    "gemma3_text": dict(activation="geglu_tanh", qk_norm=True, sandwich_norm=True, norm_unit_offset=True,
+                        scale_embeddings=True),
+}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}  # not scaling parameters
+
+
+def _rope_from_hf(p: dict[str, Any], theta: float, where: str, problems: list[str]) -> tuple[float, dict | None]:
+    """(base, lmforge rope_scaling) of one Hugging Face RoPE parameter set."""
+    kind = p.get("rope_type", p.get("type", "default"))
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"{where}.partial_rotary_factor: got {p['partial_rotary_factor']!r}, expected 1.0 "
+                        f"(lmforge rotates the whole head)")
+    theta = float(p.get("rope_theta", theta))
+    if kind == "default":
+        extra = sorted(set(p) - _ROPE_KEYS)
+        if extra:
+            problems.append(f"{where}: got {', '.join(extra)} without a rope_type, expected rope_type "
+                            f"linear or llama3 with them")
+        return theta, None
+    if kind not in ROPE_SCALINGS:
+        problems.append(f"{where}.rope_type: got {kind!r}, expected 'default', "
+                        f"{' or '.join(repr(k) for k in ROPE_SCALINGS)} (the RoPE variants lmforge implements)")
+        return theta, None
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in p]
+    if missing:
+        problems.append(f"{where}: rope_type {kind!r} without {', '.join(missing)}")
+        return theta, None
+    extra = sorted(set(p) - _ROPE_KEYS - set(ROPE_SCALINGS[kind]))
+    if extra:
+        problems.append(f"{where}: {', '.join(extra)} not implemented for rope_type {kind!r}")
+    return theta, {"type": kind, **{k: p[k] for k in ROPE_SCALINGS[kind]}}
+
+
+def _layer_types_from_hf(hf: dict[str, Any], mt: str, n_layer: Any, problems: list[str]) -> list[str] | None:
+    """'global'/'local' per layer from ``layer_types`` (transformers 5), else from the older keys
+    (Gemma 3: every ``sliding_window_pattern``-th layer global; Qwen: layers from
+    ``max_window_layers`` on slide when ``use_sliding_window``). None: every layer global."""
+    if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        return None  # transformers ignores layer_types then (sliding_window is None)
+    names = hf.get("layer_types")
+    if names is None and isinstance(n_layer, int):
+        if mt == "gemma3_text":
+            n = hf.get("sliding_window_pattern", 6)
+            names = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(n_layer)]
+        elif mt in ("qwen2", "qwen3"):
+            first = hf.get("max_window_layers", 28)
+            names = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+    if names is None:
+        return None
+    kinds = {"full_attention": "global", "sliding_attention": "local"}
+    if not isinstance(names, list) or any(t not in kinds for t in names):
+        problems.append(f"layer_types: got {names!r:.80}, expected a list of 'full_attention' or "
+                        f"'sliding_attention'")
+        return None
+    if mt in ("llama", "mistral") and "sliding_attention" in names:
+        problems.append("layer_types: sliding_attention layers in a Llama/Mistral config are not implemented")
+        return None
+    if "sliding_attention" in names and not isinstance(hf.get("sliding_window"), int):
+        problems.append(f"sliding_window: got {hf.get('sliding_window')!r}, expected the window of the "
+                        f"sliding_attention layers (a positive integer)")
+        return None
+    return [kinds[t] for t in names]
 
 
 def _bert_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -277,8 +391,18 @@ def _plan(cfg: ModelConfig, family: str) -> Plan:
             h = f"layers.{i}."
             add(b + "norm1.weight", h + "input_layernorm.weight")
             add(b + "attn.qkv.weight", [h + f"self_attn.{p}_proj.weight" for p in "qkv"], "cat", qkv_sizes)
+            if cfg.qkv_has_bias:  # Qwen2.5
+                add(b + "attn.qkv.bias", [h + f"self_attn.{p}_proj.bias" for p in "qkv"], "cat", qkv_sizes)
+            if cfg.qk_norm:  # Qwen3, Gemma 3
+                add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")
+                add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
             add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
-            add(b + "norm2.weight", h + "post_attention_layernorm.weight")
+            if cfg.sandwich_norm:  # Gemma 3: a norm after attention, and one before and after the MLP
+                add(b + "post_attn_norm.weight", h + "post_attention_layernorm.weight")
+                add(b + "norm2.weight", h + "pre_feedforward_layernorm.weight")
+                add(b + "post_mlp_norm.weight", h + "post_feedforward_layernorm.weight")
+            else:  # Llama's "post-attention" norm is the one before the MLP
+                add(b + "norm2.weight", h + "post_attention_layernorm.weight")
             add(b + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], "cat",
                 [cfg.mlp_hidden, cfg.mlp_hidden])
             add(b + "mlp.proj.weight", h + "mlp.down_proj.weight")
