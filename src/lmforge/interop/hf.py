@@ -1,4 +1,5 @@
-"""Hugging Face interop: import GPT-2, Llama-family and BERT folders; export GPT-2 and Llama style decoders.
+"""Hugging Face interop: import GPT-2, Llama-layout (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text) and
+BERT folders; export GPT-2 and those Llama-layout decoders.
 
 A Hugging Face model folder is ``config.json`` plus weights (``model.safetensors``, a sharded
 ``model.safetensors.index.json``, or the older ``pytorch_model.bin`` / its index). This module
@@ -529,7 +530,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
     """Build the lmforge model of a Hugging Face folder and load its weights (eval mode).
 
     Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama-family (``LlamaForCausalLM``,
-    ``LlamaModel``, plain Mistral; GQA, tied or untied head), BERT (``BertModel``,
+    ``LlamaModel``, plain Mistral; GQA, tied or untied head, llama3/linear RoPE scaling),
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM`` (and their base models), BERT (``BertModel``,
     ``BertForMaskedLM``, ``BertForPreTraining``). A BERT masked-LM head (``cls.predictions.*``)
     is loaded when the file has one (``mlm_head`` is False otherwise). ``BertModel``'s pooler
     (CLS -> dense -> tanh) and BERT's next-sentence head are not used by lmforge and are
@@ -620,20 +622,79 @@ def _export_problems(cfg: ModelConfig) -> list[str]:
         if cfg.n_kv_head != cfg.n_head:
             p.append(f"model.n_kv_head: got {cfg.n_kv_head} with learned positions; GPT-2 has no grouped-query "
                      f"attention (expected n_head={cfg.n_head})")
-    elif cfg.positional == "rope":  # LlamaForCausalLM
-        if cfg.norm != "rmsnorm":
-            p.append(f"model.norm: got {cfg.norm!r} with rope positions; Llama uses 'rmsnorm'")
-        if cfg.activation != "swiglu":
-            p.append(f"model.activation: got {cfg.activation!r} with rope positions; Llama uses 'swiglu'")
-        if cfg.bias:
-            p.append("model.bias: got true with rope positions; Llama has no biases (expected false)")
+    elif cfg.positional == "rope":  # LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM
+        p += _rope_export_problems(cfg)
     else:
         p.append(f"model.positional: got {cfg.positional!r}; GPT-2 needs 'learned', Llama 'rope'")
     return p
 
 
+# Export targets of RoPE decoders: the Hugging Face class, and what it fixes (ModelConfig field -> value;
+# the family is picked by _rope_export_type from the fields only one of them has).
+_EXPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                   "gemma3_text": "Gemma3ForCausalLM"}
+_EXPORT_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma 3"}
+
+
+def _rope_export_type(c: ModelConfig) -> str:
+    if c.sandwich_norm or c.norm_unit_offset or c.scale_embeddings or c.activation == "geglu_tanh" \
+            or c.logit_softcap is not None or c.attn_scale is not None or c.rope_local_theta is not None:
+        return "gemma3_text"
+    if c.qk_norm:
+        return "qwen3"
+    if c.qkv_bias and not c.bias:
+        return "qwen2"
+    return "llama"
+
+
+def _rope_export_problems(c: ModelConfig) -> list[str]:
+    """Fields a RoPE decoder has that its Hugging Face class (``_rope_export_type``) cannot express."""
+    mt = _rope_export_type(c)
+    name = _EXPORT_NAMES[mt]
+    want = {"norm": "rmsnorm", "bias": False, "qkv_has_bias": mt == "qwen2",
+            "activation": "geglu_tanh" if mt == "gemma3_text" else "swiglu",
+            **{k: v for k, v in _ROPE_DECODERS[mt].items() if k not in ("activation", "qkv_bias")}}
+    p = []
+    for field, value in want.items():
+        got = getattr(c, field)
+        if got != value:
+            label = "qkv_bias" if field == "qkv_has_bias" else field
+            p.append(f"model.{label}: got {got!r} with rope positions; {name} expects {value!r}")
+    if mt != "gemma3_text":
+        if c.has_local_layers and mt == "llama":
+            p.append("model.layer_types: Llama has no sliding-window layers (expected all global)")
+        if c.rope_local_theta is not None:
+            p.append(f"model.rope_local_theta: {name} has one RoPE base for every layer (expected null)")
+    else:
+        if c.attn_softcap is not None:
+            p.append(f"model.attn_softcap: got {c.attn_softcap!r}; transformers' Gemma 3 does not cap attention "
+                     f"scores (expected null)")
+        if _query_pre_attn_scalar(c) is None:
+            p.append(f"model.attn_scale: got {c.attn_scale!r}; Gemma 3 scales by query_pre_attn_scalar**-0.5 "
+                     f"with an integer scalar")
+    if mt == "qwen2" and c.head_size not in (None, c.n_embd // c.n_head):
+        p.append(f"model.head_size: got {c.head_size}; Qwen2 derives it as n_embd/n_head = {c.n_embd // c.n_head}")
+    return p
+
+
+def _query_pre_attn_scalar(c: ModelConfig) -> int | None:
+    """Gemma 3's integer query_pre_attn_scalar giving exactly ``attn_scale`` (None: none does)."""
+    if c.attn_scale is None:
+        return c.head_dim
+    n = round(c.attn_scale ** -2)
+    return n if n > 0 and n ** -0.5 == c.attn_scale else None
+
+
+def _rope_to_hf(theta: float, scaling: dict | None) -> dict[str, Any]:
+    """transformers 5's rope_parameters of one RoPE (base and scaling)."""
+    if not scaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": scaling["type"], "rope_theta": theta, **{k: v for k, v in scaling.items() if k != "type"}}
+
+
 def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` of an lmforge decoder: GPT-2 (learned positions) or Llama (RoPE).
+    """The Hugging Face ``config.json`` of an lmforge decoder: GPT-2 (learned positions); Llama,
+    Qwen2, Qwen3 or Gemma 3 (RoPE; whichever has the config's fields).
 
     Raises :class:`InteropError` listing every field with no Hugging Face equivalent.
     """
@@ -651,12 +712,29 @@ def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch
                 "activation_function": act, "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout,
                 "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, **common}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.n_embd,
-            "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-            "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": False, "attention_dropout": c.dropout, "mlp_bias": False, **common}
+    mt = _rope_export_type(c)
+    shape = {"architectures": [_EXPORT_CLASSES[mt]], "model_type": mt, "hidden_size": c.n_embd,
+             "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "max_position_embeddings": c.context_length,
+             "rms_norm_eps": c.norm_eps, "attention_dropout": c.dropout}
+    rope = _rope_to_hf(c.rope_theta, c.rope_scaling)
+    types = ["sliding_attention" if c.layer_type(i) == "local" else "full_attention" for i in range(c.n_layer)]
+    if mt == "llama":
+        return {**shape, "hidden_act": "silu", "rope_theta": c.rope_theta, "rope_scaling": None,
+                "rope_parameters": rope, "attention_bias": False, "mlp_bias": False, **common}
+    if mt in ("qwen2", "qwen3"):
+        if mt == "qwen2":
+            del shape["head_dim"]  # Qwen2 derives it
+        local = c.has_local_layers
+        return {**shape, "hidden_act": "silu", "rope_parameters": rope, "use_sliding_window": local,
+                "sliding_window": c.sliding_window if local else None, "max_window_layers": c.n_layer,
+                "layer_types": types, **({"attention_bias": False} if mt == "qwen3" else {}), **common}
+    return {**shape, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _query_pre_attn_scalar(c),
+            "rope_parameters": {"full_attention": rope,
+                                "sliding_attention": _rope_to_hf(c.rope_local_theta or c.rope_theta, None)},
+            "sliding_window": c.sliding_window or c.context_length, "layer_types": types,
+            "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": None,
+            "use_bidirectional_attention": False, "attention_bias": False, **common}
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -697,8 +775,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads with the same logits.
 
     GPT-2 style decoders (learned positions, pre-LN LayerNorm, gelu_tanh/gelu/relu, biases, MHA)
-    become ``GPT2LMHeadModel``; Llama style (RoPE, RMSNorm, SwiGLU, no biases, GQA allowed)
-    ``LlamaForCausalLM``; the head is tied or not as in lmforge. Anything else is an
+    become ``GPT2LMHeadModel``; RoPE decoders the class with their fields: ``LlamaForCausalLM``
+    (RMSNorm, SwiGLU, no biases, GQA, llama3/linear RoPE scaling), ``Qwen2ForCausalLM`` (q/k/v
+    biases), ``Qwen3ForCausalLM`` (q/k norm, explicit head size), ``Gemma3ForCausalLM`` (Gemma 3's
+    norms, GeGLU, embedding scale, local/global layers); the head is tied or not as in lmforge. Anything else is an
     :class:`InteropError` naming the fields. The tokenizer, of any kind, is written as a Hugging
     Face ``tokenizer.json`` plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained``
     loads the folder and gives the same ids.
