@@ -52,9 +52,10 @@ _GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu":
 _BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 # Hugging Face model_type -> the weight layout lmforge reads it with ("llama": model.layers.{i}.self_attn.q_proj ...)
 _MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-                "gemma3_text": "llama", "bert": "bert"}
+                "gemma2": "llama", "gemma3_text": "llama", "bert": "bert"}
 # Hugging Face base models (no LM head): their logits come from the tied embeddings.
-_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma3TextModel"}
+_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma2Model",
+                "Gemma3TextModel"}
 # Where each family's backbone tensors live in a model with a head ("transformer.wte.weight").
 _PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
 _HEAD_PREFIXES = ("lm_head.", "cls.")
@@ -201,9 +202,9 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                  "Gemma's GeGLU uses the tanh GELU")
         _require(problems, hf, "use_bidirectional_attention", False, (False, None),
                  "lmforge's Gemma 3 is a causal decoder")
-        # transformers' Gemma 3 attention does not apply this cap (Gemma 2's does): refuse, not guess
-        _require(problems, hf, "attn_logit_softcapping", None, (None,),
-                 "transformers' Gemma 3 ignores it; lmforge would apply it")
+        if mt == "gemma3_text":  # transformers' Gemma 3 attention does not apply this cap (Gemma 2's does)
+            _require(problems, hf, "attn_logit_softcapping", None, (None,),
+                     "transformers' Gemma 3 ignores it; lmforge would apply it")
     else:
         _require(problems, hf, "hidden_act", "silu", ("silu",), "lmforge's SwiGLU uses silu")
     if "qkv_bias" not in fixed:  # Qwen2's q/k/v biases are fixed by its model type, not a field
@@ -217,7 +218,8 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         head_dim = None  # the derived size: keep the config plain (and its round trip exact)
 
     # RoPE: one set of parameters, or (Gemma 3) one per layer type
-    if gemma:
+    local_theta = None
+    if mt == "gemma3_text":
         nested = hf.get("rope_parameters") or {}
         if not isinstance(nested, dict):
             problems.append(f"rope_parameters: got {nested!r:.80}, expected an object")
@@ -242,14 +244,13 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
             problems.append(f"{where}: got {rope!r:.80}, expected an object")
             rope = {}
         theta, scaling = _rope_from_hf(rope, hf.get("rope_theta", 10000.0), where, problems)
-        local_theta = None
 
     # sliding-window (local) layers
     types = _layer_types_from_hf(hf, mt, n_layer, problems)
     window = hf.get("sliding_window") if "local" in (types or ()) else None
     if gemma:
         fields = dict(attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
-                      logit_softcap=hf.get("final_logit_softcapping"),
+                      logit_softcap=hf.get("final_logit_softcapping"), attn_softcap=hf.get("attn_logit_softcapping"),
                       rope_local_theta=local_theta if types and "local" in types else None)
     else:
         fields = {}
@@ -269,6 +270,8 @@ _ROPE_DECODERS: dict[str, dict[str, Any]] = {
     "mistral": {},
     "qwen2": dict(qkv_bias=True),  # Qwen2 / Qwen2.5: biases on q, k and v, none on o or the MLP
     "qwen3": dict(qk_norm=True),  # Qwen3: per-head RMSNorm on q and k before RoPE
+    # Gemma 2: four norms per block, tanh-GeGLU, sqrt(C)-scaled embeddings, (1 + w) RMSNorm, soft-capping
+    "gemma2": dict(activation="geglu_tanh", sandwich_norm=True, norm_unit_offset=True, scale_embeddings=True),
     # Gemma 3 text: q/k norm, four norms per block, tanh-GeGLU, sqrt(C)-scaled embeddings, (1 + w) RMSNorm
     "gemma3_text": dict(activation="geglu_tanh", qk_norm=True, sandwich_norm=True, norm_unit_offset=True,
                         scale_embeddings=True),
@@ -311,8 +314,8 @@ def _layer_types_from_hf(hf: dict[str, Any], mt: str, n_layer: Any, problems: li
         return None  # transformers ignores layer_types then (sliding_window is None)
     names = hf.get("layer_types")
     if names is None and isinstance(n_layer, int):
-        if mt == "gemma3_text":
-            n = hf.get("sliding_window_pattern", 6)
+        if mt in ("gemma2", "gemma3_text"):  # Gemma 2 alternates local and global
+            n = hf.get("sliding_window_pattern", 6 if mt == "gemma3_text" else 2)
             names = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(n_layer)]
         elif mt in ("qwen2", "qwen3"):
             first = hf.get("max_window_layers", 28)
@@ -632,14 +635,15 @@ def _export_problems(cfg: ModelConfig) -> list[str]:
 # Export targets of RoPE decoders: the Hugging Face class, and what it fixes (ModelConfig field -> value;
 # the family is picked by _rope_export_type from the fields only one of them has).
 _EXPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                   "gemma3_text": "Gemma3ForCausalLM"}
-_EXPORT_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma 3"}
+                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_EXPORT_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
 
 
 def _rope_export_type(c: ModelConfig) -> str:
     if c.sandwich_norm or c.norm_unit_offset or c.scale_embeddings or c.activation == "geglu_tanh" \
-            or c.logit_softcap is not None or c.attn_scale is not None or c.rope_local_theta is not None:
-        return "gemma3_text"
+            or c.logit_softcap is not None or c.attn_scale is not None or c.rope_local_theta is not None \
+            or c.attn_softcap is not None:
+        return "gemma3_text" if c.qk_norm or c.rope_local_theta is not None else "gemma2"
     if c.qk_norm:
         return "qwen3"
     if c.qkv_bias and not c.bias:
@@ -652,7 +656,7 @@ def _rope_export_problems(c: ModelConfig) -> list[str]:
     mt = _rope_export_type(c)
     name = _EXPORT_NAMES[mt]
     want = {"norm": "rmsnorm", "bias": False, "qkv_has_bias": mt == "qwen2",
-            "activation": "geglu_tanh" if mt == "gemma3_text" else "swiglu",
+            "activation": "geglu_tanh" if mt.startswith("gemma") else "swiglu",
             **{k: v for k, v in _ROPE_DECODERS[mt].items() if k not in ("activation", "qkv_bias")}}
     p = []
     for field, value in want.items():
@@ -660,17 +664,19 @@ def _rope_export_problems(c: ModelConfig) -> list[str]:
         if got != value:
             label = "qkv_bias" if field == "qkv_has_bias" else field
             p.append(f"model.{label}: got {got!r} with rope positions; {name} expects {value!r}")
-    if mt != "gemma3_text":
+    if mt == "gemma2" and c.rope_scaling is not None:
+        p.append(f"model.rope_scaling: got {c.rope_scaling!r}; Gemma 2 has plain RoPE (expected null)")
+    if not mt.startswith("gemma"):
         if c.has_local_layers and mt == "llama":
             p.append("model.layer_types: Llama has no sliding-window layers (expected all global)")
         if c.rope_local_theta is not None:
             p.append(f"model.rope_local_theta: {name} has one RoPE base for every layer (expected null)")
     else:
-        if c.attn_softcap is not None:
+        if c.attn_softcap is not None and mt == "gemma3_text":
             p.append(f"model.attn_softcap: got {c.attn_softcap!r}; transformers' Gemma 3 does not cap attention "
                      f"scores (expected null)")
         if _query_pre_attn_scalar(c) is None:
-            p.append(f"model.attn_scale: got {c.attn_scale!r}; Gemma 3 scales by query_pre_attn_scalar**-0.5 "
+            p.append(f"model.attn_scale: got {c.attn_scale!r}; {name} scales by query_pre_attn_scalar**-0.5 "
                      f"with an integer scalar")
     if mt == "qwen2" and c.head_size not in (None, c.n_embd // c.n_head):
         p.append(f"model.head_size: got {c.head_size}; Qwen2 derives it as n_embd/n_head = {c.n_embd // c.n_head}")
@@ -729,11 +735,11 @@ def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch
         return {**shape, "hidden_act": "silu", "rope_parameters": rope, "use_sliding_window": local,
                 "sliding_window": c.sliding_window if local else None, "max_window_layers": c.n_layer,
                 "layer_types": types, **({"attention_bias": False} if mt == "qwen3" else {}), **common}
+    if mt == "gemma3_text":  # one RoPE per layer type
+        rope = {"full_attention": rope, "sliding_attention": _rope_to_hf(c.rope_local_theta or c.rope_theta, None)}
     return {**shape, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _query_pre_attn_scalar(c),
-            "rope_parameters": {"full_attention": rope,
-                                "sliding_attention": _rope_to_hf(c.rope_local_theta or c.rope_theta, None)},
-            "sliding_window": c.sliding_window or c.context_length, "layer_types": types,
-            "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": None,
+            "rope_parameters": rope, "sliding_window": c.sliding_window or c.context_length, "layer_types": types,
+            "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": c.attn_softcap,
             "use_bidirectional_attention": False, "attention_bias": False, **common}
 
 
