@@ -47,6 +47,10 @@ CASES = {
     "qwen3-mqa": ("Qwen3Config", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=16)),
     "qwen3-odd-tied": ("Qwen3Config", dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=5,
                                            head_dim=12, tie_word_embeddings=True)),
+    # a sliding-window layer sharing the (llama3-scaled) RoPE of the global one
+    "qwen3-window-scaled": ("Qwen3Config", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=8, use_sliding_window=True, sliding_window=5,
+                                                max_window_layers=1, rope_scaling=_LLAMA3_ROPE)),
     # Gemma 3: local layers of window 4 (every 2nd global), linearly scaled global RoPE, logit
     # soft-capping, query_pre_attn_scalar 12, untied; then MQA with 3 heads of 16, tied, window 6
     "gemma3-window4": ("Gemma3TextConfig", dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4,

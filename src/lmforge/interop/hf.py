@@ -232,9 +232,11 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         local_theta, local_scaling = _rope_from_hf(nested.get("sliding_attention") or {},
                                                    hf.get("rope_local_base_freq", 10000.0),
                                                    "rope_parameters.sliding_attention", problems)
-        if local_scaling is not None:
-            problems.append("rope_parameters.sliding_attention: got a scaled RoPE, expected rope_type 'default' "
-                            "(lmforge scales the global layers' RoPE only)")
+        if local_scaling is not None:  # a scaled local RoPE: lmforge has it only as the one shared RoPE
+            if (local_theta, local_scaling) != (theta, scaling):
+                problems.append("rope_parameters.sliding_attention: got a scaled RoPE unlike the full_attention "
+                                "one, expected rope_type 'default' or the full_attention parameters")
+            local_theta = None
     else:
         if mt == "mistral":
             _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window Mistral")
@@ -251,7 +253,8 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     if gemma:
         fields = dict(attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
                       logit_softcap=hf.get("final_logit_softcapping"), attn_softcap=hf.get("attn_logit_softcapping"),
-                      rope_local_theta=local_theta if types and "local" in types else None)
+                      rope_local_theta=local_theta if types and "local" in types and local_theta is not None
+                      else None)
     else:
         fields = {}
     return {**dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
@@ -736,7 +739,9 @@ def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch
                 "sliding_window": c.sliding_window if local else None, "max_window_layers": c.n_layer,
                 "layer_types": types, **({"attention_bias": False} if mt == "qwen3" else {}), **common}
     if mt == "gemma3_text":  # one RoPE per layer type
-        rope = {"full_attention": rope, "sliding_attention": _rope_to_hf(c.rope_local_theta or c.rope_theta, None)}
+        own = c.rope_local_theta is not None  # local layers' own plain RoPE, else the shared (scaled) one
+        rope = {"full_attention": rope,
+                "sliding_attention": _rope_to_hf(c.rope_local_theta, None) if own else dict(rope)}
     return {**shape, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _query_pre_attn_scalar(c),
             "rope_parameters": rope, "sliding_window": c.sliding_window or c.context_length, "layer_types": types,
             "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": c.attn_softcap,

@@ -71,8 +71,9 @@ class ModelConfig:
     sliding_window: int | None = None  # a "local" layer's query sees this many latest positions, itself included
     layer_types: list[str] | None = None  # "global"/"local" per layer; None -> global_every, else all global
     global_every: int | None = None  # every n-th layer global, the others local (Gemma 3: 6); or layer_types
-    rope_local_theta: float | None = None  # RoPE base of local layers; None -> rope_theta (Gemma 3: 10k vs 1e6)
-    rope_scaling: dict[str, Any] | None = None  # global layers' RoPE frequencies rescaled: {"type": "llama3"|"linear", ...}
+    rope_local_theta: float | None = None  # local layers' own plain RoPE base (Gemma 3: 10k vs 1e6); None -> shared RoPE
+    rope_scaling: dict[str, Any] | None = None  # RoPE frequencies rescaled, {"type": "llama3"|"linear", ...}: all
+    #                                           layers', or only global ones' when local layers have rope_local_theta
 
     def __post_init__(self):
         if self.n_kv_head is None:

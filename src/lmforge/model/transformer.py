@@ -26,12 +26,12 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.positional == "learned" else None
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg) if cfg.embedding_norm else None
-        self.rope = None  # RoPE of global layers (rope_scaling applies to them)
-        self.rope_local = None  # RoPE of sliding-window layers when their base differs (Gemma 3: 10k vs 1e6)
+        self.rope = None  # RoPE (rope_scaling applies to it)
+        self.rope_local = None  # sliding-window layers' own plain RoPE (Gemma 3: base 10k, global layers 1e6)
         if cfg.positional == "rope":
             self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-            if cfg.has_local_layers and (cfg.rope_local_theta or cfg.rope_scaling):
-                self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or cfg.rope_theta)
+            if cfg.has_local_layers and cfg.rope_local_theta is not None:
+                self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta)
         # Gemma: embeddings times sqrt(C), rounded to the weights' dtype as transformers does
         self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embeddings else None
         self.drop = nn.Dropout(cfg.dropout)
