@@ -260,3 +260,15 @@ def test_gpt2_and_bert_layer_names_are_roles_too():
     assert list(gpt2.transformer.blocks[0].mlp.fc.lora) == ["in"]
     bert = apply_lora(build("bert-mini"), LoraConfig(rank=2, targets=("query", "value")))
     assert list(bert.transformer.blocks[0].attn.qkv.lora) == ["q", "v"]
+
+
+@pytest.mark.parametrize("name", ["qwen3-mqa", "gemma3-mqa-tied"])
+def test_base_model_folder_gives_the_same_hidden_states(tmp_path, name):
+    """A folder of the base model (Qwen3Model, Gemma3TextModel: no LM head) imports too."""
+    torch.manual_seed(0)
+    ref = _perturb(tf.AutoModel.from_config(_hf_config(name), attn_implementation="eager"))
+    ref.save_pretrained(tmp_path / "base")
+    ours = load_hf(tmp_path / "base")
+    ids = _ids(2, 15, 9)
+    with torch.no_grad():
+        assert _diff(ours.hidden_states(ids), ref(ids).last_hidden_state) <= TOL
