@@ -18,7 +18,7 @@ import torch
 
 from lmforge.generate import generate
 from lmforge.interop.hf import export_hf, load_hf, read_hf_weights
-from lmforge.model import KVCache, ModelConfig, build, count_parameters
+from lmforge.model import KVCache, ModelConfig, build
 from lmforge.model.lora import LoraConfig, apply_lora, export_peft
 
 tf = pytest.importorskip("transformers")

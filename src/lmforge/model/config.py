@@ -2,7 +2,8 @@
 
 GPT-2, Llama, Qwen, Gemma and BERT are not separate classes: they are presets of the same fields,
 built from the same layers (``layers.py``). Each family's peculiarity is a named field (``qk_norm``,
-``sandwich_norm``, ``sliding_window``, ...), off by default, so older configs mean what they meant. ``ModelConfig.validate`` collects every problem and raises one
+``sandwich_norm``, ``sliding_window``, ...), off by default, so older configs mean what they meant.
+``ModelConfig.validate`` collects every problem and raises one
 :class:`~lmforge.errors.ConfigError` that names each field.
 """
 
@@ -66,12 +67,12 @@ class ModelConfig:
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + weight), weight starting at 0 (Gemma)
     scale_embeddings: bool = False  # token embeddings times sqrt(n_embd) (Gemma)
     attn_scale: float | None = None  # attention scores times this; None -> 1/sqrt(head size) (Gemma 3: 256**-0.5)
-    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2/3 option)
-    logit_softcap: float | None = None  # final logits -> cap * tanh(logits / cap) (Gemma 2/3 option)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    logit_softcap: float | None = None  # final logits -> cap * tanh(logits / cap) (Gemma 2; a Gemma 3 option)
     sliding_window: int | None = None  # a "local" layer's query sees this many latest positions, itself included
     layer_types: list[str] | None = None  # "global"/"local" per layer; None -> global_every, else all global
     global_every: int | None = None  # every n-th layer global, the others local (Gemma 3: 6); or layer_types
-    rope_local_theta: float | None = None  # local layers' own plain RoPE base (Gemma 3: 10k vs 1e6); None -> shared RoPE
+    rope_local_theta: float | None = None  # local layers' own plain RoPE base (Gemma 3: 10k vs 1e6); None: shared
     rope_scaling: dict[str, Any] | None = None  # RoPE frequencies rescaled, {"type": "llama3"|"linear", ...}: all
     #                                           layers', or only global ones' when local layers have rope_local_theta
 
