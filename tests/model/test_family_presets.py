@@ -145,3 +145,52 @@ def test_presets_import_from_their_own_export_config():
                       "rope_scaling", "tie_embeddings", "sliding_window", "vocab_size", "context_length"):
             assert getattr(back, field) == getattr(cfg, field), (preset, field)
         assert [back.layer_type(i) for i in range(cfg.n_layer)] == [cfg.layer_type(i) for i in range(cfg.n_layer)]
+
+
+# config.json of published checkpoints as written by transformers 4.x (older keys: rope_theta beside
+# rope_scaling, Gemma's rope_local_base_freq and sliding_window_pattern), shortened to the keys that matter
+_HUB_CONFIGS = {
+    "llama-3.2-1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
+                     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                     "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
+                     "hidden_act": "silu", "tie_word_embeddings": True},
+    "qwen3-0.6b": {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+                   "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                   "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000, "rope_scaling": None,
+                   "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
+                   "attention_bias": False, "hidden_act": "silu", "tie_word_embeddings": True},
+    "gemma-3-1b": {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
+                   "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+                   "rope_local_base_freq": 10000, "rope_scaling": None, "sliding_window": 512,
+                   "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+                   "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": False},
+}
+
+
+@pytest.mark.parametrize("preset", list(_HUB_CONFIGS))
+def test_published_config_json_imports_as_the_preset(preset):
+    """The preset is what importing the real checkpoint's config gives, from the old keys and from
+    the transformers-5 keys transformers itself rewrites them to."""
+    old = _HUB_CONFIGS[preset]
+    hf_cfg = tf.AutoConfig.for_model(**old)
+    cfg = ModelConfig.from_preset(preset)
+    for got in (config_from_hf(old), config_from_hf(hf_cfg.to_dict())):
+        assert _computation(got) == _computation(cfg)
+
+
+def _computation(c: ModelConfig) -> dict:
+    """The fields that decide what a model computes, layer patterns spelled out per layer."""
+    d = c.to_dict()
+    d.update(layer_types=[c.layer_type(i) for i in range(c.n_layer)], head_size=c.head_dim,
+             sliding_window=c.sliding_window if c.has_local_layers else None)
+    for k in ("global_every", "name", "init_std"):
+        del d[k]
+    return d
