@@ -1,5 +1,5 @@
-"""Hugging Face interop: import GPT-2, Llama-layout (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text) and
-BERT folders; export GPT-2 and those Llama-layout decoders.
+"""Hugging Face interop: import GPT-2, Llama-layout (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2,
+Gemma 3 text) and BERT folders; export GPT-2 and those Llama-layout decoders.
 
 A Hugging Face model folder is ``config.json`` plus weights (``model.safetensors``, a sharded
 ``model.safetensors.index.json``, or the older ``pytorch_model.bin`` / its index). This module
@@ -8,9 +8,11 @@ reads and writes those files itself, so lmforge never needs ``transformers`` to 
 Converting is two small steps, in both directions:
 
 1. **config**: :func:`config_from_hf` turns ``config.json`` into a :class:`ModelConfig`;
-   :func:`config_to_hf` does the reverse. A feature lmforge does not implement (``rope_scaling``,
-   relative positions, a bias lmforge has no place for, ...) is an :class:`InteropError` that
-   names the field: never a silent approximation.
+   :func:`config_to_hf` does the reverse. What a Llama-layout ``model_type`` always has (Qwen2's
+   q/k/v biases, Qwen3's q/k norm, Gemma's four norms per block, ...) is one table,
+   ``_ROPE_DECODERS``; the rest is read field by field. A feature lmforge does not implement (a
+   RoPE type other than llama3/linear, relative positions, a bias lmforge has no place for, ...)
+   is an :class:`InteropError` that names the field: never a silent approximation.
 2. **weights**: one *plan* per family lists, for every lmforge tensor, which Hugging Face
    tensors it comes from and how: copied, transposed (GPT-2's ``Conv1D`` stores ``(in, out)``,
    ``nn.Linear`` ``(out, in)``), or concatenated (q/k/v into our fused ``attn.qkv``; gate/up
@@ -20,7 +22,8 @@ Converting is two small steps, in both directions:
 
 Llama checkpoints need no q/k permutation: lmforge's RoPE uses the same "rotate half" layout.
 BERT is post-LN with an embedding LayerNorm; its attention-output LayerNorm becomes our
-``norm1`` and its output LayerNorm our ``norm2``.
+``norm1`` and its output LayerNorm our ``norm2``. Gemma's ``post_attention_layernorm`` is our
+``post_attn_norm`` (Llama's, the norm before the MLP, is our ``norm2``).
 
 Weights are loaded into lmforge's default dtype (float32); cast with ``model.to(dtype)`` after.
 Dropout rates in ``config.json`` are training choices and are not imported (``dropout=0``).
