@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lmforge import from_pretrained
-from lmforge.config import config_from_dict
+from lmforge.tasks import config_from_dict
 from lmforge.model import ModelConfig
-from lmforge.train.run import run
+from lmforge.tasks.run import run
 
 # each family preset shrunk to 2 layers of width 32 (its named fields kept: qkv_bias, qk_norm, ...)
 SHRINK = dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, mlp_hidden=64, context_length=160, vocab_size=None)

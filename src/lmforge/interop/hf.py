@@ -42,7 +42,9 @@ import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
 from lmforge.fsutil import atomic_write
-from lmforge.model.config import ROPE_SCALINGS, ModelConfig
+from lmforge.model import build
+from lmforge.model.config import ModelConfig, ROPE_SCALINGS
+from lmforge.tokenizer import load_tokenizer
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -551,8 +553,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
     With ``with_tokenizer`` returns ``(model, tokenizer)``: the folder's ``tokenizer.json``
     loaded with :func:`lmforge.tokenizer.load_tokenizer`, or None when absent.
     """
-    from lmforge.model import build
-
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; expected a Hugging Face model folder with {CONFIG}")
@@ -574,8 +574,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
         return model
     tok = None
     if (folder / TOKENIZER).is_file():
-        from lmforge.tokenizer import load_tokenizer
-
         tok = load_tokenizer(folder / TOKENIZER)
         _read_tokenizer_config(tok, folder / TOKENIZER_CONFIG)
         if tok.vocab_size > cfg.vocab_size:

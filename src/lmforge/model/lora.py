@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
-from lmforge.model.layers import MLP, Attention, dropout
+from lmforge.fsutil import atomic_write
+from lmforge.model.layers import Attention, MLP, dropout
 from lmforge.model.packed import packed_product
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -276,8 +277,6 @@ def save_adapter(model: nn.Module, folder: str | Path, base_path: str | Path | N
     base model path and checksum)."""
     from safetensors.torch import save_file
 
-    from lmforge.fsutil import atomic_write
-
     cfg = getattr(model, "lora_config", None)
     if cfg is None or not has_lora(model):
         raise ConfigError("save_adapter: the model has no LoRA adapters (apply_lora first)")
@@ -349,8 +348,6 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: 
     Qwen2/2.5, Qwen3 and Gemma 3 all name their projections q_proj ... down_proj, so one mapping
     serves every RoPE family."""
     from safetensors.torch import save_file
-
-    from lmforge.fsutil import atomic_write
 
     cfg = getattr(model, "lora_config", None)
     mc = getattr(model, "config", None)
