@@ -305,6 +305,15 @@ def _init_from_problems(init, pending: tuple[str, ...] = ()) -> list[str]:
         return []
     if not isinstance(init, str) or not init.strip():
         return [f"model.init_from: got {init!r}, expected a path"]
+    if init.startswith("hf:"):  # a Hugging Face model by name: fetched (or found in the cache) when the run starts
+        from lmforge.errors import CheckpointError
+        from lmforge.hub import parse_hf_spec
+
+        try:
+            parse_hf_spec(init)
+        except CheckpointError as e:
+            return [f"model.init_from: {e}"]
+        return []
     from lmforge.tasks.common import package_path
 
     try:

@@ -32,7 +32,7 @@ from pathlib import Path
 from lmforge.errors import DataError
 from lmforge.fsutil import atomic_write
 
-__all__ = ["Dataset", "DATASETS", "PREFIX", "get", "name_of", "resolve", "locate", "download",
+__all__ = ["Dataset", "DATASETS", "PREFIX", "get", "name_of", "resolve", "local_path", "locate", "download",
            "cache_dir", "mirror_dir", "listing", "format_listing"]
 
 PREFIX = "catalog:"
@@ -292,6 +292,11 @@ def _fetch_checked(ds: Dataset, tmp: Path, progress: bool | None) -> None:
     if size != ds.size or h.hexdigest() != ds.sha256:
         raise DataError(f"{PREFIX}{ds.name}: the download from {ds.url} has sha256 {h.hexdigest()[:16]}... "
                         f"({size} bytes), expected {ds.sha256[:16]}... ({ds.size} bytes); not used")
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """``catalog:NAME`` -> its checked local file (:func:`resolve`); any other path as it is."""
+    return resolve(str(path)) if str(path).startswith(PREFIX) else Path(path)
 
 
 # ----------------------------------------------------------------------------- listing

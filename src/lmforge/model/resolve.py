@@ -5,7 +5,9 @@ an lmforge checkpoint (``runs/demo/checkpoints/best``), a saved model folder, or
 folder. Users naturally pass the *run* folder instead (``runs/demo``), whose ``config.yaml`` is a
 run config with no weights beside it. :func:`resolve_model_path` recognises a run folder (or its
 ``checkpoints/`` folder) and picks its ``checkpoints/best``, else its newest complete
-``step_*`` checkpoint, and returns a note saying so; any other path comes back unchanged.
+``step_*`` checkpoint, and returns a note saying so; ``hf:ORG/NAME[@REVISION]`` becomes its
+snapshot folder in the Hugging Face cache (:mod:`lmforge.hub`, downloaded once); any other path
+comes back unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lmforge import hub
 from lmforge.errors import CheckpointError
 
 __all__ = ["resolve_model_path"]
@@ -32,6 +35,8 @@ def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     is complete, else its newest complete ``step_*`` one, with a note naming the choice; a run
     folder without any complete checkpoint is a :class:`CheckpointError`.
     """
+    if hub.is_hf_spec(path):  # a model by name: its folder in the Hugging Face cache
+        return hub.resolve_hf_model(str(path)), None
     p = Path(path)
     if not p.is_dir() or any((p / f).is_file() for f in _MODEL_FILES):
         return p, None
