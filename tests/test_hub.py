@@ -3,6 +3,7 @@ tmp_path in the hub's own layout (models--ORG--NAME/refs + snapshots): never the
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -153,6 +154,13 @@ def test_offline_missing_model_fails_at_once_in_one_line(offline, capsys):
 def test_download_prints_the_cached_folder(offline, capsys):
     assert main(["download", f"hf:{REPO}", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(offline / f"models--test-org--tiny-llama/snapshots/{COMMIT}")
+
+
+def test_info_by_name_counts_the_parameters(tf, offline, capsys):
+    assert main(["info", f"hf:{REPO}", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    ref = tf.LlamaForCausalLM.from_pretrained(offline / f"models--test-org--tiny-llama/snapshots/{COMMIT}")
+    assert info["parameters"] == sum(p.numel() for p in ref.parameters())
 
 
 def test_snapshot_without_weights_is_one_line(offline):

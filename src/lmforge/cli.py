@@ -282,10 +282,10 @@ def cmd_info(args) -> int:
         mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = build(mc)
-    elif path.exists():
+    elif path.exists() or target.startswith("hf:"):  # hf:ORG/NAME: its folder in the Hugging Face cache
         from lmforge import from_pretrained
 
-        path = _model_path(path)
+        path = _model_path(target)
         model = from_pretrained(path)
         trained = _checkpoint_facts(path)
     else:
