@@ -196,10 +196,10 @@ def cmd_info(args) -> int:
         mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = build(mc)
-    elif path.exists():
+    elif path.exists() or target.startswith("hf:"):  # hf:ORG/NAME: its folder in the Hugging Face cache
         from lmforge.store import checkpoint_facts, from_pretrained, resolve_model_path
 
-        path, note = resolve_model_path(path)
+        path, note = resolve_model_path(target)
         if note:
             print(note, file=sys.stderr)
         model = from_pretrained(path)
@@ -236,7 +236,9 @@ def cmd_tokenizer(args) -> int:
     from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
     if args.action == "train":
-        files = [Path(f) for f in args.input]
+        from lmforge.data.catalog import local_path
+
+        files = [local_path(f) for f in args.input]  # catalog:NAME is its file
         _check_output_file(Path(args.out))
         tok = train_tokenizer(args.kind, files, vocab_size=args.vocab_size)
         tok.save(args.out)
@@ -333,6 +335,23 @@ def _recipes(folder: Path) -> list[tuple[Path, str]]:
         m = re.match(r"(.+?[.!?])(?=\s+[A-Z(]|$)", text)
         out.append((p, (m.group(1) if m else text) or "(no description: start the file with a # comment)"))
     return out
+
+
+def cmd_data(args) -> int:
+    from lmforge.data.catalog import run_cli
+
+    return run_cli(args)
+
+
+def cmd_download(args) -> int:
+    """Fetch models (hf:ORG/NAME[@REV]) and datasets (catalog:NAME) ahead of use; print their paths."""
+    from lmforge.data import catalog
+    from lmforge.hub import resolve_hf_model
+
+    for name in args.names:
+        is_data = name.startswith(catalog.PREFIX)
+        print(catalog.resolve(name) if is_data else resolve_hf_model(name, progress=not args.quiet))
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -443,7 +462,7 @@ def _info_args(p):
 def _tokenizer_args(p):
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, help="text files")
+    t.add_argument("--input", nargs="+", required=True, help="text files or catalog:NAME datasets")
     t.add_argument("--vocab-size", type=int, default=8000)
     t.add_argument("--kind", default="bpe", choices=["bpe", "char", "byte"])
     t.add_argument("--out", required=True, help="output tokenizer JSON file")
@@ -462,6 +481,17 @@ def _export_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--out", required=True)
+
+
+def _data_args(p):
+    from lmforge.data.catalog import add_cli_args
+
+    add_cli_args(p)
+
+
+def _download_args(p):
+    p.add_argument("names", nargs="+", help="hf:ORG/NAME[@REVISION] models and/or catalog:NAME datasets")
+    p.add_argument("--quiet", action="store_true", help="no progress bar for models")
 
 
 def _inspect_args(p):
@@ -490,6 +520,8 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
+    "data": (cmd_data, _data_args, "the named public datasets (catalog:NAME): list them, or print a file's path"),
+    "download": (cmd_download, _download_args, "fetch hf:ORG/NAME models and catalog:NAME datasets ahead of use"),
 }
 
 
