@@ -2,6 +2,10 @@
 
 Errors on bad input (any :class:`~lmforge.errors.LMForgeError`) print one line to stderr and exit
 with code 2, without a traceback.
+
+Each verb imports what it uses inside its function: ``lmforge --help`` and a mistyped command
+answer at once, without loading torch and the model code a verb needs (the one place, with the
+inspect parser, where lmforge imports inside functions).
 """
 
 from __future__ import annotations
