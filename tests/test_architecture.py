@@ -68,3 +68,19 @@ def test_every_package_and_module_is_in_the_contract():
     rooms = {p.stem for p in src.glob("*.py") if p.stem != "__init__"} | {
         p.name for p in src.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert rooms - placed == set(), f"not in any layer of the import contract: {sorted(rooms - placed)}"
+
+
+def test_benchmarks_use_only_public_names():
+    """Benchmarks are users of the library: they import public names only (a needed private
+    function is made public instead) and never the removed aliases."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmforge"):
+                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and a.name != "__version__"]
+                if any(part.startswith("_") for part in node.module.split(".")):
+                    bad.append(f"{path.name}: {node.module}")
+    assert bad == []

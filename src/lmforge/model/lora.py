@@ -337,7 +337,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
 
 
 # ======================================================================== PEFT export
-_PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "out": "mlp.down_proj"}
 
 
@@ -363,7 +363,7 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: 
             continue
         layer = int(name.split(".")[2])  # transformer.blocks.{i}.attn.qkv
         for role, ad in m.lora.items():
-            hf = _PEFT_MODULES[role]
+            hf = PEFT_MODULES[role]
             modules.add(hf.split(".")[1])
             key = f"base_model.model.model.layers.{layer}.{hf}"
             tensors[f"{key}.lora_A.weight"] = ad.A.detach().cpu().contiguous().clone()
