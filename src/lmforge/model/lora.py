@@ -338,7 +338,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
 
 # ======================================================================== PEFT export
 PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "out": "mlp.down_proj"}
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "out": "mlp.down_proj"}
 
 
 def export_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
