@@ -470,6 +470,12 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
+def cmd_serve(args) -> int:
+    from lmforge.serve.command import run_serve
+
+    return run_serve(args)
+
+
 # ----------------------------------------------------------------------------------- table
 def _train_args(p):
     import argparse
@@ -599,6 +605,12 @@ def _report_args(p):
     add_report_args(p)
 
 
+def _serve_args(p):
+    from lmforge.serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
@@ -613,6 +625,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
+    "serve": (cmd_serve, _serve_args, "an OpenAI-compatible HTTP server for a model (continuous batching, chat page)"),
 }
 
 

@@ -1,0 +1,63 @@
+"""The ``lmforge serve`` and ``lmforge judge`` verbs: their arguments and what they run.
+
+``lmforge serve`` loads the model, starts the decode thread and runs uvicorn until Ctrl-C or
+SIGTERM; then it stops taking connections, lets the answers in flight finish (up to
+``--drain-timeout`` seconds) and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_serve_args(p) -> None:
+    p.add_argument("--model", required=True, help="a .gguf file, checkpoint, model folder, run folder (its best "
+                                                  "checkpoint) or Hugging Face folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the file or "
+                                                              "folder name)")
+    p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"],
+                   help="linear weights in fewer bytes for faster decoding (as lmforge chat --quantize)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
+    p.add_argument("--max-waiting", type=int, default=32, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--max-tokens", type=int, default=1024, help="longest answer a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the model's context)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="on Ctrl-C/SIGTERM, seconds to let answers in flight finish before exiting")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run_serve(args) -> int:
+    from lmforge.errors import InputError
+
+    for name in ("max_batch", "max_tokens", "max_prompt_tokens", "port"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise InputError(f"--{name.replace('_', '-')}: got {v}, expected a positive integer")
+    if args.max_waiting < 0:
+        raise InputError(f"--max-waiting: got {args.max_waiting}, expected an integer >= 0")
+    try:
+        import uvicorn
+
+        from lmforge.serve.app import ServeLimits, create_app
+    except ImportError as e:
+        raise InputError(f"lmforge serve needs FastAPI and uvicorn ({e}); pip install 'lmforge[serve]'") from None
+    from lmforge.serve.batcher import Batcher
+    from lmforge.serve.loading import load_model_for_serving
+
+    model, tok, name, note = load_model_for_serving(args.model, args.quantize, args.device)
+    if note:
+        print(note, file=sys.stderr)
+    batcher = Batcher(model, tok, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    app = create_app(batcher, args.served_model_name or name,
+                     ServeLimits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens))
+    print(f"serving {args.served_model_name or name} (context {model.config.context_length} tokens) at "
+          f"http://{args.host}:{args.port}/v1 (chat page: http://{args.host}:{args.port}/)", file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn.Server(config).run()  # SIGINT/SIGTERM: stop listening, finish in-flight requests, return
+    batcher.close(drain=False, timeout=5)  # what is still running after the drain timeout is cancelled
+    print("server stopped", file=sys.stderr)
+    return 0
