@@ -57,7 +57,28 @@ def run_serve(args) -> int:
           f"http://{args.host}:{args.port}/v1 (chat page: http://{args.host}:{args.port}/)", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
-    uvicorn.Server(config).run()  # SIGINT/SIGTERM: stop listening, finish in-flight requests, return
-    batcher.close(drain=False, timeout=5)  # what is still running after the drain timeout is cancelled
-    print("server stopped", file=sys.stderr)
+    got = _run_until_signal(uvicorn.Server(config))
+    batcher.close(drain=False, timeout=5)  # what still runs after the drain timeout is cancelled
+    print(f"server stopped{f' ({got})' if got else ''}", file=sys.stderr)
     return 0
+
+
+def _run_until_signal(server) -> str | None:
+    """Run uvicorn; on SIGINT/SIGTERM it stops listening and lets the requests in flight finish.
+    uvicorn re-raises the signal it caught once it is done, to the handlers it found: ours only
+    note it, so the verb returns normally (exit code 0) after a clean drain. Returns the signal's name."""
+    import signal
+    import threading
+
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals belong to the main thread
+        server.run()
+        return None
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda sig, frame: caught.append(sig)) for s in sigs}
+    try:
+        server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return signal.Signals(caught[0]).name if caught else None
