@@ -85,10 +85,11 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
     async def models():
         return P.models_list(model_name, created)
 
+    page_html = resources.files("lmforge.serve").joinpath("page/index.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        html = resources.files("lmforge.serve").joinpath("page/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(html.replace("{{MODEL}}", model_name))
+        return HTMLResponse(page_html)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
