@@ -476,6 +476,12 @@ def cmd_serve(args) -> int:
     return run_serve(args)
 
 
+def cmd_judge(args) -> int:
+    from lmforge.serve.command import run_judge
+
+    return run_judge(args)
+
+
 # ----------------------------------------------------------------------------------- table
 def _train_args(p):
     import argparse
@@ -611,6 +617,12 @@ def _serve_args(p):
     add_serve_args(p)
 
 
+def _judge_args(p):
+    from lmforge.serve.command import add_judge_args
+
+    add_judge_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
@@ -626,6 +638,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
     "serve": (cmd_serve, _serve_args, "an OpenAI-compatible HTTP server for a model (continuous batching, chat page)"),
+    "judge": (cmd_judge, _judge_args, "score answers 0-100 with a judge model behind any OpenAI-compatible endpoint"),
 }
 
 

@@ -82,3 +82,55 @@ def _run_until_signal(server) -> str | None:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return signal.Signals(caught[0]).name if caught else None
+
+
+def add_judge_args(p) -> None:
+    p.add_argument("--answers", required=True, help="JSON lines with prompt, response (and reference): e.g. a "
+                                                    "run's test_responses.jsonl")
+    p.add_argument("--endpoint", required=True, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000 "
+                                                     "(lmforge serve) or .../v1")
+    p.add_argument("--model", default=None, help="the judge model's name at the endpoint (default: the first one "
+                                                 "GET /v1/models lists)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest judge reply")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    p.add_argument("--lowest", type=int, default=5, help="how many of the lowest-scored answers to show")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one judge request may take")
+    p.add_argument("--out", default=None, help="write every judgement here (JSON lines)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_judge(args) -> int:
+    import json
+
+    from lmforge.errors import InputError
+
+    for name in ("max_tokens", "concurrency"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected a positive integer")
+    if args.lowest < 0 or args.timeout <= 0:
+        raise InputError(f"--lowest {args.lowest} / --timeout {args.timeout}: expected >= 0 and > 0")
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise InputError("lmforge judge needs httpx; pip install 'lmforge[serve]'") from None
+    from dataclasses import asdict
+
+    from lmforge.serve.judge import Endpoint, format_report, judge_answers, read_answers, summarize
+
+    records = read_answers(args.answers)
+    endpoint = Endpoint(args.endpoint, timeout=args.timeout)
+    try:
+        model = args.model or endpoint.first_model()
+        judgements = judge_answers(records, endpoint, model, args.max_tokens, args.concurrency)
+    finally:
+        endpoint.close()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for j in judgements:
+                f.write(json.dumps(asdict(j), ensure_ascii=False) + "\n")
+    summary = summarize(judgements, args.lowest)
+    if args.json:
+        print(json.dumps({"model": model, "endpoint": endpoint.base, **summary}, ensure_ascii=False, indent=2))
+    else:
+        print(format_report(summary, model, endpoint.base))
+    return 0
