@@ -209,3 +209,18 @@ def test_full_server_answers_429_and_a_leaving_client_frees_its_slot(small):
     assert gone.finish_reason == "cancelled" and 0 < len(gone.tokens) < LONG  # generation stopped early
     r = httpx.post(small["url"] + "/v1/completions", json={**body, "stream": False, "max_tokens": 5}, timeout=TIMEOUT)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_client_leaving_a_plain_request_frees_its_slot(small):
+    """Not streamed: the server notices the closed connection while it waits for the answer."""
+    prompt = _long_prompt(small)
+    before = small["batcher_stats"]()["cancelled"]
+    body = {"model": small["name"], "prompt": prompt, "max_tokens": LONG, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(small["url"] + "/v1/completions", json=body, timeout=httpx.Timeout(TIMEOUT, read=0.05))
+    end = time.monotonic() + TIMEOUT
+    while small["batcher_stats"]()["cancelled"] == before or small["batcher_stats"]()["running"]:
+        assert time.monotonic() < end, "the slot was not freed"
+        time.sleep(0.02)
+    gone = small["batcher"].finished[-1]
+    assert gone.finish_reason == "cancelled" and len(gone.tokens) < LONG

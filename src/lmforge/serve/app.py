@@ -33,9 +33,6 @@ from lmforge.generate import SamplingConfig
 from lmforge.serve import protocol as P
 from lmforge.serve.batcher import Batcher, ServerBusy, ServerClosing
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-
-
 @dataclass
 class ServeLimits:
     """What one request may ask for (None: up to the model's context)."""
@@ -176,20 +173,24 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
             return StreamingResponse(_stream(events, reqs, rid, kind, n_prompt, body.include_usage(), prefixes,
                                              cancel_all),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async def watch():  # the body is read: the next message can only be the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            cancel_all()
+            events.put_nowait((None, None))
+
+        watcher = asyncio.create_task(watch())
         try:
             left = len(reqs)
             while left:
-                try:
-                    k, e = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        cancel_all()
-                        return JSONResponse(P.error_body("client disconnected"), status_code=499)
-                    continue
+                k, e = await events.get()
+                if e is None:  # the client left
+                    return JSONResponse(P.error_body("client disconnected"), status_code=499)
                 if e.finish_reason == "error":
                     raise P.ApiError(500, f"generation failed: {e.error}", "server_error")
                 left -= e.finish_reason is not None
         finally:
+            watcher.cancel()
             cancel_all()  # no-op for finished requests; frees the slots if this coroutine was cancelled
         use = P.usage(n_prompt, sum(len(r.tokens) for r in reqs))
         choices = [(pre + r.text, r.finish_reason) for pre, r in zip(prefixes, reqs)]
