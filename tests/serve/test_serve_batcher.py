@@ -141,3 +141,30 @@ def test_refuses_non_decoders(tok):
     enc = build(ModelConfig(arch="encoder", vocab_size=64, n_layer=1, n_head=2, n_embd=16, context_length=16))
     with pytest.raises(InputError, match="decoder"):
         Batcher(enc, tok)
+
+
+def test_a_failing_step_ends_its_requests_and_the_thread_keeps_serving(model, tok, monkeypatch):
+    from lmforge.serve import batcher as batcher_mod
+
+    real_step, calls = batcher_mod._RunningBatch.step, []
+
+    def failing_once(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device fell over")
+        return real_step(self)
+
+    monkeypatch.setattr(batcher_mod._RunningBatch, "step", failing_once)
+    events = queue.Queue()
+    batcher = Batcher(model, tok).start()
+    try:
+        r = batcher.submit(tok.encode("Once"), SamplingConfig(max_new_tokens=10, temperature=0), events.put)
+        assert r.wait(TIMEOUT) and r.finish_reason == "error"
+        last = [events.get() for _ in range(events.qsize())][-1]
+        assert last.finish_reason == "error" and "device fell over" in last.error
+        s = batcher.submit(tok.encode("Once"), SamplingConfig(max_new_tokens=10, temperature=0), lambda e: None)
+        assert s.wait(TIMEOUT) and s.tokens == generate(model, tok.encode("Once"), tokenizer=tok, max_new_tokens=10,
+                                                         temperature=0)
+        assert batcher.stats()["errors"] == 1 and batcher.stats()["running"] == 0
+    finally:
+        batcher.close()
