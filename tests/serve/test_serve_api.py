@@ -224,3 +224,12 @@ def test_a_client_leaving_a_plain_request_frees_its_slot(small):
         time.sleep(0.02)
     gone = small["batcher"].finished[-1]
     assert gone.finish_reason == "cancelled" and len(gone.tokens) < LONG
+
+
+def test_a_closing_server_answers_503(served):
+    batcher = Batcher(served["model"], served["tok"], max_batch=1)
+    with running_server(create_app(batcher, served["name"])) as url:
+        batcher.close()  # what the shutdown does once the requests in flight have finished
+        r = httpx.post(url + "/v1/completions", json={"model": served["name"], "prompt": "x"}, timeout=TIMEOUT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert httpx.get(url + "/health", timeout=TIMEOUT).json()["status"] == "draining"

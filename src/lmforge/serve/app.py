@@ -129,7 +129,8 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
         if n_prompt > longest:
             what = f"the model's context of {context}" if longest == context else f"this server's limit of {longest}"
             raise P.ApiError(400, f"prompt: {n_prompt} tokens, more than {what}; expected at most {longest}",
-                             code="context_length_exceeded", param="messages" if hasattr(body, "messages") else "prompt")
+                             code="context_length_exceeded",
+                             param="messages" if hasattr(body, "messages") else "prompt")
         if asked is not None and asked > limits.max_tokens:
             raise P.ApiError(400, f"max_tokens: got {asked}, expected at most {limits.max_tokens} (this server's "
                              f"limit)", param="max_tokens")

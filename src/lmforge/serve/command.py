@@ -109,10 +109,10 @@ def run_judge(args) -> int:
             raise InputError(f"--{name.replace('_', '-')}: got {getattr(args, name)}, expected a positive integer")
     if args.lowest < 0 or args.timeout <= 0:
         raise InputError(f"--lowest {args.lowest} / --timeout {args.timeout}: expected >= 0 and > 0")
-    try:
-        import httpx  # noqa: F401
-    except ImportError:
-        raise InputError("lmforge judge needs httpx; pip install 'lmforge[serve]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("httpx") is None:
+        raise InputError("lmforge judge needs httpx; pip install 'lmforge[serve]'")
     from dataclasses import asdict
 
     from lmforge.serve.judge import Endpoint, format_report, judge_answers, read_answers, summarize
