@@ -152,7 +152,7 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         jobs = []
-        for p_i, prompt in enumerate(prompts):
+        for prompt in prompts:
             for j in range(body.n):
                 sink = (lambda e, k=len(jobs): loop.call_soon_threadsafe(events.put_nowait, (k, e)))
                 jobs.append((prompt, _sampling(body, prompt, j), sink))
@@ -174,6 +174,7 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
             return StreamingResponse(_stream(events, reqs, rid, kind, n_prompt, body.include_usage(), prefixes,
                                              cancel_all),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
         async def watch():  # the body is read: the next message can only be the client leaving
             while (await request.receive())["type"] != "http.disconnect":
                 pass
