@@ -637,8 +637,8 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
-    "serve": (cmd_serve, _serve_args, "an OpenAI-compatible HTTP server for a model (continuous batching, chat page)"),
-    "judge": (cmd_judge, _judge_args, "score answers 0-100 with a judge model behind any OpenAI-compatible endpoint"),
+    "serve": (cmd_serve, _serve_args, "serve a model over HTTP with the OpenAI API (continuous batching, chat page)"),
+    "judge": (cmd_judge, _judge_args, "score answers from 0 to 100 with a judge model behind an OpenAI API endpoint"),
 }
 
 
