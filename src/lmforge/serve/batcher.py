@@ -115,16 +115,14 @@ class _RunningBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
-    def rebuild(self, keep: list[int], newcomer: tuple[Request, KVCache] | None = None) -> None:
-        """Keep rows ``keep`` (in order), append ``newcomer`` (a request and its prefilled batch-1
-        cache), drop columns that are padding in every row, and size the cache for the rest of
-        every row's generation."""
+    def rebuild(self, keep: list[int], newcomers: Sequence[tuple[Request, KVCache]] = ()) -> None:
+        """Keep rows ``keep`` (in order), append ``newcomers`` (requests with their prefilled
+        batch-1 caches), drop columns that are padding in every row, and size the cache for the
+        rest of every row's generation."""
         old_len = self.cache.length if self.cache is not None else 0
         real = [int(self.pos[i]) for i in keep]  # real keys per kept row
-        requests = [self.requests[i] for i in keep]
-        if newcomer is not None:
-            requests.append(newcomer[0])
-            real.append(newcomer[1].length)
+        requests = [self.requests[i] for i in keep] + [r for r, _ in newcomers]
+        real += [c.length for _, c in newcomers]
         self.requests = requests
         if not requests:
             self.cache = self.mask = self.pos = None
@@ -141,12 +139,11 @@ class _RunningBatch:
             for new, old in zip((*cache.k, *cache.v), (*self.cache.k, *self.cache.v)):
                 new[:len(keep), :, L - n_old:L] = old[idx, :, old_len - n_old:old_len]
             mask[:len(keep), L - n_old:L] = self.mask[idx, old_len - n_old:old_len]
-        if newcomer is not None:
-            mine = newcomer[1]
+        for row, (_, mine) in enumerate(newcomers, start=len(keep)):
             n = mine.length
             for new, old in zip((*cache.k, *cache.v), (*mine.k, *mine.v)):
-                new[-1, :, L - n:L] = old[0, :, :n]
-            mask[-1, L - n:L] = 1
+                new[row, :, L - n:L] = old[0, :, :n]
+            mask[row, L - n:L] = 1
         cache.length = L
         self.cache, self.mask = cache, mask
         self.pos = torch.tensor(real, device=dev)[:, None]  # (B, 1)
@@ -251,8 +248,8 @@ class Batcher:
                     take = max(0, self.max_batch - len(self._batch))
                     newcomers = [self._waiting.popleft() for _ in range(min(take, len(self._waiting)))]
                 self._leave_cancelled()
-                for r in newcomers:
-                    self._guarded(self._admit, r)
+                if newcomers:
+                    self._guarded(self._admit, *newcomers)
                 if len(self._batch):
                     self._guarded(self._decode_step)
 
@@ -271,23 +268,28 @@ class Batcher:
             else:
                 self._batch.rebuild([i for i, r in enumerate(self._batch.requests) if not r.done])
 
-    def _admit(self, req: Request) -> None:
-        """Prefill ``req``'s prompt alone, sample its first token, and add it to the batch."""
-        if req.cancelled:
-            self._finish(req, "cancelled")
-            return
-        if req.cfg.temperature > 0:
-            req._generator = torch.Generator(device=next(self.model.parameters()).device)
-            if req.cfg.seed is None:
-                req._generator.seed()
-            else:
-                req._generator.manual_seed(req.cfg.seed)
-        ids = torch.tensor([req.prompt], device=next(self.model.parameters()).device)  # (1, T)
-        cache = KVCache.for_model(self.model, 1, len(req.prompt))
-        logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # (1, V)
-        token = int(sample_next_token(logits, req.cfg, req._generator)[0])
-        if not self._take(req, token):
-            self._batch.rebuild(list(range(len(self._batch))), (req, cache))
+    def _admit(self, *reqs: Request) -> None:
+        """Prefill each request's prompt alone, sample its first token, and add the ones that go
+        on to the batch (one rebuild for all of them)."""
+        joining = []
+        for req in reqs:
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            if req.cfg.temperature > 0:
+                req._generator = torch.Generator(device=next(self.model.parameters()).device)
+                if req.cfg.seed is None:
+                    req._generator.seed()
+                else:
+                    req._generator.manual_seed(req.cfg.seed)
+            ids = torch.tensor([req.prompt], device=next(self.model.parameters()).device)  # (1, T)
+            cache = KVCache.for_model(self.model, 1, len(req.prompt))
+            logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # (1, V)
+            token = int(sample_next_token(logits, req.cfg, req._generator)[0])
+            if not self._take(req, token):
+                joining.append((req, cache))
+        if joining:
+            self._batch.rebuild(list(range(len(self._batch))), joining)
 
     def _decode_step(self) -> None:
         logits = self._batch.step()  # (B, V)
