@@ -156,13 +156,28 @@ def parse(kind: type[_Strict], body: bytes) -> _Strict:
     try:
         return kind.model_validate(data)
     except ValidationError as e:
-        problems, params = [], []
-        for err in e.errors():
-            loc = _loc(err["loc"])
-            params.append(loc)
-            shown = "" if err["type"] == "missing" else f", got {json.dumps(err.get('input'))[:60]}"
-            problems.append(f"{loc}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}")
-        raise ApiError(400, "; ".join(dict.fromkeys(problems)), param=params[0] if params else None) from None
+        raise ApiError(400, _one_line(e), param=_loc(e.errors()[0]["loc"])) from None
+
+
+def _one_line(e: ValidationError) -> str:
+    """Every bad field once: ``"stop: got 5, expected a valid string or a valid list; n: ..."``
+    (the branches of a union that all failed are said together)."""
+    by_field: dict[str, list] = {}
+    for err in e.errors():
+        by_field.setdefault(_loc(err["loc"]), []).append(err)
+    problems = []
+    for where, errs in by_field.items():
+        if any(x["type"] == "missing" for x in errs):
+            problems.append(f"{where}: field required")
+            continue
+        wants = [x["msg"].removeprefix("Input should be ").removeprefix("Value should be ") for x in errs]
+        got = json.dumps(errs[0].get("input"))[:60]
+        if all(x["msg"].startswith(("Input should be", "Value should be")) for x in errs):
+            problems.append(f"{where}: got {got}, expected {' or '.join(dict.fromkeys(wants))}")
+        else:
+            problems.append(f"{where}: {'; '.join(dict.fromkeys(x['msg'][0].lower() + x['msg'][1:] for x in errs))}, "
+                            f"got {got}")
+    return "; ".join(problems)
 
 
 def _loc(loc: tuple) -> str:
