@@ -168,3 +168,19 @@ def test_a_failing_step_ends_its_requests_and_the_thread_keeps_serving(model, to
         assert batcher.stats()["errors"] == 1 and batcher.stats()["running"] == 0
     finally:
         batcher.close()
+
+
+def test_a_prompt_the_model_refuses_fails_alone(model, tok):
+    """Taken in together with a good request, a prompt with a token id past the vocabulary ends
+    with an error; the good one is answered as if alone."""
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0)
+    batcher = Batcher(model, tok)
+    bad, good = batcher.submit_many([([1, model.config.vocab_size + 5], cfg, lambda e: None),
+                                     (tok.encode("Once"), cfg, lambda e: None)])
+    batcher.start()
+    try:
+        assert wait_all([bad, good], TIMEOUT)
+    finally:
+        batcher.close()
+    assert bad.finish_reason == "error" and good.finish_reason in ("stop", "length")
+    assert good.tokens == generate(model, tok.encode("Once"), tokenizer=tok, max_new_tokens=8, temperature=0)

@@ -46,7 +46,7 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
     startup if it is not running and drains it at shutdown."""
     limits = limits or ServeLimits()
     tok = batcher.tokenizer
-    context = batcher.model.config.context_length
+    context, vocab = batcher.model.config.context_length, batcher.model.config.vocab_size
     created = P.now()
 
     @contextlib.asynccontextmanager
@@ -121,6 +121,9 @@ def create_app(batcher: Batcher, model_name: str, limits: ServeLimits | None = N
                 raise P.ApiError(400, "prompt: encodes to no tokens and the tokenizer has no bos token; "
                                  "expected non-empty text", param="prompt")
             ids = [tok.bos_id]
+        if max(ids) >= vocab:  # a tokenizer with more tokens than the model has embeddings
+            raise P.ApiError(400, f"prompt: token id {max(ids)} ({tok.id_to_token(max(ids))!r}) is outside the "
+                             f"model's vocabulary of {vocab}; expected ids below {vocab}", param="prompt")
         return ids
 
     def _sampling(body, prompt: list[int], choice: int) -> SamplingConfig:

@@ -276,20 +276,31 @@ class Batcher:
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
-            if req.cfg.temperature > 0:
-                req._generator = torch.Generator(device=next(self.model.parameters()).device)
-                if req.cfg.seed is None:
-                    req._generator.seed()
-                else:
-                    req._generator.manual_seed(req.cfg.seed)
-            ids = torch.tensor([req.prompt], device=next(self.model.parameters()).device)  # (1, T)
-            cache = KVCache.for_model(self.model, 1, len(req.prompt))
-            logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # (1, V)
-            token = int(sample_next_token(logits, req.cfg, req._generator)[0])
+            try:
+                cache, token = self._prefill(req)
+            except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
+                self._finish(req, "error", f"{type(e).__name__}: {e}")
+                with self._lock:
+                    self.counts["errors"] += 1
+                continue
             if not self._take(req, token):
                 joining.append((req, cache))
         if joining:
             self._batch.rebuild(list(range(len(self._batch))), joining)
+
+    def _prefill(self, req: Request) -> tuple[KVCache, int]:
+        """``req``'s prompt through the model alone, as lmforge.generate runs it: its cache and first token."""
+        device = next(self.model.parameters()).device
+        if req.cfg.temperature > 0:
+            req._generator = torch.Generator(device=device)
+            if req.cfg.seed is None:
+                req._generator.seed()
+            else:
+                req._generator.manual_seed(req.cfg.seed)
+        ids = torch.tensor([req.prompt], device=device)  # (1, T)
+        cache = KVCache.for_model(self.model, 1, len(req.prompt))
+        logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # (1, V)
+        return cache, int(sample_next_token(logits, req.cfg, req._generator)[0])
 
     def _decode_step(self) -> None:
         logits = self._batch.step()  # (B, V)
