@@ -370,6 +370,18 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
+def cmd_serve(args) -> int:
+    from lmforge.serve.command import run_serve
+
+    return run_serve(args)
+
+
+def cmd_judge(args) -> int:
+    from lmforge.serve.command import run_judge
+
+    return run_judge(args)
+
+
 # ----------------------------------------------------------------------------------- table
 def _train_args(p):
     import argparse
@@ -510,6 +522,18 @@ def _report_args(p):
     add_report_args(p)
 
 
+def _serve_args(p):
+    from lmforge.serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
+def _judge_args(p):
+    from lmforge.serve.command import add_judge_args
+
+    add_judge_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
@@ -526,6 +550,8 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
     "data": (cmd_data, _data_args, "the named public datasets (catalog:NAME): list them, or print a file's path"),
     "download": (cmd_download, _download_args, "fetch hf:ORG/NAME models and catalog:NAME datasets ahead of use"),
+    "serve": (cmd_serve, _serve_args, "serve a model over HTTP with the OpenAI API (continuous batching, chat page)"),
+    "judge": (cmd_judge, _judge_args, "score answers from 0 to 100 with a judge model behind an OpenAI API endpoint"),
 }
 
 
