@@ -187,7 +187,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
             return tp()
-        return _build(tp, value, path, problems)
+        return build_section(tp, value, path, problems)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, dict)) and dataclasses.is_dataclass(item_tp):
@@ -217,7 +217,7 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
-def _build(cls, data: dict, path: str, problems: list[str]):
+def build_section(cls, data: dict, path: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is SourceSection and isinstance(data, str):
@@ -331,7 +331,7 @@ def config_from_dict(data: dict, *, pending_paths: tuple[str, ...] = (), extra_p
         raise ConfigError("stages: a multi-stage recipe is not one run; run it with lmforge train -c FILE "
                           "(lmforge.tasks.pipeline.load_pipeline reads it)")
     problems: list[str] = []
-    cfg = _build(RunConfig, data, "config", problems)
+    cfg = build_section(RunConfig, data, "config", problems)
     problems = [p.removeprefix("config.") for p in problems]
     # Range checks run even after type problems (a field of the wrong type kept its default, so
     # it is not reported twice): every problem of the config is reported at once.
