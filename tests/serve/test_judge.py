@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from serve_helpers import running_server  # noqa: E402
+from tests.serve.serve_helpers import running_server  # noqa: E402
 
 from lmforge.cli import main  # noqa: E402
 from lmforge.errors import InputError  # noqa: E402

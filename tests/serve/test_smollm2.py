@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from smollm2_file import require_smollm2  # noqa: E402
-from serve_helpers import TIMEOUT, running_server  # noqa: E402
+from tests.smollm2_file import require_smollm2  # noqa: E402
+from tests.serve.serve_helpers import TIMEOUT, running_server  # noqa: E402
 
 from lmforge.chat import render  # noqa: E402
 from lmforge.generate import generate_text  # noqa: E402

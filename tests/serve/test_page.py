@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from serve_helpers import TIMEOUT, running_server, save_tiny_model  # noqa: E402
+from tests.serve.serve_helpers import TIMEOUT, running_server, save_tiny_model  # noqa: E402
 
 from lmforge.chat import render  # noqa: E402
 from lmforge.generate import generate, generate_text  # noqa: E402

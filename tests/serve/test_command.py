@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import TIMEOUT, free_port, save_tiny_model  # noqa: E402
+from tests.serve.serve_helpers import TIMEOUT, free_port, save_tiny_model  # noqa: E402
 
 from lmforge.generate import generate_text  # noqa: E402
 from lmforge.serve.loading import load_model_for_serving  # noqa: E402
