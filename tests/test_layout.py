@@ -16,9 +16,6 @@ TESTS = ROOT / "tests"
 ELSEWHERE = {
     # the package's public names (lazy imports, __all__, __version__) are what a user sees first
     "__init__.py": "test_public_api.py",
-    # the request/response shapes are checked where the server answers them: the official openai
-    # client against it, and bad fields answered with one-line OpenAI-style 4xx errors
-    "serve/protocol.py": "serve/test_app.py",
     # load_model_for_serving is lmforge.store.load_for_inference plus the serve options, used by
     # the server tests on a tiny model and on the real SmolLM2 GGUF
     "serve/loading.py": "serve/test_app.py",
