@@ -36,7 +36,8 @@ from lmforge.objectives.grpo_math import LOSS_AGGREGATIONS, SCALE_REWARDS, group
 from lmforge.objectives.logprobs import batch_completion_logprobs, shared_prompt_rows
 from lmforge.objectives.rewards import RewardSet, build_rewards, exact_match
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
 
 
 # ------------------------------------------------------------------------------ options
@@ -364,6 +365,7 @@ def _build(ctx: TaskContext) -> TaskParts:
         return {"eval_report": {"val": report}}
 
     K = o.num_generations
+    epochs = epochs_line(ctx, len(splits["train"]) / sampler.global_batch)  # sets max_steps with train.epochs
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=objective, train_data=train_data,
         eval_data=held_out_batches(val, tokenizer, t.eval_batch_size), evaluate=evaluate,
@@ -373,7 +375,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters; K {K}, max_completion_length "
                   f"{o.max_completion_length}, temperature {o.temperature}, loss {o.loss_type}, beta {o.beta}",
                   f"batch: {t.batch_size} prompts x {K} completions x {t.grad_accum} accum x {dist.world_size} procs "
-                  f"= {sampler.global_batch * K} completions/step on {dist.device}"])
+                  f"= {sampler.global_batch * K} completions/step ({epochs}) on {dist.device}"])
 
 
 def _check(cfg: RunConfig) -> list[str]:
