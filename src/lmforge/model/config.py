@@ -321,6 +321,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(_GPT2, vocab_size=8000, context_length=256, n_layer=4, n_head=4, n_embd=128),
     "gpt2": dict(_GPT2, vocab_size=50257, context_length=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(_GPT2, vocab_size=50257, context_length=1024, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(_GPT2, vocab_size=50257, context_length=1024, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(_GPT2, vocab_size=50257, context_length=1024, n_layer=48, n_head=25, n_embd=1600),
     "llama-baby": dict(_LLAMA, vocab_size=65, context_length=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128),
     "llama-small": dict(_LLAMA, vocab_size=8000, context_length=512, n_layer=6, n_head=8, n_kv_head=2,
                         n_embd=256),
