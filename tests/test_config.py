@@ -15,7 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, build
 
 
-# single-run recipes; the multi-stage ones (a top-level stages: list) are tested in test_stages.py
+# single-run recipes; the multi-stage ones (a top-level stages: list) are tested in tests/tasks/test_pipeline.py
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                  if "stages" not in (yaml.safe_load(p.read_text()) or {}))
 
