@@ -43,6 +43,7 @@ class ChatSession:
     temperature: float = 0.7
     top_p: float | None = 0.9
     max_tokens: int = 256
+    top_k: int | None = None
     seed: int | None = None
     messages: list[dict] = field(default_factory=list)
 
@@ -95,7 +96,8 @@ class ChatSession:
             write(f"[dropped the {dropped} oldest message(s) to stay within the context of {self.context} tokens]\n")
         prompt = render(self.messages, self.tokenizer, add_generation_prompt=True)
         cfg = SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                             top_p=self.top_p if self.temperature > 0 else None, seed=self.seed)
+                             top_p=self.top_p if self.temperature > 0 else None,
+                             top_k=self.top_k if self.temperature > 0 else None, seed=self.seed)
         pieces: list[str] = []
         pieces_gen = stream_text(self.model, self.tokenizer, prompt, cfg)
         try:
@@ -156,6 +158,8 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             if interactive:
                 return input("> ")
             line = stdin.readline()
+            if line:  # piped: echo the turn, so the transcript reads like the terminal's
+                write(f"> {line.rstrip(chr(10))}\n")
             return line.rstrip("\n") if line else None
         except EOFError:
             return None

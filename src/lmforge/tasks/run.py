@@ -23,6 +23,7 @@ from lmforge.fsutil import atomic_write, is_disk_full, one_line
 from lmforge.inspect.curves import CurvePlotter
 from lmforge.inspect.report import log_sample, report_after_run
 from lmforge.perf import format_flops, measured_matmul_flops
+from lmforge.store import read_config
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.tasks.lm import prepare_lm_data
@@ -128,6 +129,10 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         resumed = resume_from
     if resumed is not None:
         say(f"resumed from {resumed} at step {trainer.step}")
+        before = ((read_config(resumed) or {}).get("train") or {}).get("max_steps")
+        if before is not None and before != cfg.train.max_steps:  # the LR schedule is stretched or cut
+            say(f"note: train.max_steps is {cfg.train.max_steps} now but was {before} when this run started; "
+                f"the learning-rate schedule follows the new value from step {trainer.step} on")
     result: FitResult = trainer.fit()
     summary = {
         "task": cfg.task, "steps": result.step, "stopped_early": result.stopped_early,
