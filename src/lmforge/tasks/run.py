@@ -22,7 +22,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fsutil import atomic_write, is_disk_full, one_line
 from lmforge.inspect.curves import CurvePlotter
 from lmforge.inspect.report import log_sample, report_after_run
-from lmforge.perf import format_flops, measured_matmul_flops
+from lmforge.perf import fit_threads_to_load, format_flops, measured_matmul_flops
 from lmforge.store import read_config
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
@@ -93,6 +93,8 @@ def _prepare_folder(cfg: RunConfig, run_dir: Path, resume_from: Path | None, dis
 def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -> dict:
     t_start = time.time()
     run_dir = Path(cfg.run.out_dir)
+    if dist.device.type == "cpu" and not dist.enabled:  # busy shared cores: one thread, said with the override
+        fit_threads_to_load(say)
     seed_everything(cfg.run.seed)
     task = get_task(cfg.task)
     ctx = TaskContext(cfg=cfg, run_dir=run_dir, dist=dist, progress=progress, say=say)
