@@ -149,6 +149,8 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
     if result.evals:
         say("final: " + "  ".join(f"{k} {v:.4f}" for k, v in result.evals[-1].items() if k != "step"))
     if parts.finish is not None and not result.stopped_early:
+        t_finish = time.time()
+        say(f"after training: task {cfg.task}'s results on the best model ...")
         model = trainer.model
         best = run_dir / "checkpoints" / "best"
         if result.best_checkpoint is not None or (cfg.train.best_metric and best.is_dir()):
@@ -156,6 +158,7 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
             summary["evaluated_checkpoint"] = str(best)
         results = parts.finish(model, summary) or {}
         summary.update(results)
+        say(f"after training: done in {time.time() - t_finish:.0f}s")
         scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars and dist.is_main:  # e.g. sft's test_loss / test_ppl: printed and kept in the run folder
             say("results: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
@@ -164,5 +167,6 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         log_sample(run_dir, result.step, summary["sample"])
     summary["wall_seconds"] = time.time() - t_start
     if dist.is_main and not result.stopped_early and cfg.logging.report:
+        say(f"report: writing {run_dir / 'report.html'} (curves, evaluations, samples) ...")
         report_after_run(run_dir, enabled=True, say=say)
     return summary
