@@ -141,6 +141,8 @@ def export_model(model: nn.Module, out_dir: str | Path, tokenizer=None, fmt: str
     if cfg.num_classes:
         export_classifier_hf(model, out_dir, tokenizer)
         kind = f"{_family_name(config_to_hf(cfg))}ForSequenceClassification"
+        if getattr(tokenizer, "pad_id", None) is None:  # transformers finds the last token by the pad id
+            kind += " (no pad token: transformers scores one text per batch until config.pad_token_id is set)"
     else:
         export_hf(model, out_dir, tokenizer=tokenizer)
         kind = config_to_hf(cfg)["architectures"][0]

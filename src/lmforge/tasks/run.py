@@ -133,8 +133,8 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         say(f"resumed from {resumed} at step {trainer.step}")
         before = ((read_config(resumed) or {}).get("train") or {}).get("max_steps")
         if before is not None and before != cfg.train.max_steps:  # the LR schedule is stretched or cut
-            say(f"note: train.max_steps is {cfg.train.max_steps} now but was {before} when this run started; "
-                f"the learning-rate schedule follows the new value from step {trainer.step} on")
+            say(f"note: train.max_steps is {cfg.train.max_steps} now but {before} in the checkpoint resumed from; "
+                f"the learning-rate schedule follows {cfg.train.max_steps} from step {trainer.step} on")
     result: FitResult = trainer.fit()
     summary = {
         "task": cfg.task, "steps": result.step, "stopped_early": result.stopped_early,
