@@ -30,9 +30,11 @@ demo: venv
 # the suite, without the checks marked slow (real-model parity with transformers, headless-browser
 # screenshots); `make test-all` runs those too
 test: venv
+	$(VENV)/bin/lint-imports  # the import rule (README, "Architecture"): pyproject's [tool.importlinter]
 	$(PY) -m pytest tests -m "not slow"
 
 test-all: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest tests
 
 bench: venv

@@ -43,7 +43,8 @@ def write_json(path: str | os.PathLike, obj: Any, **dump: Any) -> Path:
 
 def prepare(out_dir: str, work_dir: str, threads: int) -> tuple[Path, Path]:
     """Resolve the folders (work_dir relative to the repository), move to the repository root
-    (the configs name ../shared/data relative to it), set torch's threads, create out_dir."""
+    (the configs' paths are relative to it; their data is named catalog:NAME), set torch's threads,
+    create out_dir."""
     out = Path(out_dir).resolve()
     work = Path(work_dir).resolve() if os.path.isabs(work_dir) else REPO / work_dir
     os.chdir(REPO)

@@ -1,4 +1,4 @@
-"""Classification recipes, run for real on ../shared/data, and MiniLM fine-tuning side by side
+"""Classification recipes, run for real on their catalog datasets (SMS spam, SST-2), and MiniLM fine-tuning side by side
 with transformers' Trainer.
 
 Parts (``--parts``, default all):

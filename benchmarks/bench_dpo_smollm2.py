@@ -44,7 +44,7 @@ from lmforge.train.logging import read_metrics  # noqa: E402
 from lmforge.tasks.run import run  # noqa: E402
 
 RECIPE = "configs/dpo-smollm2-lora.yaml"
-HH = "../shared/data/preference/hh_rlhf_harmless_base_test.jsonl"
+HH = "catalog:hh-rlhf-harmless-test"
 
 
 def train(run_dir: Path) -> float:

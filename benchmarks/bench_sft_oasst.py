@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """``configs/sft-oasst.yaml`` run for real: multi-turn chat SFT of SmolLM2-135M-Instruct (LoRA) on
-the 100 OpenAssistant conversation trees of ../shared/data, every assistant turn trained.
+the 100 OpenAssistant conversation trees of catalog:oasst-100-trees, every assistant turn trained.
 
 Figures: validation loss / perplexity on assistant tokens at step 0 (the base model) and at each
 later evaluation, wall time, training tokens/s, and greedy answers to the recipe's validation

@@ -86,11 +86,12 @@ except ImportError:  # not installed: use the source tree
     sys.path.insert(0, str(REPO / "src"))
 
 from lmforge.tasks import load_config
+from lmforge.data import catalog
 from lmforge.train.trainer import Trainer
 
 CLASSIC_CONFIG = "configs/shakespeare-char.yaml"
 MODERN_CONFIG = "configs/shakespeare-char-modern.yaml"
-TEXT_PATH = "../shared/data/tinyshakespeare/input.txt"  # relative to the repository root
+TEXT = "catalog:tinyshakespeare"  # the recipes' data (lmforge data list)
 TARGET_VAL_LOSS = 1.90
 FULL_EVAL_BATCHES, FULL_EVAL_BATCH_SIZE, FULL_EVAL_SEED = 200, 12, 1234
 STEP_BUDGET_SAFETY = 0.98
@@ -521,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" + ("" if full_run else "  [SHORT RUN]"),
           flush=True)
 
-    text = Path(TEXT_PATH).read_text(encoding="utf-8")
+    text = catalog.resolve(TEXT).read_text(encoding="utf-8")
     results: dict = {"benchmark": "shakespeare", "steps": steps, "eval_every": eval_every, "full_run": full_run,
                      "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg_start": load_start,
                      "torch": torch.__version__,

@@ -40,7 +40,7 @@ from _common import prepare  # noqa: E402
 from _trl_common import (LORA, SMOLLM2_INIT, hf_clock, hf_smollm2, lmforge_clock, load_average,  # noqa: E402
                          peak_rss_mb, peft_lora_config, run_side, versions, warn_if_busy)
 
-DATA = "../shared/data/preference/instruction-data-with-preference.json"
+DATA = "catalog:book-preferences"
 
 
 def lm_config(args, out_dir: Path):

@@ -249,8 +249,10 @@ def test_smollm2_dpo_recipe_has_the_books_split_by_position(monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     cfg = load_config(root / "configs" / "dpo-smollm2-lora.yaml")
-    if not Path(cfg.data.sources[0].path).is_file():
-        pytest.skip("../shared/data/preference is not here")
+    from lmforge.data import catalog
+
+    if catalog.locate(catalog.get(cfg.data.sources[0].path))[0] is None:
+        pytest.skip("catalog:book-preferences is neither mirrored (LMFORGE_DATA_MIRROR) nor cached")
     parts = split_for_run(cfg)
     # 935 / 110 / 55 by record position; the 6 train records with chosen == rejected are skipped
     assert (len(parts["train"]), len(parts["test"]), len(parts["val"])) == (929, 110, 55)

@@ -276,7 +276,7 @@ _BERT_HF = {"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 32, "nu
     ({**_LLAMA_HF, "hidden_act": "gelu"}, "hidden_act"),
     ({**_LLAMA_HF, "attention_bias": True}, "attention_bias"),
     ({**_LLAMA_HF, "mlp_bias": True}, "mlp_bias"),
-    ({**_LLAMA_HF, "head_dim": 16}, "head_dim"),
+    ({**_LLAMA_HF, "rope_parameters": {"partial_rotary_factor": 0.5}}, "partial_rotary_factor"),  # head_dim is read now
     ({**_LLAMA_HF, "model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
     ({**_GPT2_HF, "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ({**_GPT2_HF, "activation_function": "silu"}, "activation_function"),

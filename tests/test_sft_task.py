@@ -126,8 +126,10 @@ def test_smollm2_lora_recipe_has_the_books_935_55_110_split(monkeypatch):
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     cfg = load_config(root / "configs" / "sft-smollm2-lora.yaml")
-    if not Path(cfg.data.sources[0].path).is_file():
-        pytest.skip("../shared/data/instruction_small is not here")
+    from lmforge.data import catalog
+
+    if catalog.locate(catalog.get(cfg.data.sources[0].path))[0] is None:
+        pytest.skip("catalog:book-instructions is neither mirrored (LMFORGE_DATA_MIRROR) nor cached")
     train, val, test = split_for_run(cfg)
     assert (len(train), len(val), len(test)) == (935, 55, 110)
     assert train[0]["instruction"].startswith("Evaluate the following phrase")  # the file's first record

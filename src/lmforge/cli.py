@@ -2,6 +2,10 @@
 
 Errors on bad input (any :class:`~lmforge.errors.LMForgeError`) print one line to stderr and exit
 with code 2, without a traceback.
+
+Each verb imports what it uses inside its function: ``lmforge --help`` and a mistyped command
+answer at once, without loading torch and the model code a verb needs (the one place, with the
+inspect parser, where lmforge imports inside functions).
 """
 
 from __future__ import annotations
@@ -216,10 +220,10 @@ def cmd_info(args) -> int:
         mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = build(mc)
-    elif path.exists():
+    elif path.exists() or target.startswith("hf:"):  # hf:ORG/NAME: its folder in the Hugging Face cache
         from lmforge.store import checkpoint_facts, from_pretrained, resolve_model_path
 
-        path, note = resolve_model_path(path)
+        path, note = resolve_model_path(target)
         if note:
             print(note, file=sys.stderr)
         model = from_pretrained(path)
@@ -256,7 +260,9 @@ def cmd_tokenizer(args) -> int:
     from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
     if args.action == "train":
-        files = [Path(f) for f in args.input]
+        from lmforge.data.catalog import local_path
+
+        files = [local_path(f) for f in args.input]  # catalog:NAME is its file
         _check_output_file(Path(args.out))
         tok = train_tokenizer(args.kind, files, vocab_size=args.vocab_size)
         tok.save(args.out)
@@ -355,6 +361,23 @@ def _recipes(folder: Path) -> list[tuple[Path, str]]:
     return out
 
 
+def cmd_data(args) -> int:
+    from lmforge.data.catalog import run_cli
+
+    return run_cli(args)
+
+
+def cmd_download(args) -> int:
+    """Fetch models (hf:ORG/NAME[@REV]) and datasets (catalog:NAME) ahead of use; print their paths."""
+    from lmforge.data import catalog
+    from lmforge.hub import resolve_hf_model
+
+    for name in args.names:
+        is_data = name.startswith(catalog.PREFIX)
+        print(catalog.resolve(name) if is_data else resolve_hf_model(name, progress=not args.quiet))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from lmforge.inspect.cli import run_inspect
 
@@ -365,6 +388,18 @@ def cmd_report(args) -> int:
     from lmforge.inspect.cli import run_report
 
     return run_report(args)
+
+
+def cmd_serve(args) -> int:
+    from lmforge.serve.command import run_serve
+
+    return run_serve(args)
+
+
+def cmd_judge(args) -> int:
+    from lmforge.serve.command import run_judge
+
+    return run_judge(args)
 
 
 # ----------------------------------------------------------------------------------- table
@@ -467,7 +502,7 @@ def _info_args(p):
 def _tokenizer_args(p):
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, help="text files")
+    t.add_argument("--input", nargs="+", required=True, help="text files or catalog:NAME datasets")
     t.add_argument("--vocab-size", type=int, default=8000)
     t.add_argument("--kind", default="bpe", choices=["bpe", "char", "byte"])
     t.add_argument("--out", required=True, help="output tokenizer JSON file")
@@ -492,6 +527,17 @@ def _export_args(p):
     p.add_argument("--out", required=True)
 
 
+def _data_args(p):
+    from lmforge.data.catalog import add_cli_args
+
+    add_cli_args(p)
+
+
+def _download_args(p):
+    p.add_argument("names", nargs="+", help="hf:ORG/NAME[@REVISION] models and/or catalog:NAME datasets")
+    p.add_argument("--quiet", action="store_true", help="no progress bar for models")
+
+
 def _inspect_args(p):
     from lmforge.inspect.cli import add_inspect_args
 
@@ -502,6 +548,18 @@ def _report_args(p):
     from lmforge.inspect.cli import add_report_args
 
     add_report_args(p)
+
+
+def _serve_args(p):
+    from lmforge.serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
+def _judge_args(p):
+    from lmforge.serve.command import add_judge_args
+
+    add_judge_args(p)
 
 
 # verb -> (function, argument builder, one-line help)
@@ -518,6 +576,10 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
+    "data": (cmd_data, _data_args, "the named public datasets (catalog:NAME): list them, or print a file's path"),
+    "download": (cmd_download, _download_args, "fetch hf:ORG/NAME models and catalog:NAME datasets ahead of use"),
+    "serve": (cmd_serve, _serve_args, "serve a model over HTTP with the OpenAI API (continuous batching, chat page)"),
+    "judge": (cmd_judge, _judge_args, "score answers from 0 to 100 with a judge model behind an OpenAI API endpoint"),
 }
 
 

@@ -27,7 +27,8 @@ from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives.classification import Classification
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
 
 
 # ------------------------------------------------------------------------------ options
@@ -210,8 +211,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"pooling {mcfg.pooling}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
                   f"before train.trainable={t.trainable}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"examples/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
-                  f"on {dist.device}"])
+                  f"examples/step ({epochs_line(ctx, steps_per_epoch)}) on {dist.device}"])
 
 
 def write_reports(ctx: TaskContext, objective: Classification, model, splits: dict, pad: int) -> dict:

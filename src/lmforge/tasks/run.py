@@ -138,6 +138,7 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
     result: FitResult = trainer.fit()
     summary = {
         "task": cfg.task, "steps": result.step, "stopped_early": result.stopped_early,
+        "early_stopped": result.early_stopped,
         "skipped_steps": result.skipped_steps,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "final_eval": result.evals[-1] if result.evals else None,

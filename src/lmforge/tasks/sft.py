@@ -36,7 +36,8 @@ from lmforge.model import count_parameters, flops_per_token
 from lmforge.model.packed import release_packed
 from lmforge.objectives import CausalLM
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
 from lmforge.train.callbacks import Callback
 from lmforge.train.logging import Phase
 
@@ -267,6 +268,7 @@ def _build(ctx: TaskContext) -> TaskParts:
 
     prompts = [p for p in (prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
     mcfg = model.config
+    epochs = epochs_line(ctx, len(train.examples) / sampler.global_batch)  # sets max_steps with train.epochs
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
         flops_per_token=flops_per_token(mcfg, o.max_length),
@@ -276,7 +278,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"]
+                  f"examples/step ({epochs}) on {dist.device}"]
         + ([packing_line(sampler, [len(e.input_ids) for e in train.examples], o.max_length, t.max_steps)]
            if o.packing else []))
 
