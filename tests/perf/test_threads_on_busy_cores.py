@@ -53,3 +53,23 @@ def test_pinned_threads_are_kept_on_a_busy_machine(two_threads, monkeypatch):
     assert "OMP_NUM_THREADS=1" in said[0]
     said.clear()
     assert fit_threads_to_load(said.append, load=0.2) == 2 and said == []
+
+
+def test_a_training_run_on_a_busy_machine_uses_one_thread_then_gives_the_count_back(two_threads, monkeypatch,
+                                                                                    tiny_config):
+    from lmforge.tasks.run import run
+    from lmforge.train.callbacks import Callback
+
+    class Threads(Callback):
+        seen: list[int] = []
+
+        def on_step_start(self, trainer):
+            self.seen.append(torch.get_num_threads())
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(perf.os, "getloadavg", lambda: (7.5, 7.0, 6.0))
+    said, probe = [], Threads()
+    run(tiny_config(train={"max_steps": 2}), progress=False, print_fn=said.append, callbacks=[probe])
+    assert probe.seen == [1, 1]
+    assert any(s.startswith("busy machine: load average 7.5 on 2 cores") for s in said), said
+    assert torch.get_num_threads() == 2  # the caller's setting, back after the run

@@ -17,6 +17,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from lmforge.config import RunConfig, save_config
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fsutil import atomic_write, is_disk_full, one_line
@@ -42,12 +44,14 @@ def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: lis
                               f"(use train.backend=torch)")
         return _run_jax(cfg, progress, print_fn)
     dist = setup(cfg.run.device)
+    threads = torch.get_num_threads()  # _run may lower it on a busy machine: for this run only
     try:
         summary = _run(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None), callbacks or [])
         barrier(dist)  # rank 0 still plots and samples: leave the process group together (gloo aborts otherwise)
         return summary
     finally:
         teardown()
+        torch.set_num_threads(threads)
 
 
 def _run_jax(cfg: RunConfig, progress: bool, say) -> dict:
