@@ -10,6 +10,7 @@ Commands (a line starting with ``/``)::
     /reset            forget the conversation (keeps the system prompt)
     /temperature X    sampling temperature (0 = greedy)
     /top_p X          nucleus sampling threshold in (0, 1]
+    /top_k N          sample among the N most likely tokens only
     /max_tokens N     longest answer, in tokens
     /save FILE        write the conversation as JSON
     /help, /quit      (Ctrl-D also leaves)
@@ -30,7 +31,7 @@ from lmforge.chat import render
 from lmforge.errors import ConfigError, InputError, LMForgeError
 from lmforge.generate import SamplingConfig, stream_text
 
-HELP = ("commands: /reset, /temperature X, /top_p X, /max_tokens N, /save FILE, /help, /quit "
+HELP = ("commands: /reset, /temperature X, /top_p X, /top_k N, /max_tokens N, /save FILE, /help, /quit "
         "(Ctrl-C stops an answer, Ctrl-D leaves)")
 
 
@@ -130,6 +131,7 @@ class ChatSession:
             return f"[saved {len(self.messages)} messages to {arg}]"
         setters = {"temperature": (float, lambda v: v >= 0, "a number >= 0"),
                    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   "top_k": (int, lambda v: v >= 1, "an integer >= 1"),
                    "max_tokens": (int, lambda v: 0 < v < self.context, f"an integer in [1, {self.context})")}
         if name in setters:
             kind, ok, expected = setters[name]

@@ -88,9 +88,10 @@ def test_piped_chat_echoes_the_users_turns():
                    "context_length": 256}).eval()
     out = io.StringIO()
     session = ChatSession(model, tok, temperature=0.9, top_k=3, max_tokens=4, seed=0)
-    assert run_chat(session, io.StringIO("hello there\n/max_tokens 3\nsecond turn\n"), out) == 0
+    assert run_chat(session, io.StringIO("hello there\n/max_tokens 3\n/top_k 0\n/top_k 2\nsecond turn\n"), out) == 0
     text = out.getvalue()
     assert "> hello there\n" in text and "> /max_tokens 3\n" in text and "> second turn\n" in text
+    assert "/top_k: got '0', expected an integer >= 1" in text and "[top_k = 2]" in text and session.top_k == 2
     assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hello there", "second turn"]
 
 
