@@ -175,6 +175,31 @@ def test_generate_until_refuses_an_unknown_generation_option(tiny, models):
         ours.generate_until([req])
 
 
+def test_task_generation_options_become_lmforge_sampling_options(models):
+    ours, _ = models
+    greedy = ours._sampling_config({"until": "\n\n", "do_sample": False, "temperature": 0.7})
+    assert (greedy.temperature, list(greedy.stop), greedy.max_new_tokens) == (0.0, ["\n\n"], ours.max_gen_toks)
+    assert ours._sampling_config({"until": []}).temperature == 0.0  # greedy unless asked
+    assert ours._sampling_config({"temperature": 0.5}).temperature == 0.5  # a temperature alone samples (harness rule)
+    sampled = ours._sampling_config({"until": ["Q:", ""], "do_sample": True, "temperature": 0.7, "top_p": 0.9,
+                                     "max_new_tokens": 5, "seed": 3})
+    assert (sampled.temperature, sampled.top_p, sampled.seed) == (0.7, 0.9, 3)
+    assert (list(sampled.stop), sampled.max_new_tokens) == (["Q:"], 5)
+
+
+def test_a_bigram_model_scores_each_token_from_its_table(tiny, models):
+    ours, _ = models
+    torch.manual_seed(1)
+    bigram = build({"arch": "bigram", "vocab_size": ours.model.config.vocab_size, "context_length": WINDOW})
+    lm = LMForgeLM(model=bigram, tokenizer=ours.tokenizer, batch_size=2)
+    ctx, cont = ours.tok_encode("What is 2 + 2?"), ours.tok_encode(" 4\nQuestion")
+    table = torch.log_softmax(bigram.table.weight.detach(), -1)  # (V, V): row = previous token
+    ids = ctx + cont
+    by_hand = sum(float(table[ids[i - 1], ids[i]]) for i in range(len(ctx), len(ids)))
+    (got, _), = lm._loglikelihood_tokens([(None, ctx, cont)])
+    assert got == pytest.approx(by_hand, abs=1e-4)
+
+
 def _expected_metrics(tiny, models, limit: int) -> dict:
     """acc and exact_match computed here from the hf model's answers (the oracle)."""
     _, ref = models
@@ -219,6 +244,13 @@ def test_harness_input_errors(tiny, models, capsys):
         LMForgeLM(model=ours.model, tokenizer=ours.tokenizer, batch_size="auto")
     assert cli_main(["eval", "--model", str(tiny["folder"])]) == 2  # neither --data nor --harness
     assert "--harness" in capsys.readouterr().err
+
+
+def test_eval_harness_without_lm_eval_installed_says_what_to_install(tiny, monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "lmforge.harness")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ModuleNotFoundError
+    assert cli_main(["eval", "--harness", "lmf_arith_mc", "--model", str(tiny["folder"])]) == 2
+    assert "pip install 'lmforge[harness]'" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # lm_eval's command line indexes all its built-in tasks first (~25 s on 2 busy cores)

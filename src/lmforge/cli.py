@@ -107,8 +107,15 @@ def cmd_eval(args) -> int:
 
 def _eval_harness(args) -> int:
     """``lmforge eval --harness TASKS``: lm-evaluation-harness tasks on the model (lmforge.harness)."""
-    from lmforge.harness import evaluate_harness, task_metrics, write_results
+    from lmforge.errors import InputError
     from lmforge.numbers import metrics_json
+
+    try:
+        from lmforge.harness import evaluate_harness, task_metrics, write_results
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise InputError("eval --harness needs lm-evaluation-harness; pip install 'lmforge[harness]'") from None
 
     model, tok, _ = _load_for_inference(args.model, args.device, verb="eval --harness")
     results = evaluate_harness(model, tok, args.harness.split(","), limit=args.limit, num_fewshot=args.num_fewshot,

@@ -64,15 +64,15 @@ class LMForgeLM(TemplateLM):
     already loaded.
 
     ``batch_size``: sequences per forward; ``max_length``: the window in tokens (default the
-    model's ``context_length``); ``max_gen_toks``: new tokens when a task does not say;
-    ``add_bos_token``: None tokenizes as the tokenizer does by default (as ``hf``), True puts
-    the bos token first, False adds no special token. ``max_batch_size`` is accepted because the
-    harness passes it to every model; lmforge has no automatic batch size, so it is unused.
+    model's ``context_length``); ``max_gen_toks``: new tokens when a task does not say. Texts are
+    tokenized as the tokenizer does by default (an imported tokenizer's post-processor adds its
+    bos, as with ``hf``). ``max_batch_size`` is accepted because the harness passes it to every
+    model; lmforge has no automatic batch size, so it is unused.
     """
 
     def __init__(self, model=None, tokenizer=None, device: str = "cpu", batch_size: int | str = 8,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 quantize: str = "none", max_batch_size: int | None = None):
+                 max_length: int | None = None, max_gen_toks: int = 256, quantize: str = "none",
+                 max_batch_size: int | None = None):
         super().__init__()
         if model is None:
             raise InputError("lmforge harness model: no model given; expected model=PATH (--model_args model=PATH)")
@@ -94,7 +94,6 @@ class LMForgeLM(TemplateLM):
         self.batch_size = _positive_int("batch_size", batch_size)
         self.max_length = _positive_int("max_length", max_length or model.config.context_length)
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
-        self.add_bos_token = _optional_bool("add_bos_token", add_bos_token)
         self._device = next(model.parameters()).device
 
     # ---- what the harness asks of a tokenizer-based model
@@ -113,15 +112,13 @@ class LMForgeLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
-        if add_special_tokens is None:
-            add_special_tokens = self.add_bos_token
-            bos = self.tokenizer.bos_id
-            if bos is not None and string.startswith(self.tokenizer.decode([bos], skip_special_tokens=False)):
-                add_special_tokens = False  # the text brings its own bos
-        if add_special_tokens and self.tokenizer.bos_id is not None:
-            ids = self.tokenizer.encode(string, add_bos=True, add_special_tokens=False)
-        else:
-            ids = self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+        """Token ids of ``string``; ``add_special_tokens`` None runs the tokenizer's post-processor
+        (if any) unless the text already starts with the bos token's text, as ``hf`` does."""
+        bos = self.tokenizer.bos_id
+        if add_special_tokens is None and bos is not None \
+                and string.startswith(self.tokenizer.decode([bos], skip_special_tokens=False)):
+            add_special_tokens = False  # the text brings its own bos
+        ids = self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
@@ -257,14 +254,6 @@ def _positive_int(name: str, value) -> int:
     if n < 1 or (isinstance(value, float) and value != n):
         raise InputError(f"lmforge harness model: {name} got {value!r}, expected a positive integer")
     return n
-
-
-def _optional_bool(name: str, value) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "false"):  # from --model_args text
-        return str(value).lower() == "true"
-    raise InputError(f"lmforge harness model: {name} got {value!r}, expected true, false or nothing")
 
 
 # ------------------------------------------------------------------------------ lmforge eval --harness
