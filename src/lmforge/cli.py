@@ -84,11 +84,16 @@ def _positive(name: str, value) -> None:
 
 
 def cmd_eval(args) -> int:
+    from lmforge.errors import InputError
     from lmforge.numbers import metrics_json
     from lmforge.tasks import EvalRequest, evaluate
 
     for name in ("context", "max_batches", "batch_size", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.harness is not None:
+        return _eval_harness(args)
+    if args.data is None:
+        raise InputError("eval: give --data SOURCE (or --harness TASKS for lm-evaluation-harness tasks)")
     model, tok, run_config = _load_for_inference(args.model, args.device, verb="eval")
     request = EvalRequest(data=args.data, text_field=args.text_field, label_field=args.label_field,
                           columns=args.columns.split(",") if args.columns else None, limit=args.limit,
@@ -97,6 +102,27 @@ def cmd_eval(args) -> int:
                           progress=not args.quiet)
     metrics = evaluate(model, tok, run_config, request)
     print(metrics_json({"model": str(args.model), "data": args.data, **metrics}))
+    return 0
+
+
+def _eval_harness(args) -> int:
+    """``lmforge eval --harness TASKS``: lm-evaluation-harness tasks on the model (lmforge.harness)."""
+    from lmforge.errors import InputError
+    from lmforge.numbers import metrics_json
+
+    try:
+        from lmforge.harness import evaluate_harness, task_metrics, write_results
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise InputError("eval --harness needs lm-evaluation-harness; pip install 'lmforge[harness]'") from None
+
+    model, tok, _ = _load_for_inference(args.model, args.device, verb="eval --harness")
+    results = evaluate_harness(model, tok, args.harness.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
+                               batch_size=args.batch_size, include_path=args.include_path)
+    if args.output:
+        write_results(results, args.output)
+    print(metrics_json({"model": str(args.model), "harness": args.harness, **task_metrics(results)}))
     return 0
 
 
@@ -425,7 +451,12 @@ def _train_args(p):
 
 def _eval_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--data", required=True, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
+    p.add_argument("--data", default=None, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
+    p.add_argument("--harness", default=None, metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated, "
+                                                                    "instead of --data (pip install 'lmforge[harness]')")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples per prompt")
+    p.add_argument("--include-path", default=None, help="--harness: a folder of task YAML files")
+    p.add_argument("--output", default=None, help="--harness: write the harness's full results here (JSON)")
     p.add_argument("--text-field", default=None, help="record field with the text (default: text, or the "
                                                       "classifier's training field)")
     p.add_argument("--label-field", default=None, help="classifiers: record field with the label (default: the "
