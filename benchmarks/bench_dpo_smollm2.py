@@ -44,7 +44,7 @@ from lmforge.train.logging import read_metrics  # noqa: E402
 from lmforge.tasks.run import run  # noqa: E402
 
 RECIPE = "configs/dpo-smollm2-lora.yaml"
-HH = "../shared/data/preference/hh_rlhf_harmless_base_test.jsonl"
+HH = "catalog:hh-rlhf-harmless-test"
 
 
 def train(run_dir: Path) -> float:
@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--also-run", nargs="*", default=[],
                     help="other run folders of the recipe (e.g. other LoRA settings): their eval_report.json is kept")
-    ap.add_argument("--out", default="benchmarks/results/dpo_smollm2_lora.json")
+    ap.add_argument("--out", default="runs/bench/results/dpo_smollm2_lora.json")
     args = ap.parse_args()
     out_dir, _ = prepare(str(Path(args.out).parent), "runs", args.threads)
     run_dir = Path(args.run_dir)

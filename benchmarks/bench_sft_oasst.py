@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """``configs/sft-oasst.yaml`` run for real: multi-turn chat SFT of SmolLM2-135M-Instruct (LoRA) on
-the 100 OpenAssistant conversation trees of ../shared/data, every assistant turn trained.
+the 100 OpenAssistant conversation trees of catalog:oasst-100-trees, every assistant turn trained.
 
 Figures: validation loss / perplexity on assistant tokens at step 0 (the base model) and at each
 later evaluation, wall time, training tokens/s, and greedy answers to the recipe's validation
@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true", help="look at an existing run folder")
     ap.add_argument("--answers", type=int, default=3, help="validation prompts answered before/after")
     ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--out", default="benchmarks/results/sft_oasst.json")
+    ap.add_argument("--out", default="runs/bench/results/sft_oasst.json")
     args = ap.parse_args()
     out_dir, _ = prepare(str(Path(args.out).parent), "runs", args.threads)
     run_dir = Path(args.run_dir)

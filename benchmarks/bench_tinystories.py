@@ -8,8 +8,8 @@ dropout 0.1, tied embeddings -- AdamW (0.9, 0.95), cosine schedule) through
 ``lmforge.tasks.run.run``. The overrides (printed, and stored in the JSON) only scale
 it down and point it at local files:
 
-* data: ``/work/shared/data/tinystories``: ``tinystories_v1_train_first_stories.txt`` (~200
-  stories) then ``tinystories_v1_valid_first_stories.txt`` (~900 stories), ~1 MB. These files
+* data: ``catalog:tinystories-train-subset`` (~200 stories) then
+  ``catalog:tinystories-valid-subset`` (~900 stories), ~1 MB. These files
   do not mark story boundaries, so each file is one document and lmforge's 90/10 split cuts the
   token stream: validation is the last 10% of the tokens, i.e. roughly the last 100 stories of
   TinyStories' own validation split, a contiguous block no training window overlaps (only the
@@ -34,7 +34,6 @@ overrides, data and model sizes, the evaluation table, timings, the sample) and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from _common import prepare
+from _common import prepare, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -56,15 +55,15 @@ except ImportError:  # not installed: use the source tree
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_shakespeare import TrainerTimer  # noqa: E402  (times Trainer.fit/train_step/evaluate)
 from lmforge.tasks import load_config
+from lmforge.data import catalog
 
 CONFIG = "configs/tinystories.yaml"
-DATA_DIR = "../shared/data/tinystories"  # relative to the repository root, as the configs' paths
-TRAIN_FILES = ("tinystories_v1_train_first_stories.txt", "tinystories_v1_valid_first_stories.txt")
+TRAIN_DATA = ("catalog:tinystories-train-subset", "catalog:tinystories-valid-subset")  # lmforge data list
 THREADS = 2
 
 
 def overrides(work_dir: Path, steps: int, eval_every: int, vocab_size: int, context: int, batch_size: int) -> list[str]:
-    sources = ", ".join(f"{{path: {DATA_DIR}/{name}}}" for name in TRAIN_FILES)
+    sources = ", ".join(f"{{path: {name}}}" for name in TRAIN_DATA)
     return [
         f"run.out_dir={work_dir / 'tinystories'}",
         f"data.cache_dir={work_dir / 'cache'}",
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256, help="context length (default 256, the preset's)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads (default 2)")
-    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and PNG go")
+    p.add_argument("--out-dir", default="runs/bench/results", help="where the JSON and PNG go")
     p.add_argument("--work-dir", default="runs/bench", help="run folder and token cache (git-ignored)")
     args = p.parse_args(argv)
 
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "data": {k: meta.get(k) for k in ("train_tokens", "val_tokens", "split", "split_note", "vocab_size")},
-        "train_chars": sum((REPO / DATA_DIR / f).resolve().stat().st_size for f in TRAIN_FILES),
+        "train_chars": sum(catalog.get(name).size for name in TRAIN_DATA),  # bytes, as before
         "model": model_facts,
         "tokens_per_step": tokens_per_step,
         "epochs": steps_done * tokens_per_step / meta["train_tokens"] if meta.get("train_tokens") else None,
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_loss_every_10": [h["loss"] for h in summary.get("history", [])[9::10]],
     }
     json_path = out_dir / "tinystories.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(json_path, results, default=str)
 
     d = results["data"]
     print(f"\ndata: {d['train_tokens']:,} train / {d['val_tokens']:,} val tokens (BPE {d['vocab_size']}), "

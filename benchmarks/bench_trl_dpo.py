@@ -40,7 +40,7 @@ from _common import prepare  # noqa: E402
 from _trl_common import (LORA, SMOLLM2_INIT, hf_clock, hf_smollm2, lmforge_clock, load_average,  # noqa: E402
                          peak_rss_mb, peft_lora_config, run_side, versions, warn_if_busy)
 
-DATA = "../shared/data/preference/instruction-data-with-preference.json"
+DATA = "catalog:book-preferences"
 
 
 def lm_config(args, out_dir: Path):
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench/trl_dpo")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--side", choices=["both", "lmforge", "trl"], default="both", help=argparse.SUPPRESS)

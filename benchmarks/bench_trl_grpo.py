@@ -49,7 +49,7 @@ from _common import prepare  # noqa: E402
 from _trl_common import (LORA, SMOLLM2_INIT, hf_clock, hf_smollm2, lmforge_clock, load_average,  # noqa: E402
                          peak_rss_mb, peft_lora_config, run_side, versions, warn_if_busy)
 
-DATA = "../shared/data/gsm8k/train.jsonl"
+DATA = "catalog:gsm8k-train"
 
 
 def lm_config(args, out_dir: Path):
@@ -262,7 +262,7 @@ def trl_loss(roll: dict, trainer, tok) -> dict:
 
 def copy_lora_a(model, peft_model) -> None:
     """Set PEFT's LoRA A matrices to lmforge's (both start with B = 0), so the gradients compare."""
-    from lmforge.model.lora import _PEFT_MODULES, LoraLinear
+    from lmforge.model.lora import PEFT_MODULES, LoraLinear
 
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
@@ -270,7 +270,7 @@ def copy_lora_a(model, peft_model) -> None:
             if isinstance(m, LoraLinear):
                 layer = int(name.split(".")[2])  # transformer.blocks.{i}.attn.qkv
                 for role, ad in m.lora.items():
-                    key = f"base_model.model.model.layers.{layer}.{_PEFT_MODULES[role]}.lora_A.default.weight"
+                    key = f"base_model.model.model.layers.{layer}.{PEFT_MODULES[role]}.lora_A.default.weight"
                     params[key].copy_(ad.A)
 
 
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench/trl_grpo")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--side", choices=["both", "lmforge", "trl", "agree"], default="both", help=argparse.SUPPRESS)

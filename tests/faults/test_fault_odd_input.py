@@ -68,7 +68,14 @@ def test_too_long_message_leaves_the_conversation_and_save_keeps_it(tmp_path):
 
 
 def test_cli_chat_refuses_infinite_temperature(tmp_path):
-    folder = faultkit.model_folder(tmp_path / "m")
+    from lmforge.store import save_model
+
+    from lmforge.model import ModelConfig, build
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer("char", [faultkit.TEXT], specials=["<|unk|>", "<|end|>", "<|user|>", "<|assistant|>"])  # may chat
+    model = build(ModelConfig(**{**faultkit.TINY, "vocab_size": tok.vocab_size}))
+    folder = save_model(model, tmp_path / "m", tokenizer=tok)
     r = faultkit.cli("chat", "--model", folder, "--temperature", "inf", cwd=tmp_path, input="")
     faultkit.assert_one_line_error(r, "--temperature", "finite")
 

@@ -102,7 +102,7 @@ def test_nonfinite_hf_folder_refused(tmp_path):
 
 def _gguf(tmp_path, qtype_name: str, poison):
     gg = pytest.importorskip("gguf")
-    import test_gguf
+    from tests.interop import test_gguf
 
     tok = test_gguf.train_tokenizer("bpe", ["the quick brown fox jumps over the lazy dog 12345 " * 20],
                                     vocab_size=300, min_frequency=1)

@@ -16,6 +16,9 @@ Paths:
   ``.jsonl`` / ``.json`` (JSON lines, or one JSON array of objects), ``.csv`` / ``.tsv``
   (header row), ``.parquet``.
 * a folder (every supported file inside, recursively, sorted) or a glob (matches, sorted).
+* ``catalog:NAME`` -- a named public dataset (``lmforge data list``): its checked local file from
+  a mirror, the cache, or a download (:mod:`lmforge.data.catalog`); read as a local file, with the
+  catalog's ``format`` / ``columns`` when the spec sets none.
 * ``hf:owner/name`` -- ``datasets.load_dataset(owner/name, name, split=split, streaming=...)``.
   ``hf:json`` / ``hf:csv`` / ``hf:parquet`` / ``hf:text`` with ``data_files`` use the
   ``datasets`` packaged loaders on local files (works offline).
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.chat import render_chat
+from lmforge.data import catalog
 from lmforge.data.builtin import ARITHMETIC_OPS, BUILTIN_CORPORA, BUILTIN_VERSION, builtin_documents
 from lmforge.data.splits import record_label, split_records
 from lmforge.errors import DataError, InputError
@@ -120,6 +124,8 @@ class SourceSpec:
                                          or not all(isinstance(c, str) and c for c in self.columns)):
             raise DataError(f"{self.path}: columns must be a non-empty list of column names, got {self.columns!r}")
         self._check_arithmetic_options()
+        if self.kind == "catalog":
+            catalog.get(self.path)  # an unknown name fails here, listing the known ones
 
     def _check_arithmetic_options(self) -> None:
         for key in ("max_operand", "ops"):
@@ -145,9 +151,11 @@ class SourceSpec:
 
     @property
     def kind(self) -> str:
-        """``"builtin"``, ``"hf"`` or ``"local"``."""
+        """``"builtin"``, ``"catalog"``, ``"hf"`` or ``"local"``."""
         if self.path.startswith("builtin:"):
             return "builtin"
+        if self.path.startswith(catalog.PREFIX):
+            return "catalog"
         if self.path.startswith("hf:"):
             return "hf"
         return "local"
@@ -178,6 +186,8 @@ def iter_records(spec: SourceSpec) -> Iterator[dict[str, Any]]:
         raw = ({"text": d, "_where": f"{spec.path} doc {i}"} for i, d in enumerate(_builtin(spec)))
     elif spec.kind == "hf":
         raw = _hf(spec)
+    elif spec.kind == "catalog":
+        raw = _local(catalog_local_spec(spec))
     else:
         raw = _local(spec)
     count = 0
@@ -266,14 +276,17 @@ def read_json_records(path: str | os.PathLike, what: str = "record") -> list:
 def source_fingerprint(spec: SourceSpec) -> str:
     """A short hash of the spec and, for local files, each file's (path, size, mtime_ns).
 
-    Built-in corpora hash the spec (and the generator version) only. Hub datasets hash the
-    spec only: a dataset revised on the hub keeps its fingerprint.
+    Built-in corpora hash the spec (and the generator version) only; catalog datasets the spec
+    and the file's sha256 (wherever the file lies). Hub datasets hash the spec only: a dataset
+    revised on the hub keeps its fingerprint.
     """
     h = hashlib.sha256()
     h.update(json.dumps({"spec": spec.to_dict(), "reader": _READER_VERSION},
                         sort_keys=True, default=str).encode())
     if spec.kind == "builtin":
         h.update(f"builtin-version={BUILTIN_VERSION}".encode())
+    elif spec.kind == "catalog":
+        h.update(f"catalog-sha256={catalog.get(spec.path).sha256}".encode())
     elif spec.kind == "hf":
         for f in _hf_local_files(spec):
             h.update(_file_stamp(f).encode())
@@ -281,6 +294,14 @@ def source_fingerprint(spec: SourceSpec) -> str:
         for f in _local_files(spec):
             h.update(_file_stamp(f).encode())
     return h.hexdigest()[:16]
+
+
+def catalog_local_spec(spec: SourceSpec) -> SourceSpec:
+    """A ``catalog:NAME`` spec as the spec of its checked local file (mirror, cache or download),
+    with the catalog's reader hints (format, columns) where the spec sets none."""
+    ds = catalog.get(spec.path)
+    return dataclasses.replace(spec, path=str(catalog.resolve(ds)), format=spec.format or ds.format,
+                               columns=spec.columns or (list(ds.columns) if ds.columns else None))
 
 
 def _local_files(spec: SourceSpec) -> list[Path]:
@@ -443,12 +464,20 @@ def _read_csv(f: Path, delimiter: str, columns: list[str] | None = None,
             if not header:
                 return
             for i, row in enumerate(reader, start=1 if columns else 2):
+                if i == 1 and _is_header(row, columns):  # a header row after all: names, not a record
+                    continue
                 if None in row:  # more cells than names
                     raise DataError(f"{f}:{i}: {len(header) + len(row[None])} cells, expected {len(header)} "
                                     f"({', '.join(header)})")
                 yield {**{k: ("" if v is None else v) for k, v in row.items()}, "_where": f"{f}:{i}"}
     except UnicodeDecodeError as e:
         raise DataError(f"{f}: not valid UTF-8 text (byte {e.start})") from None
+
+
+def _is_header(row: dict[str, Any], columns: list[str]) -> bool:
+    """The first row of a file read with ``columns`` is a header when its cells are those names."""
+    cells = [str(row.get(c) or "").strip().lower() for c in columns]
+    return None not in row and cells == [c.strip().lower() for c in columns]
 
 
 def _read_parquet(f: Path) -> Iterator[dict[str, Any]]:

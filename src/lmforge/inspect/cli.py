@@ -1,5 +1,9 @@
 """``lmforge inspect attention|weights|lens|tokens`` and ``lmforge report``: argument builders and
-the functions they run. ``lmforge.cli`` holds only the table entries that point here."""
+the functions they run. ``lmforge.cli`` holds only the table entries that point here.
+
+``lmforge.cli`` imports this module to build its parser, so the tools and the model loader are
+imported inside the functions that run them: the CLI's start-up stays light.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from lmforge.errors import InputError
 
 def _load(path, device: str, need_tokenizer: str | None = None):
     """(model, tokenizer) from any name ``lmforge.store`` knows (a run folder: its best checkpoint)."""
-    from lmforge.store import load_for_inference  # when the verb runs: the CLI's parser imports this module
+    from lmforge.store import load_for_inference
 
     model, tok, _, _ = load_for_inference(path, device, need_tokenizer=need_tokenizer)
     return model, tok

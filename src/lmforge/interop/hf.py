@@ -1,4 +1,5 @@
-"""Hugging Face interop: import GPT-2, Llama-family and BERT folders; export GPT-2 and Llama style decoders.
+"""Hugging Face interop: import GPT-2, Llama-layout (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2,
+Gemma 3 text) and BERT folders; export GPT-2 and those Llama-layout decoders.
 
 A Hugging Face model folder is ``config.json`` plus weights (``model.safetensors``, a sharded
 ``model.safetensors.index.json``, or the older ``pytorch_model.bin`` / its index). This module
@@ -7,9 +8,11 @@ reads and writes those files itself, so lmforge never needs ``transformers`` to 
 Converting is two small steps, in both directions:
 
 1. **config**: :func:`config_from_hf` turns ``config.json`` into a :class:`ModelConfig`;
-   :func:`config_to_hf` does the reverse. A feature lmforge does not implement (``rope_scaling``,
-   relative positions, a bias lmforge has no place for, ...) is an :class:`InteropError` that
-   names the field: never a silent approximation.
+   :func:`config_to_hf` does the reverse. What a Llama-layout ``model_type`` always has (Qwen2's
+   q/k/v biases, Qwen3's q/k norm, Gemma's four norms per block, ...) is one table,
+   ``_ROPE_DECODERS``; the rest is read field by field. A feature lmforge does not implement (a
+   RoPE type other than llama3/linear, relative positions, a bias lmforge has no place for, ...)
+   is an :class:`InteropError` that names the field: never a silent approximation.
 2. **weights**: one *plan* per family lists, for every lmforge tensor, which Hugging Face
    tensors it comes from and how: copied, transposed (GPT-2's ``Conv1D`` stores ``(in, out)``,
    ``nn.Linear`` ``(out, in)``), or concatenated (q/k/v into our fused ``attn.qkv``; gate/up
@@ -19,7 +22,8 @@ Converting is two small steps, in both directions:
 
 Llama checkpoints need no q/k permutation: lmforge's RoPE uses the same "rotate half" layout.
 BERT is post-LN with an embedding LayerNorm; its attention-output LayerNorm becomes our
-``norm1`` and its output LayerNorm our ``norm2``.
+``norm1`` and its output LayerNorm our ``norm2``. Gemma's ``post_attention_layernorm`` is our
+``post_attn_norm`` (Llama's, the norm before the MLP, is our ``norm2``).
 
 Weights are loaded into lmforge's default dtype (float32); cast with ``model.to(dtype)`` after.
 Dropout rates in ``config.json`` are training choices and are not imported (``dropout=0``).
@@ -38,7 +42,9 @@ import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
 from lmforge.fsutil import atomic_write
-from lmforge.model.config import ModelConfig
+from lmforge.model import build
+from lmforge.model.config import ModelConfig, ROPE_SCALINGS
+from lmforge.tokenizer import load_tokenizer
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -49,9 +55,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
 # Hugging Face activation names -> lmforge's (gelu_new and gelu_pytorch_tanh are both the tanh form).
 _GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "bert": "bert"}
+# Hugging Face model_type -> the weight layout lmforge reads it with ("llama": model.layers.{i}.self_attn.q_proj ...)
+_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+                "gemma2": "llama", "gemma3_text": "llama", "bert": "bert"}
 # Hugging Face base models (no LM head): their logits come from the tied embeddings.
-_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel"}
+_BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma2Model",
+                "Gemma3TextModel"}
 # Where each family's backbone tensors live in a model with a head ("transformer.wte.weight").
 _PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
 _HEAD_PREFIXES = ("lm_head.", "cls.")
@@ -185,38 +194,155 @@ def _gpt2_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
 
 
 def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
-    _require(problems, hf, "hidden_act", "silu", ("silu",), "lmforge's SwiGLU uses silu")
-    _require(problems, hf, "attention_bias", False, (False,), "Llama-style lmforge models have no biases")
-    _require(problems, hf, "mlp_bias", False, (False,), "Llama-style lmforge models have no biases")
-    scaling = hf.get("rope_scaling")
-    if scaling is not None and not (isinstance(scaling, dict) and
-                                    scaling.get("rope_type", scaling.get("type")) == "default"):
-        problems.append(f"rope_scaling: got {scaling!r}, expected null (lmforge implements plain RoPE only)")
-    if hf.get("model_type") == "mistral":
-        _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window attention")
-    rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta here
-    if not isinstance(rope, dict):
-        problems.append(f"rope_parameters: got {rope!r}, expected an object")
-        rope = {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_parameters.rope_type: got {rope['rope_type']!r}, expected 'default' "
-                        f"(lmforge implements plain RoPE only)")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        problems.append(f"rope_parameters.partial_rotary_factor: got {rope['partial_rotary_factor']!r}, "
-                        f"expected 1.0 (lmforge rotates the whole head)")
+    """Fields of a decoder laid out as Llama: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text.
+
+    What a ``model_type`` always has comes from ``_ROPE_DECODERS``; the rest (head size, RoPE
+    base and scaling, sliding-window layers, Gemma's scalars) is read from ``config.json``.
+    """
+    mt = hf["model_type"]
+    fixed = dict(_ROPE_DECODERS[mt])
+    gemma = fixed.get("activation") == "geglu_tanh"
+    if gemma:
+        _require(problems, hf, "hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",),
+                 "Gemma's GeGLU uses the tanh GELU")
+        _require(problems, hf, "use_bidirectional_attention", False, (False, None),
+                 "lmforge's Gemma 3 is a causal decoder")
+        if mt == "gemma3_text":  # transformers' Gemma 3 attention does not apply this cap (Gemma 2's does)
+            _require(problems, hf, "attn_logit_softcapping", None, (None,),
+                     "transformers' Gemma 3 ignores it; lmforge would apply it")
+    else:
+        _require(problems, hf, "hidden_act", "silu", ("silu",), "lmforge's SwiGLU uses silu")
+    if "qkv_bias" not in fixed:  # Qwen2's q/k/v biases are fixed by its model type, not a field
+        _require(problems, hf, "attention_bias", False, (False,), "lmforge has no bias on o_proj")
+    _require(problems, hf, "mlp_bias", False, (False,), "lmforge's gated MLP here has no biases")
     n_embd, n_head = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+    n_layer = hf.get("num_hidden_layers", 32)
     head_dim = hf.get("head_dim")
     if head_dim is not None and isinstance(n_embd, int) and isinstance(n_head, int) and n_head \
-            and head_dim != n_embd // n_head:
-        problems.append(f"head_dim: got {head_dim!r}, expected hidden_size/num_attention_heads = "
-                        f"{n_embd // n_head} (lmforge derives the head size)")
-    return dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
-                context_length=hf.get("max_position_embeddings", 2048), n_layer=hf.get("num_hidden_layers", 32),
-                n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
-                mlp_hidden=hf.get("intermediate_size", 11008), activation="swiglu", norm="rmsnorm",
-                norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope",
-                rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), bias=False,
-                tie_embeddings=hf.get("tie_word_embeddings", False))
+            and head_dim == n_embd // n_head and not n_embd % n_head:
+        head_dim = None  # the derived size: keep the config plain (and its round trip exact)
+
+    # RoPE: one set of parameters, or (Gemma 3) one per layer type
+    local_theta = None
+    if mt == "gemma3_text":
+        nested = hf.get("rope_parameters") or {}
+        if not isinstance(nested, dict):
+            problems.append(f"rope_parameters: got {nested!r:.80}, expected an object")
+            nested = {}
+        glob = dict(nested.get("full_attention") or {})
+        if hf.get("rope_scaling"):  # older files: the global scaling sits here
+            glob.update(hf["rope_scaling"])
+        theta, scaling = _rope_from_hf(glob, hf.get("rope_theta", 1000000.0), "rope_parameters.full_attention",
+                                       problems)
+        local_theta, local_scaling = _rope_from_hf(nested.get("sliding_attention") or {},
+                                                   hf.get("rope_local_base_freq", 10000.0),
+                                                   "rope_parameters.sliding_attention", problems)
+        if local_scaling is not None:  # a scaled local RoPE: lmforge has it only as the one shared RoPE
+            if (local_theta, local_scaling) != (theta, scaling):
+                problems.append("rope_parameters.sliding_attention: got a scaled RoPE unlike the full_attention "
+                                "one, expected rope_type 'default' or the full_attention parameters")
+            local_theta = None
+    else:
+        if mt == "mistral":
+            _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window Mistral")
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers' precedence
+        where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        if not isinstance(rope, dict):
+            problems.append(f"{where}: got {rope!r:.80}, expected an object")
+            rope = {}
+        theta, scaling = _rope_from_hf(rope, hf.get("rope_theta", 10000.0), where, problems)
+
+    # sliding-window (local) layers
+    types = _layer_types_from_hf(hf, mt, n_layer, problems)
+    window = hf.get("sliding_window") if "local" in (types or ()) else None
+    if gemma:
+        fields = dict(attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                      logit_softcap=hf.get("final_logit_softcapping"), attn_softcap=hf.get("attn_logit_softcapping"),
+                      rope_local_theta=local_theta if types and "local" in types and local_theta is not None
+                      else None)
+    else:
+        fields = {}
+    return {**dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
+                   context_length=hf.get("max_position_embeddings", 2048), n_layer=n_layer,
+                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                   mlp_hidden=hf.get("intermediate_size", 11008), activation="swiglu", norm="rmsnorm",
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), positional="rope", rope_theta=theta,
+                   rope_scaling=scaling, bias=False, tie_embeddings=hf.get("tie_word_embeddings", gemma),
+                   head_size=head_dim, layer_types=types if types and "local" in types else None,
+                   sliding_window=window, **fields), **fixed}
+
+
+# What each Llama-layout model type always has (beyond Llama's RMSNorm, SwiGLU, RoPE, no biases).
+_ROPE_DECODERS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": dict(qkv_bias=True),  # Qwen2 / Qwen2.5: biases on q, k and v, none on o or the MLP
+    "qwen3": dict(qk_norm=True),  # Qwen3: per-head RMSNorm on q and k before RoPE
+    # Gemma 2: four norms per block, tanh-GeGLU, sqrt(C)-scaled embeddings, (1 + w) RMSNorm, soft-capping
+    "gemma2": dict(activation="geglu_tanh", sandwich_norm=True, norm_unit_offset=True, scale_embeddings=True),
+    # Gemma 3 text: q/k norm, four norms per block, tanh-GeGLU, sqrt(C)-scaled embeddings, (1 + w) RMSNorm
+    "gemma3_text": dict(activation="geglu_tanh", qk_norm=True, sandwich_norm=True, norm_unit_offset=True,
+                        scale_embeddings=True),
+}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}  # not scaling parameters
+
+
+def _rope_from_hf(p: dict[str, Any], theta: float, where: str, problems: list[str]) -> tuple[float, dict | None]:
+    """(base, lmforge rope_scaling) of one Hugging Face RoPE parameter set."""
+    kind = p.get("rope_type", p.get("type", "default"))
+    if p.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"{where}.partial_rotary_factor: got {p['partial_rotary_factor']!r}, expected 1.0 "
+                        f"(lmforge rotates the whole head)")
+    theta = float(p.get("rope_theta", theta))
+    if kind == "default":
+        extra = sorted(set(p) - _ROPE_KEYS)
+        if extra:
+            problems.append(f"{where}: got {', '.join(extra)} without a rope_type, expected rope_type "
+                            f"linear or llama3 with them")
+        return theta, None
+    if kind not in ROPE_SCALINGS:
+        problems.append(f"{where}.rope_type: got {kind!r}, expected 'default', "
+                        f"{' or '.join(repr(k) for k in ROPE_SCALINGS)} (the RoPE variants lmforge implements)")
+        return theta, None
+    missing = [k for k in ROPE_SCALINGS[kind] if k not in p]
+    if missing:
+        problems.append(f"{where}: rope_type {kind!r} without {', '.join(missing)}")
+        return theta, None
+    extra = sorted(set(p) - _ROPE_KEYS - set(ROPE_SCALINGS[kind]))
+    if extra:
+        problems.append(f"{where}: {', '.join(extra)} not implemented for rope_type {kind!r}")
+    return theta, {"type": kind, **{k: p[k] for k in ROPE_SCALINGS[kind]}}
+
+
+def _layer_types_from_hf(hf: dict[str, Any], mt: str, n_layer: Any, problems: list[str]) -> list[str] | None:
+    """'global'/'local' per layer from ``layer_types`` (transformers 5), else from the older keys
+    (Gemma 3: every ``sliding_window_pattern``-th layer global; Qwen: layers from
+    ``max_window_layers`` on slide when ``use_sliding_window``). None: every layer global."""
+    if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        return None  # transformers ignores layer_types then (sliding_window is None)
+    names = hf.get("layer_types")
+    if names is None and isinstance(n_layer, int):
+        if mt in ("gemma2", "gemma3_text"):  # Gemma 2 alternates local and global
+            n = hf.get("sliding_window_pattern", 6 if mt == "gemma3_text" else 2)
+            names = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(n_layer)]
+        elif mt in ("qwen2", "qwen3"):
+            first = hf.get("max_window_layers", 28)
+            names = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+    if names is None:
+        return None
+    kinds = {"full_attention": "global", "sliding_attention": "local"}
+    if not isinstance(names, list) or any(t not in kinds for t in names):
+        problems.append(f"layer_types: got {names!r:.80}, expected a list of 'full_attention' or "
+                        f"'sliding_attention'")
+        return None
+    if mt in ("llama", "mistral") and "sliding_attention" in names:
+        problems.append("layer_types: sliding_attention layers in a Llama/Mistral config are not implemented")
+        return None
+    if "sliding_attention" in names and not isinstance(hf.get("sliding_window"), int):
+        problems.append(f"sliding_window: got {hf.get('sliding_window')!r}, expected the window of the "
+                        f"sliding_attention layers (a positive integer)")
+        return None
+    return [kinds[t] for t in names]
 
 
 def _bert_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -277,8 +403,18 @@ def _plan(cfg: ModelConfig, family: str) -> Plan:
             h = f"layers.{i}."
             add(b + "norm1.weight", h + "input_layernorm.weight")
             add(b + "attn.qkv.weight", [h + f"self_attn.{p}_proj.weight" for p in "qkv"], "cat", qkv_sizes)
+            if cfg.qkv_has_bias:  # Qwen2.5
+                add(b + "attn.qkv.bias", [h + f"self_attn.{p}_proj.bias" for p in "qkv"], "cat", qkv_sizes)
+            if cfg.qk_norm:  # Qwen3, Gemma 3
+                add(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight")
+                add(b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")
             add(b + "attn.proj.weight", h + "self_attn.o_proj.weight")
-            add(b + "norm2.weight", h + "post_attention_layernorm.weight")
+            if cfg.sandwich_norm:  # Gemma 3: a norm after attention, and one before and after the MLP
+                add(b + "post_attn_norm.weight", h + "post_attention_layernorm.weight")
+                add(b + "norm2.weight", h + "pre_feedforward_layernorm.weight")
+                add(b + "post_mlp_norm.weight", h + "post_feedforward_layernorm.weight")
+            else:  # Llama's "post-attention" norm is the one before the MLP
+                add(b + "norm2.weight", h + "post_attention_layernorm.weight")
             add(b + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], "cat",
                 [cfg.mlp_hidden, cfg.mlp_hidden])
             add(b + "mlp.proj.weight", h + "mlp.down_proj.weight")
@@ -405,7 +541,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
     """Build the lmforge model of a Hugging Face folder and load its weights (eval mode).
 
     Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama-family (``LlamaForCausalLM``,
-    ``LlamaModel``, plain Mistral; GQA, tied or untied head), BERT (``BertModel``,
+    ``LlamaModel``, plain Mistral; GQA, tied or untied head, llama3/linear RoPE scaling),
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM`` (and their base models), BERT (``BertModel``,
     ``BertForMaskedLM``, ``BertForPreTraining``). A BERT masked-LM head (``cls.predictions.*``)
     is loaded when the file has one (``mlm_head`` is False otherwise). ``BertModel``'s pooler
     (CLS -> dense -> tanh) and BERT's next-sentence head are not used by lmforge and are
@@ -416,8 +553,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
     With ``with_tokenizer`` returns ``(model, tokenizer)``: the folder's ``tokenizer.json``
     loaded with :func:`lmforge.tokenizer.load_tokenizer`, or None when absent.
     """
-    from lmforge.model import build
-
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; expected a Hugging Face model folder with {CONFIG}")
@@ -439,8 +574,6 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
         return model
     tok = None
     if (folder / TOKENIZER).is_file():
-        from lmforge.tokenizer import load_tokenizer
-
         tok = load_tokenizer(folder / TOKENIZER)
         _read_tokenizer_config(tok, folder / TOKENIZER_CONFIG)
         if tok.vocab_size > cfg.vocab_size:
@@ -496,20 +629,82 @@ def _export_problems(cfg: ModelConfig) -> list[str]:
         if cfg.n_kv_head != cfg.n_head:
             p.append(f"model.n_kv_head: got {cfg.n_kv_head} with learned positions; GPT-2 has no grouped-query "
                      f"attention (expected n_head={cfg.n_head})")
-    elif cfg.positional == "rope":  # LlamaForCausalLM
-        if cfg.norm != "rmsnorm":
-            p.append(f"model.norm: got {cfg.norm!r} with rope positions; Llama uses 'rmsnorm'")
-        if cfg.activation != "swiglu":
-            p.append(f"model.activation: got {cfg.activation!r} with rope positions; Llama uses 'swiglu'")
-        if cfg.bias:
-            p.append("model.bias: got true with rope positions; Llama has no biases (expected false)")
+    elif cfg.positional == "rope":  # LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM
+        p += _rope_export_problems(cfg)
     else:
         p.append(f"model.positional: got {cfg.positional!r}; GPT-2 needs 'learned', Llama 'rope'")
     return p
 
 
+# Export targets of RoPE decoders: the Hugging Face class, and what it fixes (ModelConfig field -> value;
+# the family is picked by _rope_export_type from the fields only one of them has).
+_EXPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_EXPORT_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+
+
+def _rope_export_type(c: ModelConfig) -> str:
+    if c.sandwich_norm or c.norm_unit_offset or c.scale_embeddings or c.activation == "geglu_tanh" \
+            or c.logit_softcap is not None or c.attn_scale is not None or c.rope_local_theta is not None \
+            or c.attn_softcap is not None:
+        return "gemma3_text" if c.qk_norm or c.rope_local_theta is not None else "gemma2"
+    if c.qk_norm:
+        return "qwen3"
+    if c.qkv_bias and not c.bias:
+        return "qwen2"
+    return "llama"
+
+
+def _rope_export_problems(c: ModelConfig) -> list[str]:
+    """Fields a RoPE decoder has that its Hugging Face class (``_rope_export_type``) cannot express."""
+    mt = _rope_export_type(c)
+    name = _EXPORT_NAMES[mt]
+    want = {"norm": "rmsnorm", "bias": False, "qkv_has_bias": mt == "qwen2",
+            "activation": "geglu_tanh" if mt.startswith("gemma") else "swiglu",
+            **{k: v for k, v in _ROPE_DECODERS[mt].items() if k not in ("activation", "qkv_bias")}}
+    p = []
+    for field, value in want.items():
+        got = getattr(c, field)
+        if got != value:
+            label = "qkv_bias" if field == "qkv_has_bias" else field
+            p.append(f"model.{label}: got {got!r} with rope positions; {name} expects {value!r}")
+    if mt == "gemma2" and c.rope_scaling is not None:
+        p.append(f"model.rope_scaling: got {c.rope_scaling!r}; Gemma 2 has plain RoPE (expected null)")
+    if not mt.startswith("gemma"):
+        if c.has_local_layers and mt == "llama":
+            p.append("model.layer_types: Llama has no sliding-window layers (expected all global)")
+        if c.rope_local_theta is not None:
+            p.append(f"model.rope_local_theta: {name} has one RoPE base for every layer (expected null)")
+    else:
+        if c.attn_softcap is not None and mt == "gemma3_text":
+            p.append(f"model.attn_softcap: got {c.attn_softcap!r}; transformers' Gemma 3 does not cap attention "
+                     f"scores (expected null)")
+        if _query_pre_attn_scalar(c) is None:
+            p.append(f"model.attn_scale: got {c.attn_scale!r}; {name} scales by query_pre_attn_scalar**-0.5 "
+                     f"with an integer scalar")
+    if mt == "qwen2" and c.head_size not in (None, c.n_embd // c.n_head):
+        p.append(f"model.head_size: got {c.head_size}; Qwen2 derives it as n_embd/n_head = {c.n_embd // c.n_head}")
+    return p
+
+
+def _query_pre_attn_scalar(c: ModelConfig) -> int | None:
+    """Gemma 3's integer query_pre_attn_scalar giving exactly ``attn_scale`` (None: none does)."""
+    if c.attn_scale is None:
+        return c.head_dim
+    n = round(c.attn_scale ** -2)
+    return n if n > 0 and n ** -0.5 == c.attn_scale else None
+
+
+def _rope_to_hf(theta: float, scaling: dict | None) -> dict[str, Any]:
+    """transformers 5's rope_parameters of one RoPE (base and scaling)."""
+    if not scaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": scaling["type"], "rope_theta": theta, **{k: v for k, v in scaling.items() if k != "type"}}
+
+
 def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` of an lmforge decoder: GPT-2 (learned positions) or Llama (RoPE).
+    """The Hugging Face ``config.json`` of an lmforge decoder: GPT-2 (learned positions); Llama,
+    Qwen2, Qwen3 or Gemma 3 (RoPE; whichever has the config's fields).
 
     Raises :class:`InteropError` listing every field with no Hugging Face equivalent.
     """
@@ -527,12 +722,31 @@ def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch
                 "activation_function": act, "layer_norm_epsilon": c.norm_eps, "resid_pdrop": c.dropout,
                 "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, **common}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.n_embd,
-            "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-            "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-            "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "attention_bias": False, "attention_dropout": c.dropout, "mlp_bias": False, **common}
+    mt = _rope_export_type(c)
+    shape = {"architectures": [_EXPORT_CLASSES[mt]], "model_type": mt, "hidden_size": c.n_embd,
+             "intermediate_size": c.mlp_hidden, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+             "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim, "max_position_embeddings": c.context_length,
+             "rms_norm_eps": c.norm_eps, "attention_dropout": c.dropout}
+    rope = _rope_to_hf(c.rope_theta, c.rope_scaling)
+    types = ["sliding_attention" if c.layer_type(i) == "local" else "full_attention" for i in range(c.n_layer)]
+    if mt == "llama":
+        return {**shape, "hidden_act": "silu", "rope_theta": c.rope_theta, "rope_scaling": None,
+                "rope_parameters": rope, "attention_bias": False, "mlp_bias": False, **common}
+    if mt in ("qwen2", "qwen3"):
+        if mt == "qwen2":
+            del shape["head_dim"]  # Qwen2 derives it
+        local = c.has_local_layers
+        return {**shape, "hidden_act": "silu", "rope_parameters": rope, "use_sliding_window": local,
+                "sliding_window": c.sliding_window if local else None, "max_window_layers": c.n_layer,
+                "layer_types": types, **({"attention_bias": False} if mt == "qwen3" else {}), **common}
+    if mt == "gemma3_text":  # one RoPE per layer type
+        own = c.rope_local_theta is not None  # local layers' own plain RoPE, else the shared (scaled) one
+        rope = {"full_attention": rope,
+                "sliding_attention": _rope_to_hf(c.rope_local_theta, None) if own else dict(rope)}
+    return {**shape, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": _query_pre_attn_scalar(c),
+            "rope_parameters": rope, "sliding_window": c.sliding_window or c.context_length, "layer_types": types,
+            "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": c.attn_softcap,
+            "use_bidirectional_attention": False, "attention_bias": False, **common}
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -573,8 +787,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads with the same logits.
 
     GPT-2 style decoders (learned positions, pre-LN LayerNorm, gelu_tanh/gelu/relu, biases, MHA)
-    become ``GPT2LMHeadModel``; Llama style (RoPE, RMSNorm, SwiGLU, no biases, GQA allowed)
-    ``LlamaForCausalLM``; the head is tied or not as in lmforge. Anything else is an
+    become ``GPT2LMHeadModel``; RoPE decoders the class with their fields: ``LlamaForCausalLM``
+    (RMSNorm, SwiGLU, no biases, GQA, llama3/linear RoPE scaling), ``Qwen2ForCausalLM`` (q/k/v
+    biases), ``Qwen3ForCausalLM`` (q/k norm, explicit head size), ``Gemma3ForCausalLM`` (Gemma 3's
+    norms, GeGLU, embedding scale, local/global layers); the head is tied or not as in lmforge. Anything else is an
     :class:`InteropError` naming the fields. The tokenizer, of any kind, is written as a Hugging
     Face ``tokenizer.json`` plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained``
     loads the folder and gives the same ids.

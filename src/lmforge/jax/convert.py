@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from lmforge.errors import CheckpointError, InteropError
-from lmforge.interop.hf import load_hf
-from lmforge.jax.model import _seed_dropout, abstract_model, check_supported
+from lmforge.errors import InteropError
+from lmforge.jax.model import seed_dropout, abstract_model, check_supported
 from lmforge.model import build as torch_build
 from lmforge.model.config import ModelConfig
-from lmforge.store import load_model, save_model
+from lmforge.store import from_pretrained, save_model
 
 _TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -110,7 +109,7 @@ def build(config: ModelConfig | str | dict, seed: int = 0, abstract: bool = Fals
     model = abstract_model(config, seed)
     if abstract:
         return model
-    _seed_dropout(model, seed)
+    seed_dropout(model, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return from_state_dict(model, torch_build(ModelConfig.coerce(config)).state_dict())
@@ -124,7 +123,7 @@ def to_jax(torch_model, seed: int = 0) -> nnx.Module:
         raise InteropError(f"to_jax: expected an lmforge model (with .config), got {type(torch_model).__name__}")
     check_supported(cfg)
     model = abstract_model(cfg, seed=seed)
-    _seed_dropout(model, seed)
+    seed_dropout(model, seed)
     return from_state_dict(model, torch_model.state_dict())
 
 
@@ -136,15 +135,9 @@ def to_torch(jax_model: nnx.Module):
 
 
 def load_jax(path: str | Path, with_tokenizer: bool = False):
-    """A JAX model from an lmforge model folder / checkpoint or a Hugging Face model folder."""
-    path = Path(path)
-    if (path / "config.yaml").is_file():
-        model, tok = load_model(path, with_tokenizer=True)
-    elif (path / "config.json").is_file():
-        model, tok = load_hf(path, with_tokenizer=True)
-    else:
-        raise CheckpointError(f"{path}: expected an lmforge model folder (config.yaml) or a Hugging Face "
-                              f"model folder (config.json)")
+    """A JAX model from any model ``lmforge.store`` loads (an lmforge model folder, checkpoint or
+    run folder, a Hugging Face folder, a .gguf file)."""
+    model, tok = from_pretrained(path, with_tokenizer=True)
     jmodel = to_jax(model)
     return (jmodel, tok) if with_tokenizer else jmodel
 

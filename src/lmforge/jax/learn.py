@@ -6,13 +6,12 @@ only what is new at its step. The loop is the plain Flax NNX way: ``nnx.Optimize
 
 Budget and data come from the environment, so a test can run every script for a few steps on a
 tiny text: ``LMFORGE_JAX_STEPS`` (training steps), ``LMFORGE_JAX_SAMPLE`` (sampled characters)
-and ``LMFORGE_JAX_DATA`` (a text file; default tiny shakespeare in ``../shared/data``).
+and ``LMFORGE_JAX_DATA`` (a text file; default ``catalog:tinyshakespeare``, see ``lmforge data list``).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +19,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lmforge.data import catalog
 from lmforge.errors import DataError
 from lmforge.jax.model import cross_entropy
 from lmforge.tokenizer import CharTokenizer
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_DATA = "catalog:tinyshakespeare"  # the named dataset (lmforge.data.catalog): mirror, cache or download
 
 
 def budget(default_steps: int) -> int:
@@ -34,7 +34,8 @@ def budget(default_steps: int) -> int:
 
 def load_data(path: str | os.PathLike | None = None):
     """(tokenizer, train ids, val ids): a character tokenizer (lmforge's) and a 90/10 split."""
-    path = Path(path or os.environ.get("LMFORGE_JAX_DATA") or DEFAULT_DATA)
+    spec = str(path or os.environ.get("LMFORGE_JAX_DATA") or DEFAULT_DATA)
+    path = catalog.local_path(spec)  # catalog:NAME is its local file; any other path as it is
     if not path.is_file():
         raise DataError(f"{path}: text file not found; set LMFORGE_JAX_DATA to a text file (e.g. tiny shakespeare)")
     text = path.read_text(encoding="utf-8")

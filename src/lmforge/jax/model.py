@@ -340,7 +340,7 @@ def abstract_model(config: ModelConfig | str | dict, seed: int = 0) -> nnx.Modul
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
 
 
-def _seed_dropout(model: nnx.Module, seed: int) -> None:
+def seed_dropout(model: nnx.Module, seed: int) -> None:
     """Give an abstract model concrete dropout random state: one key per dropout layer."""
     base = jax.random.key(seed + 1)
     for i, (_, node) in enumerate(nnx.iter_graph(model)):

@@ -51,9 +51,11 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None, training: b
         attn = 0
     else:
         qkv = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_head * c.head_dim * c.n_embd
-        mlp = c.n_embd * c.mlp_hidden * (3 if c.activation == "swiglu" else 2)
+        mlp = c.n_embd * c.mlp_hidden * (3 if c.gated else 2)
         n = c.n_layer * (qkv + mlp) + c.n_embd * c.vocab_size
-        attn = 2 * c.n_layer * c.n_embd * T  # q·k and att·v, per token, forward
+        # q·k and att·v, per token, forward, over the keys a layer sees (a local layer: its window)
+        keys = sum(min(T, c.sliding_window) if c.layer_type(i) == "local" else T for i in range(c.n_layer))
+        attn = 2 * c.n_head * c.head_dim * keys
     fwd = 2 * n + 2 * attn
     return 3 * fwd if training else fwd
 

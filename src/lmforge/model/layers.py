@@ -19,17 +19,23 @@ from lmforge.model.config import ModelConfig
 # --------------------------------------------------------------------------------------- norms
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in at least fp32 (as Llama does for fp16/bf16;
-    a float64 model stays in float64)."""
+    a float64 model stays in float64).
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    ``unit_offset`` (Gemma): the scale is ``1 + weight`` with ``weight`` starting at zero, applied
+    before rounding back to the input dtype (Gemma's order; Llama rounds first)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
-        return self.weight * x.to(dtype)
+        n = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:
+            return (n * (1.0 + self.weight.to(n.dtype))).to(dtype)
+        return self.weight * n.to(dtype)
 
 
 def dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -38,20 +44,46 @@ def dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return drop(x) if drop.training and drop.p > 0 else x
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over ``dim`` features (default n_embd; a head size for q/k norms)."""
+    dim = dim or cfg.n_embd
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim, cfg.norm_eps, unit_offset=cfg.norm_unit_offset)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 # ------------------------------------------------------------------------------------- rotary
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (RoPE), the "rotate half" layout used by Llama checkpoints."""
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """RoPE inverse frequencies (hs/2,) after ``rope_scaling`` (float32, as transformers computes them).
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    linear (Gemma 3 4B+ global layers): every frequency divided by ``factor``.
+    llama3 (Llama 3.1/3.2): wavelengths longer than original_len / low_freq_factor are stretched by
+    ``factor``, those shorter than original_len / high_freq_factor kept, and those between blended
+    smoothly, so local word order keeps its resolution while long range positions spread out.
+    """
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    old_len = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq  # (hs/2,) tokens per full turn
+    stretched = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    between = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(between, blended, stretched)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), the "rotate half" layout used by Llama checkpoints.
+    ``scaling`` rescales the frequencies (``ModelConfig.rope_scaling``: Llama 3, Gemma 3)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", scale_frequencies(inv_freq, scaling), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> cos, sin of shape (B, 1, T, hs), broadcast over heads."""
@@ -116,20 +148,27 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------------- attention
-def explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+def explicit_attention(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None, softcap=None):
     """What scaled_dot_product_attention computes, written out so the weights can be kept.
 
     q (B, nh, T, hs), k and v (B, nkv, S, hs); key/value heads are repeated for grouped queries.
     ``mask`` is a bool (True = may attend) or additive float mask broadcastable to (B, nh, T, S).
-    Returns y (B, nh, T, hs) and the attention weights softmax(q k^T / sqrt(hs) + mask) (B, nh, T, S).
-    Slower than SDPA: used only when asked (``Attention.record_weights``, lmforge.inspect).
+    Returns y (B, nh, T, hs) and the attention weights softmax(q k^T * scale + mask) (B, nh, T, S),
+    scale defaulting to 1/sqrt(hs). ``softcap`` (Gemma) squashes the scores into (-cap, cap) with
+    cap * tanh(scores / cap) before the mask. Slower than SDPA: used when asked
+    (``Attention.record_weights``, lmforge.inspect) and for soft-capped scores, which SDPA lacks.
     """
     nh, nkv = q.shape[1], k.shape[1]
     if nkv != nh:  # query head h reads key/value head h // (nh / nkv)
         k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
         v = v.repeat_interleave(nh // nkv, dim=1)
     T, S = q.shape[2], k.shape[2]
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    if scale is None:
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    else:
+        scores = q.float() @ k.float().transpose(-2, -1) * scale  # (B, nh, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal and mask is None:  # query t (at position S - T + t) sees keys up to itself
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     if mask is not None:
@@ -146,6 +185,11 @@ class Attention(nn.Module):
     flash / memory-efficient kernels apply. A decoder passes ``is_causal`` (no mask tensor) when
     it can, which is the fast path. With ``record_weights`` set (lmforge.inspect does this) the
     explicit path runs instead and keeps its weights (B, nh, T, S) in ``last_weights``.
+
+    Family options (ModelConfig fields): ``qkv_bias`` (Qwen2.5: biases on q/k/v, none on the
+    output), ``qk_norm`` (Qwen3, Gemma 3: a norm over each query/key head before RoPE),
+    ``attn_scale`` (Gemma 3: query_pre_attn_scalar**-0.5) and ``attn_softcap``. A local layer
+    (``layer_types``) differs only in the mask and RoPE the transformer hands it.
     """
 
     record_weights = False
@@ -154,9 +198,14 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.local = cfg.layer_type(layer_idx) == "local"  # a sliding-window layer (its mask says so)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_has_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.is_residual_proj = True  # scaled init
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None  # Qwen3, Gemma 3
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale  # None: 1/sqrt(head size)
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache: KVCache | None = None):
@@ -164,18 +213,23 @@ class Attention(nn.Module):
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hs)
         qk, v = qkv.split([nh + nkv, nkv], dim=1)  # v: (B, nkv, T, hs)
+        if self.q_norm is not None:  # each head's query and key normed on its own, before RoPE
+            q, k = qk.split([nh, nkv], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)  # (B, nh+nkv, T, hs)
         if rope is not None:  # rotate queries and keys together: one pass instead of two
             qk = apply_rotary(qk, *rope)
         q, k = qk.split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs)
-        if self.record_weights:
-            y, self.last_weights = explicit_attention(q, k, v, mask, is_causal,
-                                                      self.dropout if self.training else 0.0)
+        if self.record_weights or self.softcap is not None:
+            y, weights = explicit_attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0,
+                                            self.scale, self.softcap)
+            if self.record_weights:
+                self.last_weights = weights
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
                 enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.proj(y)
@@ -183,11 +237,12 @@ class Attention(nn.Module):
 
 # ---------------------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """Position-wise feed-forward: act(x W_in) W_out, or SwiGLU silu(x W_g) * (x W_u) W_out."""
+    """Position-wise feed-forward: act(x W_in) W_out, or gated act(x W_g) * (x W_u) W_out with
+    silu (SwiGLU: Llama, Qwen) or tanh-approximated GELU (GeGLU: Gemma)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gated = cfg.activation == "swiglu"
+        self.gated = cfg.gated
         n_in = 2 * cfg.mlp_hidden if self.gated else cfg.mlp_hidden  # gate and up fused in one matmul
         self.fc = nn.Linear(cfg.n_embd, n_in, bias=cfg.bias)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
@@ -199,7 +254,8 @@ class MLP(nn.Module):
         h = self.fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            gate = F.silu(gate) if self.activation == "swiglu" else F.gelu(gate, approximate="tanh")
+            h = gate * up
         elif self.activation == "gelu_tanh":
             h = F.gelu(h, approximate="tanh")
         elif self.activation == "gelu":
@@ -212,7 +268,8 @@ class MLP(nn.Module):
 # -------------------------------------------------------------------------------------- block
 class Block(nn.Module):
     """Attention then MLP, each with a residual connection; the norm goes before (pre-LN: GPT-2,
-    Llama) or after the residual sum (post-LN: BERT)."""
+    Llama) or after the residual sum (post-LN: BERT). ``sandwich_norm`` (Gemma 3) also norms each
+    sublayer's output before it joins the residual: four norms per block."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -221,9 +278,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.post_attn_norm = make_norm(cfg) if cfg.sandwich_norm else None
+        self.post_mlp_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None):
+        if self.post_attn_norm is not None:  # x + norm(sublayer(norm(x))), twice
+            x = x + dropout(self.drop, self.post_attn_norm(self.attn(self.norm1(x), rope, mask, is_causal, cache)))
+            return x + self.post_mlp_norm(self.mlp(self.norm2(x)))
         if self.pre_norm:
             x = x + dropout(self.drop, self.attn(self.norm1(x), rope, mask, is_causal, cache))
             return x + self.mlp(self.norm2(x))

@@ -5,13 +5,19 @@ A (r, in) random and B (out, r) zero at the start, so a fresh adapter changes no
 r·(in + out) numbers per layer train.
 
 Targets are named by *role*, not by module name, because lmforge fuses projections: the query,
-key and value projections are one ``attn.qkv`` matrix and SwiGLU's gate and up one ``mlp.fc``.
+key and value projections are one ``attn.qkv`` matrix and a gated MLP's gate and up one ``mlp.fc``.
 Each role is a slice of a layer's output rows with its own A and B, exactly what PEFT does on
-separate ``q_proj``/``k_proj``/... layers (so an adapter exports to PEFT unchanged):
+separate ``q_proj``/``k_proj``/... layers (so an adapter exports to PEFT unchanged). Every family
+(GPT-2, Llama, Qwen, Gemma, BERT) is built from the same Attention and MLP, so the roles are found
+the same way in all of them, whatever their checkpoints call the layers:
 
     q, k, v     rows of attn.qkv        o        attn.proj
-    mlp_in      mlp.fc (gate and up as two slices when gated)      mlp_out  mlp.proj
-    attn = q,k,v,o   mlp = mlp_in,mlp_out   all = both
+    gate, up    the two halves of a gated mlp.fc (up: all of it when not gated)    down  mlp.proj
+    attn = q,k,v,o   mlp = gate,up,down   all = both   mlp_in = gate,up   mlp_out = down
+
+The families' own module names (PEFT ``target_modules`` spellings) are accepted as aliases:
+``q_proj``...``down_proj`` (Llama, Mistral, Qwen, Gemma), ``c_attn``/``c_fc`` (GPT-2),
+``query``/``key``/``value`` (BERT).
 
     model = apply_lora(model, LoraConfig(rank=8, alpha=16, targets=("q", "v")))
     with adapters_disabled(model):      # the base model, no copy (a DPO reference)
@@ -39,12 +45,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError, InteropError
+from lmforge.fsutil import atomic_write
 from lmforge.integrity import check_finite, verify_checksums, write_checksums
-from lmforge.model.layers import MLP, Attention, dropout
+from lmforge.model.layers import Attention, MLP, dropout
 from lmforge.model.packed import packed_product
 
-ROLES = ("q", "k", "v", "o", "mlp_in", "mlp_out")
-GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("mlp_in", "mlp_out"), "all": ROLES}
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"), "all": ROLES,
+          "mlp_in": ("gate", "up"), "mlp_out": ("down",)}
+# the names families give these layers -> roles (unambiguous ones only: GPT-2's c_proj is o and down)
+ALIASES = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",),  # Llama, Qwen, Gemma
+           "gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",),
+           "c_attn": ("q", "k", "v"), "c_fc": ("up",),  # GPT-2
+           "query": ("q",), "key": ("k",), "value": ("v",)}  # BERT
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 
@@ -69,17 +82,17 @@ class LoraConfig:
             p.append(f"lora.alpha: got {self.alpha!r}, expected a positive number")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             p.append(f"lora.dropout: got {self.dropout!r}, expected a number in [0, 1)")
-        unknown = [t for t in self.targets if t not in ROLES and t not in GROUPS]
+        unknown = [t for t in self.targets if t not in ROLES and t not in GROUPS and t not in ALIASES]
         if unknown or not self.targets:
             p.append(f"lora.targets: got {list(self.targets)!r}, expected roles from "
-                     f"{', '.join(ROLES + tuple(GROUPS))}")
+                     f"{', '.join(ROLES + tuple(GROUPS))} (or layer names such as q_proj, down_proj)")
         if p:
             raise ConfigError(p)
 
     @property
     def roles(self) -> tuple[str, ...]:
         """The targets with groups expanded, in a fixed order."""
-        want = {r for t in self.targets for r in GROUPS.get(t, (t,))}
+        want = {r for t in self.targets for r in GROUPS.get(t, ALIASES.get(t, (t,)))}
         return tuple(r for r in ROLES if r in want)
 
     @property
@@ -168,10 +181,14 @@ def _targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[nn.Module, str, di
             if "o" in roles:
                 out.append((m, "proj", {"o": (0, m.proj.out_features)}))
         elif isinstance(m, MLP):
-            if "mlp_in" in roles:
-                n = m.fc.out_features
-                out.append((m, "fc", {"gate": (0, n // 2), "up": (n // 2, n)} if m.gated else {"in": (0, n)}))
-            if "mlp_out" in roles:
+            n = m.fc.out_features
+            if m.gated:  # gate rows, then up rows (SwiGLU, GeGLU)
+                fc = {r: s for r, s in (("gate", (0, n // 2)), ("up", (n // 2, n))) if r in roles}
+            else:  # one input projection: the up role
+                fc = {"in": (0, n)} if "up" in roles else {}
+            if fc:
+                out.append((m, "fc", fc))
+            if "down" in roles:
                 out.append((m, "proj", {"out": (0, m.proj.out_features)}))
     return out
 
@@ -261,8 +278,6 @@ def save_adapter(model: nn.Module, folder: str | Path, base_path: str | Path | N
     base model path and checksum)."""
     from safetensors.torch import save_file
 
-    from lmforge.fsutil import atomic_write
-
     cfg = getattr(model, "lora_config", None)
     if cfg is None or not has_lora(model):
         raise ConfigError("save_adapter: the model has no LoRA adapters (apply_lora first)")
@@ -338,25 +353,25 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
 
 
 # ======================================================================== PEFT export
-_PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "out": "mlp.down_proj"}
+PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "out": "mlp.down_proj"}
 
 
 def export_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``)
     for the Llama-style Hugging Face export of the base (:func:`lmforge.interop.hf.export_hf`):
-    ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` then gives the same logits."""
+    ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` then gives the same logits. Llama,
+    Qwen2/2.5, Qwen3 and Gemma 3 all name their projections q_proj ... down_proj, so one mapping
+    serves every RoPE family."""
     from safetensors.torch import save_file
-
-    from lmforge.fsutil import atomic_write
 
     cfg = getattr(model, "lora_config", None)
     mc = getattr(model, "config", None)
     if cfg is None or not has_lora(model):
         raise ConfigError("export_peft: the model has no LoRA adapters")
     if mc is None or mc.arch != "decoder" or mc.positional != "rope":
-        raise InteropError("export_peft: PEFT export covers Llama-style decoders (rope, exported as "
-                           "LlamaForCausalLM); GPT-2's fused c_attn has no per-role adapters")
+        raise InteropError("export_peft: PEFT export covers Llama-style decoders (rope: Llama, Qwen, Gemma "
+                           "exports); GPT-2's fused c_attn has no per-role adapters")
     tensors: dict[str, torch.Tensor] = {}
     modules = set()
     for name, m in model.named_modules():
@@ -364,7 +379,7 @@ def export_peft(model: nn.Module, out_dir: str | Path, base_model_name_or_path: 
             continue
         layer = int(name.split(".")[2])  # transformer.blocks.{i}.attn.qkv
         for role, ad in m.lora.items():
-            hf = _PEFT_MODULES[role]
+            hf = PEFT_MODULES[role]
             modules.add(hf.split(".")[1])
             key = f"base_model.model.model.layers.{layer}.{hf}"
             tensors[f"{key}.lora_A.weight"] = ad.A.detach().cpu().contiguous().clone()

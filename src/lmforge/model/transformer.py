@@ -6,6 +6,8 @@ mask and token types, and offers an MLM head and a pooled output. Both use the s
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +26,14 @@ class Transformer(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.n_embd) if cfg.positional == "learned" else None
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg) if cfg.embedding_norm else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if cfg.positional == "rope" else None
+        self.rope = None  # RoPE (rope_scaling applies to it)
+        self.rope_local = None  # sliding-window layers' own plain RoPE (Gemma 3: base 10k, global layers 1e6)
+        if cfg.positional == "rope":
+            self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            if cfg.has_local_layers and cfg.rope_local_theta is not None:
+                self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta)
+        # Gemma: embeddings times sqrt(C), rounded to the weights' dtype as transformers does
+        self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embeddings else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None  # post-LN ends normed
@@ -73,6 +82,8 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
 
         x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.embed_scale is not None:
+            x = x * x.new_tensor(self.embed_scale)
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         if self.type_emb is not None:
@@ -82,6 +93,7 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         x = dropout(self.drop, x)
         rope = self.rope(position_ids) if self.rope is not None else None
+        rope_local = self.rope_local(position_ids) if self.rope_local is not None else rope
 
         if segment_ids is not None and (cache is not None or not cfg.causal):
             raise InputError("segment_ids (packed documents) need a causal model and no KV cache")
@@ -89,8 +101,14 @@ class Transformer(nn.Module):
             x = self._unpadded_blocks(x, attention_mask)
             return self.norm(x) if self.norm is not None else x
         mask, is_causal = self._mask(attention_mask, B, T, past, x.device, segment_ids)
+        local = None  # sliding-window layers: their own mask (a band) and RoPE
+        if cfg.sliding_window is not None and any(b.attn.local for b in self.blocks):
+            local = self._mask(attention_mask, B, T, past, x.device, segment_ids, cfg.sliding_window)
         for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+            if block.attn.local:
+                x = block(x, rope_local, *local, cache)
+            else:
+                x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x) if self.norm is not None else x
@@ -126,9 +144,17 @@ class Transformer(nn.Module):
             out = out.index_copy(0, idx, h[0])
         return out.view(B, T, C)
 
-    def _mask(self, attention_mask, B, T, past, device, segment_ids=None):
-        """The attention mask for SDPA: None + is_causal on the fast path, else bool (B, 1, T, S)."""
+    def _mask(self, attention_mask, B, T, past, device, segment_ids=None, window: int | None = None):
+        """The attention mask for SDPA: None + is_causal on the fast path, else bool (B, 1, T, S).
+
+        ``window`` (sliding-window layers): a query at slot i also sees only keys at slots
+        i - window < j, so window keys itself included, as transformers counts. Slots are cache
+        positions, padding included: with padding only at the edges of each row (left-padded
+        prompts, right-padded batches) the distance between two real tokens is the same.
+        """
         S = past + T
+        if window is not None and S <= window:  # nothing is out of reach yet: the plain causal mask
+            window = None
         same = None  # packed rows: a token sees only tokens of its own segment
         if segment_ids is not None:
             same = (segment_ids[:, :, None] == segment_ids[:, None, :]) | (segment_ids[:, None, :] == -1)
@@ -139,11 +165,13 @@ class Transformer(nn.Module):
             if attention_mask is None:
                 return None, False
             return attention_mask.bool()[:, None, None, :].expand(B, 1, T, S), False
-        if attention_mask is None and segment_ids is None and (past == 0 or T == 1):
+        if attention_mask is None and segment_ids is None and window is None and (past == 0 or T == 1):
             return None, T > 1  # plain causal, or one new token that may see everything
         q_pos = torch.arange(past, S, device=device)[:, None]
         k_pos = torch.arange(S, device=device)[None, :]
         allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+        if window is not None:  # a band of the latest window keys (Gemma 3 local layers)
+            allowed = allowed & (k_pos > q_pos - window)[None, None]
         if same is not None:  # block-diagonal causal (past == 0, so S == T)
             allowed = allowed & same  # (B, 1, T, T)
         if attention_mask is not None:
@@ -194,7 +222,11 @@ class DecoderLM(nn.Module):
             h = h[:, -1:]
         if keep is not None:
             h = h[keep] if keep.dtype == torch.bool else h.reshape(-1, h.shape[-1]).index_select(0, keep)  # (N, C)
-        return self.lm_head(h)  # (B, T, vocab) or (N, vocab)
+        logits = self.lm_head(h)  # (B, T, vocab) or (N, vocab)
+        cap = self.config.logit_softcap
+        if cap is not None:  # Gemma 2/3 option: squash the logits into (-cap, cap)
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         return self.transformer(input_ids, attention_mask, position_ids)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmforge import config as _config
+from lmforge import hub
 from lmforge.config import RunConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.store import package_path
@@ -100,6 +101,12 @@ def _init_from_problems(init, pending: tuple[str, ...] = ()) -> list[str]:
         return []
     if not isinstance(init, str) or not init.strip():
         return [f"model.init_from: got {init!r}, expected a path"]
+    if hub.is_hf_spec(init):  # a Hugging Face model by name: fetched (or found in the cache) when the run starts
+        try:
+            hub.parse_hf_spec(init)
+        except CheckpointError as e:
+            return [f"model.init_from: {e}"]
+        return []
     try:
         path = package_path(init)
     except CheckpointError as e:
@@ -131,7 +138,7 @@ def _task_problems(cfg: RunConfig, problems: list[str]) -> None:
                         f"expected task: {legacy} and no objective.name")
         raw = {k: v for k, v in raw.items() if k != "name"}
     sub: list[str] = []
-    cfg.objective = _config._build(task.options, raw, "objective", sub)
+    cfg.objective = _config.build_section(task.options, raw, "objective", sub)
     problems += [q.replace(" (expected one of", f" for task {cfg.task} (expected one of") for q in sub]
     if not sub:
         try:
