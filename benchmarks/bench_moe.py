@@ -140,15 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=2000, help="the learning-rate schedule's length")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy shared cores ran 10x slower)")
     args = p.parse_args(argv)
     out, work = prepare(args.out, args.work_dir, args.threads)
     runs = {name: train_one(name, config, work, args) for name, config in RUNS.items()}
     usage = runs["moe"].pop("_usage", None)
     curves = plot_curves(runs, out / "moe_curves.png")
-    files = {"curves": str(curves)}
+    files = {"curves": curves.name}
     if usage:
-        files["expert_usage"] = str(save_png(plot_expert_usage(usage, last=5), out / "moe_expert_usage.png"))
+        files["expert_usage"] = save_png(plot_expert_usage(usage, last=5), out / "moe_expert_usage.png").name
     result = {"benchmark": "moe-vs-dense tiny shakespeare, equal wall clock", "seconds_per_run": args.seconds,
               "threads": args.threads, "torch": torch.__version__, "machine": platform.platform(),
               "python": sys.version.split()[0], "runs": runs, "files": files,
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in runs.items():
         print(f"{name:6s} params {r['parameters']:>8d}  active {r['active_parameters']:>8d}  steps {r['steps']:>5d}  "
               f"tok/s {r['tokens_per_s'] or 0:>8.0f}  final val loss {r['final_val_loss']:.4f}")
-    print(f"wrote {out / 'moe.json'}, {', '.join(files.values())}")
+    print(f"wrote {out / 'moe.json'}, {', '.join(str(out / f) for f in files.values())}")
     return 0
 
 

@@ -159,7 +159,7 @@ def expert_usage(series: dict[str, dict[str, tuple[list[int], list[float]]]]) ->
 def plot_expert_usage(usage: dict[int, dict[int, tuple]], last: int = 20):
     """Left: each layer's share of tokens per expert, averaged over the last ``last`` logged steps
     (a heatmap; balanced routing is 1/E everywhere). Right: the busiest expert's share per layer
-    over training (1/E when balanced, 1 when one expert takes every token)."""
+    over training (1/E when balanced, 1/k, its most with top-k routing, when every token picks it)."""
     layers = sorted(usage)
     n_exp = 1 + max(e for row in usage.values() for e in row)
     grid = [[0.0] * n_exp for _ in layers]
@@ -170,9 +170,11 @@ def plot_expert_usage(usage: dict[int, dict[int, tuple]], last: int = 20):
     fig = new_figure(11.0, 0.5 * len(layers) + 2.6)
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
     im = ax.imshow(grid, cmap="viridis", vmin=0.0, aspect="auto")
+    top = max(max(row) for row in grid)
     for i in range(len(layers)):
         for e in range(n_exp):
-            ax.text(e, i, f"{grid[i][e]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            ax.text(e, i, f"{grid[i][e]:.2f}", ha="center", va="center", fontsize=7,
+                    color="k" if grid[i][e] > 0.6 * top else "w")
     ax.set_xticks(range(n_exp), [str(e) for e in range(n_exp)], fontsize=8)
     ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers], fontsize=8)
     ax.set_xlabel("expert", fontsize=8)
@@ -186,7 +188,7 @@ def plot_expert_usage(usage: dict[int, dict[int, tuple]], last: int = 20):
     ax2.axhline(1 / n_exp, color="k", ls="--", lw=0.8, label="uniform")
     ax2.set_ylim(0, 1.02)
     ax2.set_xlabel("step", fontsize=8)
-    ax2.set_title("busiest expert's share of tokens", fontsize=9)
+    ax2.set_title("busiest expert's share of tokens (top-k: at most 1/k)", fontsize=9)
     ax2.tick_params(labelsize=8)
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=7)

@@ -1,5 +1,6 @@
 """Hugging Face interop: import GPT-2, Llama-layout (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2,
-Gemma 3 text) and BERT folders; export GPT-2 and those Llama-layout decoders.
+Gemma 3 text; the mixtures of experts Mixtral, Qwen2-MoE and OLMoE) and BERT folders; export GPT-2
+and those Llama-layout decoders.
 
 A Hugging Face model folder is ``config.json`` plus weights (``model.safetensors``, a sharded
 ``model.safetensors.index.json``, or the older ``pytorch_model.bin`` / its index). This module
@@ -19,6 +20,11 @@ Converting is two small steps, in both directions:
    into our fused SwiGLU ``mlp.fc``). :func:`state_dict_from_hf` runs the plan forwards,
    :func:`state_dict_to_hf` backwards (splitting what was concatenated), so an
    HF -> lmforge -> HF round trip gives back the same tensors.
+
+Mixture-of-experts files store each expert as its own gate/up/down tensors (Mixtral:
+``block_sparse_moe.experts.{e}.w1/w3/w2``; Qwen2-MoE, OLMoE: ``mlp.experts.{e}.gate_proj/...``),
+the layout ``save_pretrained`` writes; the router is ``gate``, Qwen2-MoE's always-on expert
+``shared_expert`` with its sigmoid ``shared_expert_gate``.
 
 Llama checkpoints need no q/k permutation: lmforge's RoPE uses the same "rotate half" layout.
 BERT is post-LN with an embedding LayerNorm; its attention-output LayerNorm becomes our
@@ -614,7 +620,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
 
     Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama-family (``LlamaForCausalLM``,
     ``LlamaModel``, plain Mistral; GQA, tied or untied head, llama3/linear RoPE scaling),
-    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM`` (and their base models), BERT (``BertModel``,
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM``, ``MixtralForCausalLM``,
+    ``Qwen2MoeForCausalLM``, ``OlmoeForCausalLM`` (and their base models), BERT (``BertModel``,
     ``BertForMaskedLM``, ``BertForPreTraining``). A BERT masked-LM head (``cls.predictions.*``)
     is loaded when the file has one (``mlm_head`` is False otherwise). ``BertModel``'s pooler
     (CLS -> dense -> tanh) and BERT's next-sentence head are not used by lmforge and are
@@ -916,7 +923,9 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     become ``GPT2LMHeadModel``; RoPE decoders the class with their fields: ``LlamaForCausalLM``
     (RMSNorm, SwiGLU, no biases, GQA, llama3/linear RoPE scaling), ``Qwen2ForCausalLM`` (q/k/v
     biases), ``Qwen3ForCausalLM`` (q/k norm, explicit head size), ``Gemma3ForCausalLM`` (Gemma 3's
-    norms, GeGLU, embedding scale, local/global layers); the head is tied or not as in lmforge. Anything else is an
+    norms, GeGLU, embedding scale, local/global layers), and for a mixture of experts
+    ``MixtralForCausalLM`` (top-k renormalised, experts in every layer), ``Qwen2MoeForCausalLM``
+    (shared expert, dense layers) or ``OlmoeForCausalLM`` (q/k norm over all heads); the head is tied or not as in lmforge. Anything else is an
     :class:`InteropError` naming the fields. The tokenizer, of any kind, is written as a Hugging
     Face ``tokenizer.json`` plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained``
     loads the folder and gives the same ids.

@@ -3,7 +3,8 @@
 GPT-2, Llama, Qwen, Gemma and BERT are not separate classes: they are presets of the same fields,
 built from the same layers (``layers.py``). Each family's peculiarity is a named field (``qk_norm``,
 ``sandwich_norm``, ``sliding_window``, ...), off by default, so older configs mean what they meant.
-``ModelConfig.validate`` collects every problem and raises one
+A mixture of experts is the same kind of option (``n_experts`` > 0: Mixtral, Qwen2-MoE, OLMoE; see
+``moe.py``). ``ModelConfig.validate`` collects every problem and raises one
 :class:`~lmforge.errors.ConfigError` that names each field.
 """
 

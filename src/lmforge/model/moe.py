@@ -17,7 +17,7 @@ families), each run once on the tokens routed to it.
 Routers left alone collapse onto a few experts. The **load-balancing loss** (Switch Transformer
 eq. 4-6, as transformers' ``load_balancing_loss_func`` computes it) pushes toward uniform use:
 E * sum_e f_e * P_e, with f_e the share of top-k assignments that went to expert e and P_e its
-mean router probability, both averaged over tokens and MoE layers (E*k/E^2*E = k when uniform).
+mean router probability, both averaged over tokens and MoE layers (uniform routing: E * E * k/E * 1/E = k).
 The **z-loss** (ST-MoE) mean(logsumexp(logits)^2) keeps router logits small. A decoder's forward
 leaves both, weighted by the config's coefficients, in ``model.router_stats`` (:class:`RouterStats`)
 for the objective to add to the loss, together with each layer's expert usage.
