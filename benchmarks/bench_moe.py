@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=2000, help="the learning-rate schedule's length")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (2 threads on 2 busy shared cores ran 10x slower)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (2 threads on 2 busy shared cores ran 10x slower)")
     args = p.parse_args(argv)
     out, work = prepare(args.out, args.work_dir, args.threads)
     runs = {name: train_one(name, config, work, args) for name, config in RUNS.items()}

@@ -1,9 +1,9 @@
 """One static HTML page per run: ``write_report(run_dir)`` -> ``run_dir/report.html``.
 
 The page holds the resolved config, the run info, one curve per logged metric, the evaluation
-metrics table, the expert usage of a mixture-of-experts model (the share of tokens each layer's router
-sent to each expert: ``expert_usage/L{layer}/E{expert}`` metrics), samples logged during training (``samples.jsonl``: ``{"step", "text"}`` per line),
-and the attention and weight plots of the best (else newest) checkpoint. Every image is embedded
+metrics table, the expert usage of a mixture-of-experts model (the share of tokens each layer's
+router sent to each expert: ``expert_usage/L{layer}/E{expert}`` metrics), samples logged during
+training (``samples.jsonl``: ``{"step", "text"}`` per line), and the attention and weight plots of the best (else newest) checkpoint. Every image is embedded
 as a data URI and nothing is fetched from the network, so the file opens offline anywhere.
 
 ``report_after_run(run_dir)`` is the variant for the end of a training run: it never raises (a

@@ -925,7 +925,8 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     biases), ``Qwen3ForCausalLM`` (q/k norm, explicit head size), ``Gemma3ForCausalLM`` (Gemma 3's
     norms, GeGLU, embedding scale, local/global layers), and for a mixture of experts
     ``MixtralForCausalLM`` (top-k renormalised, experts in every layer), ``Qwen2MoeForCausalLM``
-    (shared expert, dense layers) or ``OlmoeForCausalLM`` (q/k norm over all heads); the head is tied or not as in lmforge. Anything else is an
+    (shared expert, dense layers) or ``OlmoeForCausalLM`` (q/k norm over all heads); the head is
+    tied or not as in lmforge. Anything else is an
     :class:`InteropError` naming the fields. The tokenizer, of any kind, is written as a Hugging
     Face ``tokenizer.json`` plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained``
     loads the folder and gives the same ids.

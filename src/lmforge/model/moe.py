@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import MLP
