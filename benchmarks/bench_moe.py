@@ -16,7 +16,8 @@ the budget for both). Both keep their recipe's learning-rate schedule of ``--max
 so a short budget stops both early in it: the curves compare the two at equal time, not trained
 to convergence. The final model of each run is evaluated once more after the stop.
 
-Outputs in ``--out`` (default ``benchmarks/results``): ``moe.json`` (per run: parameters total and
+Outputs in ``--out`` (default ``runs/bench/results``, git-ignored; the committed figures were
+written with ``--out benchmarks/results``): ``moe.json`` (per run: parameters total and
 active, steps, tokens/s, the evaluations with their wall times, final validation loss; the MoE's
 last expert usage per layer), ``moe_curves.png`` (validation loss and training cross-entropy
 against train-loop wall time), ``moe_expert_usage.png`` (the MoE run's expert usage, the run
@@ -24,13 +25,13 @@ report's plot). Run folders go to ``--work-dir`` (default ``runs/bench-moe``, wi
 
 On a shared or small machine timings are noisy; treat short runs as preliminary::
 
-    .venv/bin/python benchmarks/bench_moe.py --seconds 60          # about 2.5 minutes in all
+    .venv/bin/python benchmarks/bench_moe.py --seconds 75 --eval-every 20 --eval-batches 4
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import shutil
 import sys
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from _common import prepare
+from _common import RESULTS, prepare, write_json
 from lmforge.inspect.figures import new_figure, save_png
 from lmforge.inspect.report import expert_usage, metric_series, plot_expert_usage
 from lmforge.model import count_active_parameters, count_parameters
@@ -134,7 +135,7 @@ def plot_curves(runs: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default=RESULTS, help="where the JSON and PNGs go")
     p.add_argument("--work-dir", default="runs/bench-moe")
     p.add_argument("--seconds", type=float, default=60.0, help="train-loop wall time of each run")
     p.add_argument("--max-steps", type=int, default=2000, help="the learning-rate schedule's length")
@@ -152,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         files["expert_usage"] = save_png(plot_expert_usage(usage, last=5), out / "moe_expert_usage.png").name
     result = {"benchmark": "moe-vs-dense tiny shakespeare, equal wall clock", "seconds_per_run": args.seconds,
               "threads": args.threads, "torch": torch.__version__, "machine": platform.platform(),
-              "python": sys.version.split()[0], "runs": runs, "files": files,
+              "python": sys.version.split()[0], "load_average_1min_at_end": os.getloadavg()[0],
+              "runs": runs, "files": files,
               "note": "preliminary: short runs on a shared machine, both stopped early in a "
                       f"{args.max_steps}-step schedule"}
-    (out / "moe.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / "moe.json", result)
     for name, r in runs.items():
         print(f"{name:6s} params {r['parameters']:>8d}  active {r['active_parameters']:>8d}  steps {r['steps']:>5d}  "
               f"tok/s {r['tokens_per_s'] or 0:>8.0f}  final val loss {r['final_val_loss']:.4f}")
