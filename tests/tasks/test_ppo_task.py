@@ -163,6 +163,11 @@ def test_bad_options_are_config_errors(ppo_dict, objective, needle):
         config_from_dict(ppo_dict(objective=objective))
 
 
+def test_partial_freeze_is_a_config_error(ppo_dict):
+    with pytest.raises(ConfigError, match="train.trainable: got 'head'; task ppo trains its value model"):
+        config_from_dict(ppo_dict(train={"trainable": "head"}))
+
+
 def test_separate_critic_with_lora_is_a_config_error(ppo_dict):
     d = ppo_dict(objective={"value_model": "separate"})
     d["model"]["lora"] = {"rank": 2}

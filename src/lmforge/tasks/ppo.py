@@ -218,6 +218,9 @@ def _check(cfg: RunConfig) -> list[str]:
         elif o.max_completion_length >= mcfg.context_length:
             p.append(f"objective.max_completion_length: {o.max_completion_length} leaves no room for a prompt within "
                      f"model.context_length {mcfg.context_length}")
+    if cfg.train.trainable != "all" and not cfg.model.get("lora"):
+        p.append(f"train.trainable: got {cfg.train.trainable!r}; task ppo trains its value model beside the policy, "
+                 f"which a partial freeze would leave frozen; expected all (or model.lora)")
     if o.value_model == "separate" and cfg.model.get("lora"):
         p.append("objective.value_model: separate with model.lora is not supported; expected shared")
     try:
