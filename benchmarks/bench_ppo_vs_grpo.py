@@ -82,7 +82,8 @@ class TimedCurve(Callback):
 def method_run(name: str, recipe: str, overrides: list[str], args, stage1: Path, work: Path) -> dict:
     raw = read_recipe(recipe, [f"run.out_dir={work / name}", f"model.init_from={stage1}",
                                f"data.cache_dir={work / 'cache'}", "train.max_steps=1000000",
-                               "train.eval_every=1000000", "train.eval_at_start=false", "train.checkpoint_every=null",
+                               "train.eval_every=1000000", "train.eval_at_start=false", "train.progress=false",
+                               "train.checkpoint_every=null",
                                f"train.eval_batch_size={args.eval_batch_size}", "objective.eval_pass_k=0",
                                "objective.sample_completions=0", "train.best_metric=null", *args.common_set,
                                *overrides])

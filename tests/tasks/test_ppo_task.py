@@ -15,6 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.generate import SamplingConfig, generate
 from lmforge.model import ModelConfig, build
 from lmforge.model.heads import value_model_of
+from lmforge.objectives.logprobs import model_completion_logprobs
 from lmforge.store import load_for_inference
 from lmforge.tasks import config_from_dict, get_task
 from lmforge.tasks.common import TaskContext
@@ -82,6 +83,25 @@ def test_rollout_batch_holds_the_ppo_tensors(ppo_dict, kind):
     # the reference holds no value model; the policy does
     assert value_model_of(parts.model) == kind and not hasattr(parts.objective.reference, "value_head")
     assert not hasattr(parts.objective.reference, "critic")
+
+
+def test_moved_policy_pays_its_kl_to_the_reference_on_every_token(ppo_dict):
+    """After the policy moves, each completion token but the last carries exactly -kl_coef * (log pi - log pi_ref),
+    the reference's log-probs recomputed here from the frozen copy."""
+    parts = _parts(ppo_dict(objective={"kl_coef": 0.3}))
+    with torch.no_grad():
+        for p in parts.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    b = parts.train_data.batch(0, 0)
+    ref = model_completion_logprobs(parts.objective.reference, b["input_ids"], b["completion_mask"])[0]
+    mask = b["completion_mask"][:, 1:].float()
+    N, T = mask.shape
+    not_last = mask.clone()
+    not_last[torch.arange(N), (torch.arange(T) * (mask > 0)).argmax(1)] = 0
+    want = -0.3 * (b["old_logps"] - ref) * not_last
+    torch.testing.assert_close(b["rewards"] * not_last, want, atol=1e-5, rtol=1e-4)
+    assert b["stats"]["kl"] == pytest.approx(float(((b["old_logps"] - ref) * mask).sum(1).mean()), abs=1e-4)
+    assert abs(b["stats"]["kl"]) > 1e-4
 
 
 def test_the_optimizer_trains_the_value_model(ppo_dict):
