@@ -6,6 +6,7 @@ exact resume with ppo_epochs > 1, the arithmetic recipe end to end (shrunk), and
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -158,16 +159,36 @@ def test_lora_policy_uses_its_base_as_the_kl_reference(ppo_dict):
 
 
 @pytest.mark.slow
-def test_ppo_arithmetic_recipe_shrunk(tmp_path, token_cache):
-    """configs/arithmetic-sft.yaml then configs/ppo-arithmetic.yaml, shrunk to a few steps."""
+def test_ppo_arithmetic_recipe_golden_curve(tmp_path, token_cache, monkeypatch):
+    """configs/arithmetic-sft.yaml then configs/ppo-arithmetic.yaml, shrunk to a few steps, with a
+    reward for digits added (the shrunk stage 1 answers nothing right: exact match alone gives no
+    signal). Regenerate after a deliberate change with LMFORGE_UPDATE_GOLDEN=1."""
+    (tmp_path / "ppo_task_test_rewards.py").write_text(
+        "def digits(completions):\n"
+        "    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    golden_path = Path(__file__).resolve().parents[1] / "golden" / "ppo_arithmetic_tiny.json"
     sft = shrunk_arithmetic_sft(tmp_path / "sft", token_cache)
-    raw = shrunk_recipe("ppo-arithmetic", tmp_path / "ppo", max_steps=3, eval_every=3, batch_size=8,
-                        eval_batch_size=16, log_every=1)
+    raw = shrunk_recipe("ppo-arithmetic", tmp_path / "ppo", max_steps=4, eval_every=2, batch_size=8,
+                        eval_batch_size=16, lr=1e-3, min_lr=1e-3, log_every=1)
     raw["model"]["init_from"] = str(tmp_path / "sft")
     raw["data"]["sources"][0]["num_docs"] = 48
+    raw["objective"]["rewards"] = ["exact_match", "ppo_task_test_rewards:digits"]
     run(config_from_dict(sft), progress=False, print_fn=quiet)
     s = run(config_from_dict(raw), progress=False, print_fn=quiet)
-    assert len(s["history"]) == 3 and 0 <= s["evals"][-1]["val_exact_match"] <= 1
+    h = s["history"]
+    record = {k: [x[k] for x in h] for k in ("reward", "kl", "value_loss", "policy_loss", "completion_length")}
+    record["val_exact_match"] = [e["val_exact_match"] for e in s["evals"]]
+    assert record["reward"][0] > 0 and record["value_loss"][0] > 0  # a signal, and a value model learning it
+    assert h[0]["reward"] == h[1]["reward"] and h[1]["ratio"] != 1.0  # ppo_epochs 2: one rollout, two updates
+    if os.environ.get("LMFORGE_UPDATE_GOLDEN") == "1":
+        golden_path.write_text(json.dumps({"description": "tests/tasks/test_ppo_task.py::"
+                                           "test_ppo_arithmetic_recipe_golden_curve", **record,
+                                           "torch": torch.__version__}, indent=1) + "\n")
+    assert golden_path.is_file(), "no golden curve: run with LMFORGE_UPDATE_GOLDEN=1 once and commit it"
+    golden = json.loads(golden_path.read_text())
+    for key in record:
+        assert record[key] == pytest.approx(golden[key], abs=2e-4), key
 
 
 # ------------------------------------------------------------------------------ bad input
