@@ -105,6 +105,29 @@ def test_moved_policy_pays_its_kl_to_the_reference_on_every_token(ppo_dict):
     assert abs(b["stats"]["kl"]) > 1e-4
 
 
+def test_shared_value_head_reads_the_policys_own_forward_pass(ppo_dict):
+    """One trunk pass for log-probs and values gives what two separate passes give, gradients included."""
+    from lmforge.model.heads import values_of
+    from lmforge.objectives.logprobs import batch_completion_logprobs
+    from lmforge.objectives.ppo import PPO
+
+    parts = _parts(ppo_dict())
+    model, b = parts.model, parts.train_data.batch(0, 0)
+    with torch.no_grad():
+        model.value_head.out.weight.normal_()  # a head that is not all zeros
+    got = PPO.logps_and_values(model, b)
+    (got[0].sum() + got[2].sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logps, mask = batch_completion_logprobs(model, b)
+    values = values_of(model, b["input_ids"])[:, :-1]
+    (logps.sum() + values.sum()).backward()
+    for a, w in zip(got, (logps, mask, values)):
+        torch.testing.assert_close(a, w.float())
+    for a, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)  # float rounding: one backward vs two
+
+
 def test_the_optimizer_trains_the_value_model(ppo_dict):
     """One loss backward reaches the value head; the trainer's optimizer holds its parameters."""
     parts = _parts(ppo_dict(objective={"vf_coef": 1.0}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -114,6 +116,19 @@ def attach_value_model(model: nn.Module, kind: str, trunk: nn.Module | None = No
 def value_model_of(model: nn.Module) -> str | None:
     """``shared``, ``separate`` or None: the value model :func:`attach_value_model` gave ``model``."""
     return getattr(model, "value_model", None)
+
+
+@contextlib.contextmanager
+def captured_hidden_states(model: nn.Module):
+    """Inside the block, each forward of ``model`` leaves its trunk's hidden states (B, T, C) in
+    the yielded dict under ``"hidden"`` (with their gradient): the shared value head reads the very
+    pass that gave the logits, instead of a second pass through the trunk."""
+    got: dict[str, torch.Tensor] = {}
+    handle = model.transformer.register_forward_hook(lambda module, args, out: got.__setitem__("hidden", out))
+    try:
+        yield got
+    finally:
+        handle.remove()
 
 
 def values_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import copy
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.model.heads import value_model_of, values_of
+from lmforge.model.heads import captured_hidden_states, value_model_of, values_of
 from lmforge.model.lora import adapters_disabled, has_lora
 from lmforge.objectives.base import Objective
 from lmforge.objectives.logprobs import batch_completion_logprobs
@@ -82,10 +82,20 @@ class PPO(Objective):
         return batch_completion_logprobs(self.reference, batch)[0]  # (N, T-1)
 
     @staticmethod
-    def values(model, batch: dict) -> torch.Tensor:
-        """The value model's estimates in the log-probs' frame: position t is the state that
-        predicts token t+1, (N, T-1)."""
-        return values_of(_unwrap(model), batch["input_ids"])[:, :-1].float()
+    def logps_and_values(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Completion-token log-probs, their mask and the value model's estimates, (N, T-1) each,
+        the values in the log-probs' frame (position t: the state that predicts token t+1). A
+        shared value head reads the hidden states of the policy's own forward pass (one trunk
+        pass for both); a separate critic runs its own trunk."""
+        inner = _unwrap(model)
+        if value_model_of(inner) == "shared":
+            with captured_hidden_states(inner) as got:
+                logps, mask = batch_completion_logprobs(model, batch)
+            values = inner.value_head(got["hidden"])  # (N, T)
+        else:
+            logps, mask = batch_completion_logprobs(model, batch)
+            values = values_of(inner, batch["input_ids"])  # (N, T)
+        return logps.float(), mask.float(), values[:, :-1].float()
 
     @torch.no_grad()
     def score(self, batch: dict, scores: torch.Tensor) -> dict:
@@ -96,8 +106,8 @@ class PPO(Objective):
         was = self.policy.training
         self.policy.eval()  # no dropout in the rollout's numbers
         try:
-            old_logps = batch_completion_logprobs(self.policy, batch)[0].float()
-            old_values = self.values(self.policy, batch) * mask
+            old_logps, _, old_values = self.logps_and_values(self.policy, batch)
+            old_values = old_values * mask
         finally:
             self.policy.train(was)
         if self.kl_coef > 0:
@@ -116,10 +126,9 @@ class PPO(Objective):
                 "returns": returns, "stats": stats}
 
     def loss(self, model, batch: dict):
-        logps, mask = batch_completion_logprobs(model, batch)  # (N, T-1) each
-        values = self.values(model, batch)  # (N, T-1)
-        out = ppo_loss(logps.float(), batch["old_logps"], values, batch["old_values"], batch["advantages"],
-                       batch["returns"], mask.float(), cliprange=self.cliprange,
+        logps, mask, values = self.logps_and_values(model, batch)  # (N, T-1) each
+        out = ppo_loss(logps, batch["old_logps"], values, batch["old_values"], batch["advantages"],
+                       batch["returns"], mask, cliprange=self.cliprange,
                        cliprange_value=self.cliprange_value, vf_coef=self.vf_coef)
         return out.loss, {**batch.get("stats", {}), **out.metrics}
 
