@@ -179,6 +179,11 @@ def test_lora_policy_uses_its_base_as_the_kl_reference(ppo_dict):
     assert parts.objective.reference == "adapters"
     assert parts.model.value_head.out.weight.requires_grad  # the value head trains beside the adapters
     assert parts.train_data.batch(0, 0)["stats"]["kl"] == pytest.approx(0, abs=1e-6)
+    # a LoRA run's checkpoint rebuilds adapters and value head on load
+    d = ppo_dict("lora-run", train={"max_steps": 1, "eval_every": 1})
+    d["model"]["lora"] = {"rank": 2, "alpha": 4, "targets": ["q", "v"]}
+    model, _, cfg, _ = load_for_inference(_run(d)["run_dir"])
+    assert cfg["lora"] and value_model_of(model) == "shared"
 
 
 @pytest.mark.slow
