@@ -104,26 +104,43 @@ def cmd_classify(args) -> int:
     from lmforge.errors import InputError
     from lmforge.tasks.classify import classify_texts, saved_options
 
-    if (args.text is None) == (args.input is None):
-        raise InputError("classify: give --text TEXT or --input FILE (one text per line), not both or neither")
+    if (not args.text) == (args.input is None):
+        raise InputError("classify: give --text TEXT (repeatable) or --input FILE (one text per line; - for stdin), "
+                         "not both or neither")
+    texts = list(args.text) if args.text else _read_lines(args.input)  # before loading the model
     model, tok, run_config = _load_for_inference(args.model, args.device, verb="classify")
     if not model.config.num_classes:
         raise InputError(f"{args.model}: this model has no classification head (model.num_classes is 0); "
                          f"train one with task: classify")
-    if args.text is not None:
-        texts = [args.text]
-    else:
-        try:
-            texts = [line.rstrip("\n") for line in Path(args.input).read_text(encoding="utf-8").splitlines()]
-        except UnicodeDecodeError as e:
-            raise InputError(f"{args.input}: not valid UTF-8 text (byte {e.start})") from None
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            raise InputError(f"{args.input}: no text lines; expected one text per line")
     max_length = args.max_length or saved_options(run_config).max_length
     for text, r in zip(texts, classify_texts(model, tok, texts, max_length)):
         print(json.dumps({"text": text, **r}, ensure_ascii=False))
     return 0
+
+
+def _read_lines(source: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file, or of standard input for ``-``."""
+    from lmforge.errors import InputError
+
+    name = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not valid UTF-8 text (byte {e.start})") from None
+    texts = [t for t in text.splitlines() if t.strip()]
+    if not texts:
+        raise InputError(f"{name}: no text lines; expected one text per line")
+    return texts
+
+
+def _require_chat_template(tok, model_name) -> None:
+    """A model whose tokenizer has no chat template and no chat tokens cannot chat: say so."""
+    from lmforge.errors import InputError
+
+    if getattr(tok, "chat_template", None) or any(tok.token_to_id(t) is not None for t in ("<|user|>", "<|im_start|>")):
+        return
+    raise InputError(f"{model_name}: its tokenizer has no chat template and no chat tokens (<|user|>, <|im_start|>), "
+                     f"so it was not trained to chat; use lmforge generate --prompt TEXT to continue text")
 
 
 def cmd_generate(args) -> int:
@@ -138,6 +155,7 @@ def cmd_generate(args) -> int:
     if args.chat:  # the prompt is one user turn in the model's chat template
         from lmforge.chat import render
 
+        _require_chat_template(tok, args.model)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.prompt}]
         prompt = render(messages, tok, add_generation_prompt=True)
@@ -168,9 +186,11 @@ def _check_sampling_flags(opts: dict) -> None:
 def cmd_chat(args) -> int:
     from lmforge.chat_session import ChatSession, run_chat
 
+    _positive("--top-k", args.top_k)
     model, tok, _ = _load_for_inference(args.model, args.device, args.quantize, verb="chat")
+    _require_chat_template(tok, args.model)
     session = ChatSession(model, tok, system=args.system, context=args.context, temperature=args.temperature,
-                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, top_k=args.top_k)
     for name in ("temperature", "top_p", "max_tokens"):  # checked like the interactive commands
         said = session.command(f"/{name} {getattr(args, name)}")
         if not said.startswith("["):
@@ -266,7 +286,7 @@ def _check_output_file(out: Path) -> None:
 
 
 def cmd_export(args) -> int:
-    from lmforge.interop.hf import export_hf
+    from lmforge.interop.hf_export import export_model
 
     out = Path(args.out)
     for p in (out, *out.parents):  # checked before loading the model
@@ -274,10 +294,10 @@ def cmd_export(args) -> int:
             from lmforge.errors import InputError
 
             raise InputError(f"--out {out}: {p} is a file; expected a folder (new or existing) to write into")
-    model, tok, _ = _load_for_inference(args.model, "cpu")
-    export_hf(model, out, tokenizer=tok)
-    print(f"wrote {out} (Hugging Face format: config.json, model.safetensors"
-          f"{', tokenizer.json, tokenizer_config.json' if tok is not None else ''})")
+    model, tok, run_config = _load_for_inference(args.model, "cpu")
+    base = ((run_config or {}).get("model") or {}).get("init_from")  # what a PEFT adapter sits on
+    said = export_model(model, out, tokenizer=tok, fmt=args.format, merge=args.merge, base=base)
+    print(f"wrote {out} ({said})")
     return 0
 
 
@@ -425,8 +445,9 @@ def _eval_args(p):
 
 def _classify_args(p):
     p.add_argument("--model", required=True, help="a classifier checkpoint or run folder (its best checkpoint)")
-    p.add_argument("--text", default=None, help="one text to classify")
-    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line")
+    p.add_argument("--text", action="append", default=None, help="a text to classify (repeatable: one line of "
+                                                                    "output per text)")
+    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line (- reads standard input)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the training max_length)")
     p.add_argument("--device", default="cpu")
 
@@ -435,7 +456,8 @@ def _generate_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder, run folder (its best checkpoint) "
                                                   "or Hugging Face folder")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200,
+                   help="longest continuation, in tokens (--max-tokens is the same, as in chat)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -463,7 +485,9 @@ def _chat_args(p):
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256,
+                   help="longest answer, in tokens (--max-new-tokens is the same, as in generate)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--context", type=int, default=None, help="token budget of the conversation (default: the model's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -495,7 +519,11 @@ def _presets_args(p):
 
 def _export_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--format", default="hf", choices=["hf", "peft"],
+                   help="hf: a Hugging Face model folder (classifiers as *ForSequenceClassification); peft: a LoRA "
+                        "model's adapter alone, for peft.PeftModel on its base")
+    p.add_argument("--merge", action="store_true", help="--format hf of a LoRA model: fold the adapters into the "
+                                                        "weights (W += alpha/r B A)")
     p.add_argument("--out", required=True)
 
 
@@ -544,7 +572,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "chat": (cmd_chat, _chat_args, "chat with a model in the terminal (its chat template, streamed answers)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
-    "export": (cmd_export, _export_args, "export a decoder to Hugging Face format"),
+    "export": (cmd_export, _export_args, "export to Hugging Face (decoders, classifiers, LoRA merged) or PEFT"),
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),

@@ -296,6 +296,7 @@ def _range_problems(cfg: RunConfig, pending: tuple[str, ...] = ()) -> list[str]:
     need(s.top_k is None or s.top_k >= 1, f"sample.top_k: got {s.top_k}, expected a positive integer or null")
     need(s.top_p is None or 0 < s.top_p <= 1, f"sample.top_p: got {s.top_p}, expected a number in (0, 1] or null")
     p += _device_problems(cfg.run.device)
+    p += _precision_problems(t.precision, cfg.run.device)
     out = Path(cfg.run.out_dir)
     need(not out.exists() or out.is_dir(), f"run.out_dir: {out} exists and is not a folder; expected a folder path")
     return p
@@ -306,6 +307,18 @@ def _trainable_ok(spec: str) -> bool:
         return True
     name, _, n = spec.partition(":")
     return name == "last_blocks" and n.isdigit() and int(n) >= 1
+
+
+def _precision_problems(precision: str, device: str) -> list[str]:
+    """fp16 training (loss scaling) runs on CUDA only: refused here, before any data is read."""
+    if precision != "fp16" or device.startswith("cuda"):
+        return []
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        return []
+    return [f"train.precision: fp16 (autocast + loss scaling) needs a CUDA device and run.device is {device!r}"
+            f"{' with no CUDA device here' if device == 'auto' else ''}; use fp32 (or bf16 where the CPU supports it)"]
 
 
 def _device_problems(device: str) -> list[str]:

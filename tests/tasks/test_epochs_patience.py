@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import run_in_two_parts
+from tests.conftest import run_in_two_parts
 from lmforge.errors import ConfigError
 from lmforge.tasks import config_from_dict
 from lmforge.tasks.run import run

@@ -39,6 +39,7 @@ from lmforge.objectives.preference_losses import LOSS_TYPES, REFERENCE_FREE
 from lmforge.tasks import Task
 from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
                                   source_specs)
+from lmforge.train.logging import Phase
 
 BUILTIN_PAIRS = {"builtin:arithmetic": "correct vs wrong answers to generated arithmetic problems"}
 
@@ -359,8 +360,10 @@ def _build(ctx: TaskContext) -> TaskParts:
         reports = {}
         for split in ("val", "test"):
             if split in enc:
+                phase = Phase(f"{split} evaluation of the best model", len(enc[split]), ctx.say, unit="pairs")
+                sized = phase.track(batches[split](), size=lambda b: len(b["pair_index"]))
                 reports[split] = objective.evaluate(best_model, ({k: v.to(device) if torch.is_tensor(v) else v
-                                                                  for k, v in b.items()} for b in batches[split]()))
+                                                                  for k, v in b.items()} for b in sized))
                 reports[split]["pairs"] = len(enc[split])
                 ctx.say(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in reports[split].items() if k != "pairs"))
         text = json.dumps(reports, indent=2)

@@ -38,6 +38,7 @@ from lmforge.objectives.rewards import RewardSet, build_rewards, exact_match
 from lmforge.tasks import Task
 from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
                                   source_specs)
+from lmforge.train.logging import Phase
 
 
 # ------------------------------------------------------------------------------ options
@@ -370,7 +371,9 @@ def _build(ctx: TaskContext) -> TaskParts:
     def finish(best_model, summary: dict) -> dict:
         if not dist.is_main:
             return {}
-        report = evaluate(best_model, held_out_batches(val, tokenizer, t.eval_batch_size)())
+        phase = Phase("held-out evaluation of the best model", len(val), ctx.say, unit="prompts")
+        report = evaluate(best_model, phase.track(held_out_batches(val, tokenizer, t.eval_batch_size)(),
+                                                  size=lambda b: len(b["prompts"])))
         report["prompts"] = len(val)
         ctx.say("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items()))
         text = json.dumps({"val": report}, indent=2)

@@ -30,7 +30,7 @@ from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, any_across, barrier, max_across, sum_across
-from lmforge.train.logging import MetricsLogger, Progress, mfu
+from lmforge.train.logging import PROGRESS_EXTRAS, MetricsLogger, Progress, mfu
 from lmforge.train.optim import make_optimizer, make_scheduler
 
 
@@ -312,7 +312,8 @@ class Trainer:
                 record = {k: v for k, v in m.items() if k not in ("tokens", "skipped")}
                 record["tokens_per_s"] = tps
                 result.history.append({"step": self.step, **record})
-                progress.update(self.step, m["loss"], m["lr"], tps, util)
+                progress.update(self.step, m["loss"], m["lr"], tps, util,
+                                **{k: m[k] for k in PROGRESS_EXTRAS if k in m})  # e.g. GRPO's reward
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self.logger.log(self.step, {**record, "mfu": util if util is not None else float("nan")})
                     tok_window, time_window = 0, 0.0
