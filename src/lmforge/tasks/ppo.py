@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from lmforge.config import RunConfig
+from lmforge.data.sampler import StepSampler
 from lmforge.errors import ConfigError, DataError
 from lmforge.fsutil import atomic_write
 from lmforge.generate import generate
@@ -33,11 +34,11 @@ from lmforge.model.lora import has_lora
 from lmforge.objectives.ppo import PPO
 from lmforge.objectives.ppo_math import KL_ESTIMATORS
 from lmforge.objectives.rewards import build_rewards, exact_match
-from lmforge.data.sampler import StepSampler
 from lmforge.tasks import Task
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, epochs_line
 from lmforge.tasks.grpo import (RolloutBatches, evaluate_prompts, held_out_batches, render_prompts, rollout_rows,
                                 sampling, split_for_run)
+from lmforge.train.logging import Phase
 
 
 # ------------------------------------------------------------------------------ options
@@ -183,7 +184,9 @@ def _build(ctx: TaskContext) -> TaskParts:
     def finish(best_model, summary: dict) -> dict:
         if not dist.is_main:
             return {}
-        report = evaluate(best_model, held_out_batches(val, tokenizer, t.eval_batch_size)())
+        phase = Phase("held-out evaluation of the best model", len(val), ctx.say, unit="prompts")
+        report = evaluate(best_model, phase.track(held_out_batches(val, tokenizer, t.eval_batch_size)(),
+                                                  size=lambda b: len(b["prompts"])))
         report["prompts"] = len(val)
         ctx.say("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items()))
         text = json.dumps({"val": report}, indent=2)
