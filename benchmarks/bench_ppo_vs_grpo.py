@@ -1,6 +1,6 @@
 """PPO against GRPO on the arithmetic teaching task, for the same training wall clock.
 
-    .venv/bin/python benchmarks/bench_ppo_vs_grpo.py --out benchmarks/results/ppo_vs_grpo \\
+    .venv/bin/python benchmarks/bench_ppo_vs_grpo.py [--out runs/bench/results/ppo_vs_grpo] \\
         [--stage1 runs/arithmetic-sft] [--seconds 600] [--eval-every 60]
 
 Stage 1 is ``configs/arithmetic-sft.yaml`` (reused with ``--stage1 RUN_FOLDER``, else trained
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import prepare  # noqa: E402
+from _common import RESULTS, prepare, write_json  # noqa: E402
 
 from lmforge.config import read_recipe  # noqa: E402
 from lmforge.tasks import config_from_dict  # noqa: E402
@@ -130,7 +130,7 @@ def plot(result: dict, png: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/ppo_vs_grpo", help="OUT.json and OUT.png are written")
+    p.add_argument("--out", default=f"{RESULTS}/ppo_vs_grpo", help="OUT.json and OUT.png are written")
     p.add_argument("--work-dir", default="runs/bench/ppo-vs-grpo")
     p.add_argument("--stage1", default=None, help="an arithmetic-sft run folder to start from (default: train one)")
     p.add_argument("--seconds", type=float, default=600.0, help="training seconds per method")
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if len(counts) != 1:
         raise SystemExit(f"the two runs held out different numbers of prompts {sorted(counts)}; expected the same split")
     result["held_out_prompts"] = counts.pop()
-    out_stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out_stem.with_suffix(".json"), result)
     plot(result, out_stem.with_suffix(".png"))
     print(json.dumps({k: {"steps": v["steps"], "final": v["curve"][-1]} for k, v in result["methods"].items()},
                      indent=2), flush=True)
