@@ -70,7 +70,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/2.5/3: one digit a token
 # name -> (split digits one by one first, regex); None regex = GPT-2's built into ByteLevel
-_PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
+PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
     "default": (False, None), "gpt2": (False, None), "gpt-2": (False, None),
     "smollm": (True, None),  # digits one by one, then GPT-2's split (SmolLM/SmolLM2)
     "llama-bpe": (False, _LLAMA3_SPLIT), "llama3": (False, _LLAMA3_SPLIT),
@@ -374,8 +374,8 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
         raise InteropError(f"{where}: tokenizer.ggml.model: got {kind!r}, expected one of "
                            f"{', '.join(TOKENIZER_MODELS)} (byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise InteropError(f"{where}: tokenizer.ggml.pre: got {pre!r}, expected one of {', '.join(_PRE_TOKENIZERS)}")
+    if pre not in PRE_TOKENIZERS:
+        raise InteropError(f"{where}: tokenizer.ggml.pre: got {pre!r}, expected one of {', '.join(PRE_TOKENIZERS)}")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
@@ -386,7 +386,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     backend = Backend(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False,
                                  ignore_merges=pre in ("llama-bpe", "llama3")))
-    digits, regex = _PRE_TOKENIZERS[pre]
+    digits, regex = PRE_TOKENIZERS[pre]
     steps = []
     if digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
