@@ -290,7 +290,7 @@ def cmd_export(args) -> int:
 def _export_gguf(args) -> int:
     """``export --format gguf``: one llama.cpp file (weights in --dtype, tokenizer, chat template)."""
     from lmforge.errors import InputError
-    from lmforge.interop.gguf_export import DTYPES, check_exportable, export_gguf
+    from lmforge.interop.gguf_export import DTYPES, export_gguf
 
     dtype = args.dtype or "f32"
     if dtype not in DTYPES:
@@ -299,7 +299,6 @@ def _export_gguf(args) -> int:
     if out.is_dir():
         raise InputError(f"--out {out}: is a folder; expected a .gguf file path")
     model, tok, _ = _load_for_inference(args.model, "cpu")
-    check_exportable(model)
     export_gguf(model, out, tokenizer=tok, dtype=dtype)
     print(f"wrote {out} (GGUF, {dtype}{', tokenizer and chat template' if tok is not None else ''})")
     return 0

@@ -314,3 +314,28 @@ def test_cli_bad_dtype_is_one_line(tmp_path, saved, capsys, argv, needle):
     code = main(["export", "--model", str(saved[0]), *argv, "--out", str(tmp_path / "x.gguf")])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+# ============================================================================ the real model
+@pytest.mark.slow
+def test_smollm2_reexported_matches_llama_cpps_own_file(tmp_path):
+    """SmolLM2's Q4_1 file (written by llama.cpp's converter), dequantized by lmforge and exported
+    as f32: the same tokenizer metadata as llama.cpp wrote, the same config keys, and lmforge
+    reads back exactly the model it exported."""
+    from smollm2_file import require_smollm2
+
+    src = require_smollm2()
+    model, tok = load_gguf(src, with_tokenizer=True)
+    path = export_gguf(model, tmp_path / "smollm2.gguf", tokenizer=tok)
+    theirs, ours = read_metadata(open_gguf(src)), read_metadata(open_gguf(path))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template", "llama.context_length", "llama.embedding_length", "llama.block_count",
+                "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count"):
+        assert ours[key] == theirs[key], key
+    back, back_tok = load_gguf(path, with_tokenizer=True)
+    ids = back_tok.encode("The capital of France is")
+    assert ids == tok.encode("The capital of France is")
+    with torch.no_grad():
+        torch.testing.assert_close(back(torch.tensor([ids])), model(torch.tensor([ids])), atol=1e-5, rtol=0)

@@ -300,13 +300,13 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, dtype: str =
 
     if dtype not in DTYPES:
         raise InputError(f"dtype: got {dtype!r}, expected one of {', '.join(DTYPES)}")
+    path = Path(path)
+    if path.is_dir():
+        raise InteropError(f"{path}: is a folder; expected a .gguf file path")
     cfg = check_exportable(model)
     arch = gguf_architecture(cfg)
     tok_meta = tokenizer_metadata(tokenizer, cfg.vocab_size) if tokenizer is not None else None
     tensors = {n: encode_tensor(t, dtype) for n, t in gguf_tensors(model.state_dict(), cfg, arch).items()}
-    path = Path(path)
-    if path.is_dir():
-        raise InteropError(f"{path}: is a folder; expected a .gguf file path")
 
     def write(tmp: Path) -> None:
         w = GGUFWriter(str(tmp), arch)
