@@ -37,6 +37,8 @@ FAMILIES = {  # name -> (ModelConfig fields over _BASE, GGUF architecture)
     "qwen2-bias": (dict(qkv_bias=True, tie_embeddings=True, rope_theta=1e6), "qwen2"),
     "qwen3-qknorm": (dict(qk_norm=True, head_size=24, tie_embeddings=False, rope_theta=1e6), "qwen3"),
     "gemma3-window": (_GEMMA, "gemma3"),
+    # Gemma 3 4B+: global layers' RoPE linearly scaled (rope.scaling.* keys), local layers' plain
+    "gemma3-linear": (dict(_GEMMA, rope_scaling={"type": "linear", "factor": 8.0}), "gemma3"),
 }
 
 
@@ -77,6 +79,7 @@ def test_round_trip_logits_f32(tmp_path, bpe, family):
         (want.head_dim, want.n_kv_head, want.vocab_size, want.qkv_has_bias, want.qk_norm)
     assert [c.layer_type(i) for i in range(c.n_layer)] == [want.layer_type(i) for i in range(want.n_layer)]
     assert torch.allclose(got.transformer.rope.inv_freq, model.transformer.rope.inv_freq, rtol=1e-6, atol=0)
+    assert (got.config.rope_scaling or {}).get("type") == (want.rope_scaling or {}).get("type")
     with torch.no_grad():
         torch.testing.assert_close(got(ids_for(c.vocab_size)), model(ids_for(c.vocab_size)), atol=1e-4, rtol=0)
 
