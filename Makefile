@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Pin torch to the CPU build that lies on this machine's disk; an unpinned torch pulls a
-# multi-GB CUDA wheel. Override on a GPU box: make test TORCH_SPEC='torch>=2.4'
+# Pin torch to the CPU build that lies on this machine's package index. On an ordinary Linux
+# machine PyPI's torch is the multi-GB CUDA build: install the CPU one into the venv first, and
+# this pin is then already satisfied (2.13.0+cpu matches ==2.13.0):
+#   python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# Override on a GPU box: make test TORCH_SPEC='torch>=2.4'
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test test-all bench clean

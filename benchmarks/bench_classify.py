@@ -165,7 +165,7 @@ def part_minilm(work: Path, quiet: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="spam,bert,minilm")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench/classify")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")

@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--also-run", nargs="*", default=[],
                     help="other run folders of the recipe (e.g. other LoRA settings): their eval_report.json is kept")
-    ap.add_argument("--out", default="benchmarks/results/dpo_smollm2_lora.json")
+    ap.add_argument("--out", default="runs/bench/results/dpo_smollm2_lora.json")
     args = ap.parse_args()
     out_dir, _ = prepare(str(Path(args.out).parent), "runs", args.threads)
     run_dir = Path(args.run_dir)

@@ -16,7 +16,8 @@ difference against the source model on a prompt, whether greedy decoding of ``--
 gives the same tokens, and whether the tokenizer gives the same ids on sample texts. With
 ``llama_cpp`` importable, llama.cpp's greedy tokens from the same prompt ids are compared with
 lmforge's (the source model's) and its tokens/s measured (llama.cpp's own kernels on the file's
-dtype); without it, that part is skipped and the JSON says so.
+dtype); without it, that part is skipped and the JSON says so. The committed figures
+(``benchmarks/results/gguf_export.json``) were written with ``--out`` naming that file.
 
     .venv/bin/python benchmarks/bench_gguf_export.py --out benchmarks/results/gguf_export.json
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from _common import REPO  # noqa: E402
+from _common import REPO, RESULTS, write_json  # noqa: E402
 from smollm2_file import smollm2_path  # noqa: E402
 
 import lmforge  # noqa: E402
@@ -49,7 +50,7 @@ SAMPLES = ["The capital of France is", "def fibonacci(n):\n    return n", "ROMEO
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="benchmarks/results/gguf_export.json")
+    ap.add_argument("--out", default=f"{RESULTS}/gguf_export.json", help="the JSON results (default: git-ignored)")
     ap.add_argument("--new", type=int, default=32, help="greedy tokens generated per check")
     ap.add_argument("--train-steps", type=int, default=300, help="steps of the small lmforge-trained model")
     ap.add_argument("--model", default=None, help="an lmforge model to use instead of training one")
@@ -83,9 +84,7 @@ def main() -> int:
                "llama_cpp": getattr(llama_cpp, "__version__", "installed") if llama_cpp else
                "not installed (pip install llama-cpp-python compiles llama.cpp): llama.cpp columns skipped",
                "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_json(args.out, results)
     print_table(rows, llama_cpp is not None)
     if llama_cpp is None:
         print("\nllama_cpp is not importable: only lmforge's round trip was checked")

@@ -104,7 +104,7 @@ def plot_curves(metrics: Path, out_png: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench/grpo-arithmetic")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pass-k", type=int, default=8)

@@ -27,7 +27,6 @@ noisy; the ratio from one run is the figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import prepare  # noqa: E402
+from _common import prepare, write_json  # noqa: E402
 
 CONFIG = "configs/shakespeare-char.yaml"
 TARGET_VAL_LOSS = 1.92
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=None, help="iterations (default: the config's 2000)")
     p.add_argument("--eval-every", type=int, default=None, help="evaluation cadence (default: the config's)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench-jax")
     p.add_argument("--json-name", default="jax_shakespeare.json", help="file name of the results in --out-dir")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
               "loadavg_end": os.getloadavg()[0], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "runs": runs, "checks": checks}
     path = out_dir / args.json_name
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(path, result, default=str)
 
     print(f"\n{'run':<10}{'steps':>7}{'val loss':>10}{'step s':>9}{'tok/s':>10}")
     for name, r in runs.items():

@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-rounds", type=int, default=None)
     ap.add_argument("--train-iters", type=int, default=None, help="training steps per round per implementation")
     ap.add_argument("--gen-rounds", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "model_bench.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "results" / "model_bench.json")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--skip-train", action="store_true", help="look at an existing run folder")
     ap.add_argument("--answers", type=int, default=3, help="validation prompts answered before/after")
     ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--out", default="benchmarks/results/sft_oasst.json")
+    ap.add_argument("--out", default="runs/bench/results/sft_oasst.json")
     args = ap.parse_args()
     out_dir, _ = prepare(str(Path(args.out).parent), "runs", args.threads)
     run_dir = Path(args.run_dir)

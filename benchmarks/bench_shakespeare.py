@@ -63,7 +63,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import platform
@@ -76,7 +75,7 @@ from pathlib import Path
 
 import torch
 
-from _common import prepare
+from _common import prepare, write_json
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -491,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=None, help="evaluation cadence (default: the config's 250)")
     p.add_argument("--skip-reference", action="store_true", help="do not run the plain reference loop")
     p.add_argument("--skip-modern", action="store_true", help="do not run the modern recipe")
-    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and PNG go")
+    p.add_argument("--out-dir", default="runs/bench/results", help="where the JSON and PNG go")
     p.add_argument("--work-dir", default="runs/bench", help="lmforge run folders and token cache (git-ignored)")
     p.add_argument("--probe-steps", type=int, default=40, help="steps per probe run when sizing the modern run")
     p.add_argument("--modern-steps", type=int, default=None,
@@ -616,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
                                title=f"tiny shakespeare, {args.threads} CPU thread(s)")
     results["curves_png"] = str(png)
     json_path = out_dir / "shakespeare.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(json_path, results, default=str)
 
     print()
     print_table(summaries)

@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="runs/bench/results")
     args = ap.parse_args()
     out, _ = prepare(args.out_dir, "runs/bench", args.threads)
     path = smollm2_path()

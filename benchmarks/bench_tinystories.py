@@ -34,7 +34,6 @@ overrides, data and model sizes, the evaluation table, timings, the sample) and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from _common import prepare
+from _common import prepare, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256, help="context length (default 256, the preset's)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
     p.add_argument("--threads", type=int, default=THREADS, help="torch threads (default 2)")
-    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and PNG go")
+    p.add_argument("--out-dir", default="runs/bench/results", help="where the JSON and PNG go")
     p.add_argument("--work-dir", default="runs/bench", help="run folder and token cache (git-ignored)")
     args = p.parse_args(argv)
 
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_loss_every_10": [h["loss"] for h in summary.get("history", [])[9::10]],
     }
     json_path = out_dir / "tinystories.json"
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(json_path, results, default=str)
 
     d = results["data"]
     print(f"\ndata: {d['train_tokens']:,} train / {d['val_tokens']:,} val tokens (BPE {d['vocab_size']}), "

@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench/trl_grpo")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--side", choices=["both", "lmforge", "trl", "agree"], default="both", help=argparse.SUPPRESS)

@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-3, help="|step-0 loss difference| allowed")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (off here)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="runs/bench/results")
     p.add_argument("--work-dir", default="runs/bench/trl_sft")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

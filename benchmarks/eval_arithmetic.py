@@ -7,13 +7,13 @@ recipe: the before/after figures of the alignment teaching recipes.
 Each --model is a run folder (its best checkpoint) or a checkpoint; ``--pass-k 0`` skips the
 sampled pass@k (greedy only: a scan over a run's checkpoints takes seconds). The held-out prompts are the
 ones configs/grpo-arithmetic.yaml evaluates on (its data section and seed). Results are printed
-and written to benchmarks/results/eval_arithmetic.json.
+and written to ``--out`` (default runs/bench/results/eval_arithmetic.json: the committed
+benchmarks/results files are never overwritten unless named), with paths relative to the repository.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +26,8 @@ from lmforge.tasks.grpo import evaluate_prompts, held_out_batches
 from lmforge.tasks.common import resolve_init_path
 from lmforge.tasks.grpo import split_for_run
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO as ROOT, RESULTS, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "grpo-arithmetic.yaml"))
     ap.add_argument("--model", nargs="+", required=True)
     ap.add_argument("--pass-k", type=int, default=8)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_arithmetic.json"))
+    ap.add_argument("--out", default=f"{RESULTS}/eval_arithmetic.json",
+                    help="where the JSON goes (default: %(default)s, git-ignored)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = load_config(args.config, [f"objective.eval_pass_k={args.pass_k}", "objective.sample_completions=0",
@@ -48,8 +50,7 @@ def main(argv=None) -> int:
         rows[name] = {**m, "prompts": len(held), "seconds": round(time.time() - t0, 1)}
         sampled = f"  pass@{args.pass_k} {m[f'pass_at_{args.pass_k}']:.3f}" if args.pass_k else ""
         print(f"{name:32s} greedy exact match {m['exact_match']:.3f}{sampled}  ({len(held)} held-out prompts)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"config": args.config, "results": rows}, indent=2) + "\n")
+    print(f"wrote {write_json(args.out, {'config': args.config, 'results': rows})}")
     return 0
 
 

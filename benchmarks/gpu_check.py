@@ -68,7 +68,7 @@ def train_run(precision: str, compile_: bool, steps: int, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
+    ap.add_argument("--out", default="runs/bench/results/gpu_check.json")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flash": flash_check(), "runs": []}

@@ -88,7 +88,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="runs/bench/results")
     ap.add_argument("--skip-peft", action="store_true", help="skip the PEFT export check (needs peft, writes 540 MB)")
     ap.add_argument("--merge-only", action="store_true",
                     help="only the merge figures, on a random adapter (B ~ N(0, 0.02)): no training")

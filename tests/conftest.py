@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 # One thread per process: the test models are tiny, and on a small shared CPU several OpenMP
@@ -16,6 +17,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Test files import the helpers below as `from tests.conftest import ...` (importlib import mode,
+# repository root on sys.path: see pyproject's [tool.pytest.ini_options]). Under the old flat
+# layout they were imported as `from conftest import ...`; this alias keeps that spelling working
+# (the same module object, not a second copy) for test files written before the move.
+sys.modules.setdefault("conftest", sys.modules[__name__])
 
 # The recipes' named datasets (catalog:NAME) from shared/data beside the checkout when it is there
 # (as .ci/run sets it), so tests never download them.

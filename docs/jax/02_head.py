@@ -9,6 +9,7 @@ mixes in information from the positions before it; a linear layer reads the next
 import jax.numpy as jnp
 from flax import nnx
 
+from lmforge.errors import DataError
 from lmforge.jax.learn import budget, load_data, sample, train
 from lmforge.jax.model import Head
 
@@ -29,7 +30,10 @@ class SingleHeadLM(nnx.Module):
         return self.lm_head(x)  # (B, T, V)
 
 
-tokenizer, train_ids, val_ids = load_data()
+try:
+    tokenizer, train_ids, val_ids = load_data()
+except DataError as e:  # no text file: one line, not a traceback
+    raise SystemExit(f"{__file__}: {e}") from None
 model = SingleHeadLM(tokenizer.vocab_size, rngs=nnx.Rngs(0))
 train(model, train_ids, val_ids, steps=budget(1500), context=CONTEXT, lr=1e-3)
 print(sample(model, tokenizer, CONTEXT))

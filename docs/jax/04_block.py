@@ -7,6 +7,7 @@ each behind a LayerNorm and inside a residual connection; stack a few.
 import jax.numpy as jnp
 from flax import nnx
 
+from lmforge.errors import DataError
 from lmforge.jax.learn import budget, load_data, sample, train
 from lmforge.jax.model import Block
 from lmforge.model import ModelConfig
@@ -30,7 +31,10 @@ class BlocksLM(nnx.Module):
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 
-tokenizer, train_ids, val_ids = load_data()
+try:
+    tokenizer, train_ids, val_ids = load_data()
+except DataError as e:  # no text file: one line, not a traceback
+    raise SystemExit(f"{__file__}: {e}") from None
 cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=CONTEXT, n_layer=3, n_head=4, n_embd=64)
 model = BlocksLM(cfg, rngs=nnx.Rngs(0))
 train(model, train_ids, val_ids, steps=budget(1500), context=CONTEXT, lr=1e-3)

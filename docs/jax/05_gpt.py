@@ -8,13 +8,17 @@ generator (lmforge.jax.generate), compiled once.
 
 import os
 
+from lmforge.errors import DataError
 from lmforge.jax import build, generate_text
 from lmforge.jax.learn import budget, load_data, train
 from lmforge.model import ModelConfig
 
 CONTEXT = 64
 
-tokenizer, train_ids, val_ids = load_data()
+try:
+    tokenizer, train_ids, val_ids = load_data()
+except DataError as e:  # no text file: one line, not a traceback
+    raise SystemExit(f"{__file__}: {e}") from None
 cfg = ModelConfig.from_preset("baby", vocab_size=tokenizer.vocab_size, context_length=CONTEXT)  # 4 layers, 128 wide
 model = build(cfg)
 train(model, train_ids, val_ids, steps=budget(1500), context=CONTEXT, lr=1e-3)

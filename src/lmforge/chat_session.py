@@ -10,6 +10,7 @@ Commands (a line starting with ``/``)::
     /reset            forget the conversation (keeps the system prompt)
     /temperature X    sampling temperature (0 = greedy)
     /top_p X          nucleus sampling threshold in (0, 1]
+    /top_k N          sample among the N most likely tokens only
     /max_tokens N     longest answer, in tokens
     /save FILE        write the conversation as JSON
     /help, /quit      (Ctrl-D also leaves)
@@ -30,7 +31,7 @@ from lmforge.chat import render
 from lmforge.errors import ConfigError, InputError, LMForgeError
 from lmforge.generate import SamplingConfig, stream_text
 
-HELP = ("commands: /reset, /temperature X, /top_p X, /max_tokens N, /save FILE, /help, /quit "
+HELP = ("commands: /reset, /temperature X, /top_p X, /top_k N, /max_tokens N, /save FILE, /help, /quit "
         "(Ctrl-C stops an answer, Ctrl-D leaves)")
 
 
@@ -43,6 +44,7 @@ class ChatSession:
     temperature: float = 0.7
     top_p: float | None = 0.9
     max_tokens: int = 256
+    top_k: int | None = None
     seed: int | None = None
     messages: list[dict] = field(default_factory=list)
 
@@ -95,7 +97,8 @@ class ChatSession:
             write(f"[dropped the {dropped} oldest message(s) to stay within the context of {self.context} tokens]\n")
         prompt = render(self.messages, self.tokenizer, add_generation_prompt=True)
         cfg = SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature,
-                             top_p=self.top_p if self.temperature > 0 else None, seed=self.seed)
+                             top_p=self.top_p if self.temperature > 0 else None,
+                             top_k=self.top_k if self.temperature > 0 else None, seed=self.seed)
         pieces: list[str] = []
         pieces_gen = stream_text(self.model, self.tokenizer, prompt, cfg)
         try:
@@ -128,6 +131,7 @@ class ChatSession:
             return f"[saved {len(self.messages)} messages to {arg}]"
         setters = {"temperature": (float, lambda v: v >= 0, "a number >= 0"),
                    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                   "top_k": (int, lambda v: v >= 1, "an integer >= 1"),
                    "max_tokens": (int, lambda v: 0 < v < self.context, f"an integer in [1, {self.context})")}
         if name in setters:
             kind, ok, expected = setters[name]
@@ -156,6 +160,8 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             if interactive:
                 return input("> ")
             line = stdin.readline()
+            if line:  # piped: echo the turn, so the transcript reads like the terminal's
+                write(f"> {line.rstrip(chr(10))}\n")
             return line.rstrip("\n") if line else None
         except EOFError:
             return None

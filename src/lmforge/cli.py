@@ -84,11 +84,16 @@ def _positive(name: str, value) -> None:
 
 
 def cmd_eval(args) -> int:
+    from lmforge.errors import InputError
     from lmforge.numbers import metrics_json
     from lmforge.tasks import EvalRequest, evaluate
 
     for name in ("context", "max_batches", "batch_size", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.harness is not None:
+        return _eval_harness(args)
+    if args.data is None:
+        raise InputError("eval: give --data SOURCE (or --harness TASKS for lm-evaluation-harness tasks)")
     model, tok, run_config = _load_for_inference(args.model, args.device, verb="eval")
     request = EvalRequest(data=args.data, text_field=args.text_field, label_field=args.label_field,
                           columns=args.columns.split(",") if args.columns else None, limit=args.limit,
@@ -100,30 +105,68 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_harness(args) -> int:
+    """``lmforge eval --harness TASKS``: lm-evaluation-harness tasks on the model (lmforge.harness)."""
+    from lmforge.errors import InputError
+    from lmforge.numbers import metrics_json
+
+    try:
+        from lmforge.harness import evaluate_harness, task_metrics, write_results
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise InputError("eval --harness needs lm-evaluation-harness; pip install 'lmforge[harness]'") from None
+
+    model, tok, _ = _load_for_inference(args.model, args.device, verb="eval --harness")
+    results = evaluate_harness(model, tok, args.harness.split(","), limit=args.limit, num_fewshot=args.num_fewshot,
+                               batch_size=args.batch_size, include_path=args.include_path)
+    if args.output:
+        write_results(results, args.output)
+    print(metrics_json({"model": str(args.model), "harness": args.harness, **task_metrics(results)}))
+    return 0
+
+
 def cmd_classify(args) -> int:
     from lmforge.errors import InputError
     from lmforge.tasks.classify import classify_texts, saved_options
 
-    if (args.text is None) == (args.input is None):
-        raise InputError("classify: give --text TEXT or --input FILE (one text per line), not both or neither")
+    if (not args.text) == (args.input is None):
+        raise InputError("classify: give --text TEXT (repeatable) or --input FILE (one text per line; - for stdin), "
+                         "not both or neither")
+    texts = list(args.text) if args.text else _read_lines(args.input)  # before loading the model
     model, tok, run_config = _load_for_inference(args.model, args.device, verb="classify")
     if not model.config.num_classes:
         raise InputError(f"{args.model}: this model has no classification head (model.num_classes is 0); "
                          f"train one with task: classify")
-    if args.text is not None:
-        texts = [args.text]
-    else:
-        try:
-            texts = [line.rstrip("\n") for line in Path(args.input).read_text(encoding="utf-8").splitlines()]
-        except UnicodeDecodeError as e:
-            raise InputError(f"{args.input}: not valid UTF-8 text (byte {e.start})") from None
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            raise InputError(f"{args.input}: no text lines; expected one text per line")
     max_length = args.max_length or saved_options(run_config).max_length
     for text, r in zip(texts, classify_texts(model, tok, texts, max_length)):
         print(json.dumps({"text": text, **r}, ensure_ascii=False))
     return 0
+
+
+def _read_lines(source: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file, or of standard input for ``-``."""
+    from lmforge.errors import InputError
+
+    name = "stdin" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not valid UTF-8 text (byte {e.start})") from None
+    texts = [t for t in text.splitlines() if t.strip()]
+    if not texts:
+        raise InputError(f"{name}: no text lines; expected one text per line")
+    return texts
+
+
+def _require_chat_template(tok, model_name) -> None:
+    """A model whose tokenizer has no chat template and no chat tokens cannot chat: say so."""
+    from lmforge.errors import InputError
+
+    if getattr(tok, "chat_template", None) or any(tok.token_to_id(t) is not None for t in ("<|user|>", "<|im_start|>")):
+        return
+    raise InputError(f"{model_name}: its tokenizer has no chat template and no chat tokens (<|user|>, <|im_start|>), "
+                     f"so it was not trained to chat; use lmforge generate --prompt TEXT to continue text")
 
 
 def cmd_generate(args) -> int:
@@ -138,6 +181,7 @@ def cmd_generate(args) -> int:
     if args.chat:  # the prompt is one user turn in the model's chat template
         from lmforge.chat import render
 
+        _require_chat_template(tok, args.model)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.prompt}]
         prompt = render(messages, tok, add_generation_prompt=True)
@@ -168,9 +212,11 @@ def _check_sampling_flags(opts: dict) -> None:
 def cmd_chat(args) -> int:
     from lmforge.chat_session import ChatSession, run_chat
 
+    _positive("--top-k", args.top_k)
     model, tok, _ = _load_for_inference(args.model, args.device, args.quantize, verb="chat")
+    _require_chat_template(tok, args.model)
     session = ChatSession(model, tok, system=args.system, context=args.context, temperature=args.temperature,
-                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+                          top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed, top_k=args.top_k)
     for name in ("temperature", "top_p", "max_tokens"):  # checked like the interactive commands
         said = session.command(f"/{name} {getattr(args, name)}")
         if not said.startswith("["):
@@ -266,24 +312,24 @@ def _check_output_file(out: Path) -> None:
 
 
 def cmd_export(args) -> int:
-    from lmforge.interop.hf import export_hf
+    from lmforge.interop.hf_export import export_model
 
     if args.format == "gguf":
         return _export_gguf(args)
     if args.dtype is not None:
         from lmforge.errors import InputError
 
-        raise InputError(f"--dtype {args.dtype}: applies to --format gguf; Hugging Face export keeps the weights' dtype")
+        raise InputError(f"--dtype {args.dtype}: applies to --format gguf; {args.format} export keeps the weights' dtype")
     out = Path(args.out)
     for p in (out, *out.parents):  # checked before loading the model
         if p.exists() and not p.is_dir():
             from lmforge.errors import InputError
 
             raise InputError(f"--out {out}: {p} is a file; expected a folder (new or existing) to write into")
-    model, tok, _ = _load_for_inference(args.model, "cpu")
-    export_hf(model, out, tokenizer=tok)
-    print(f"wrote {out} (Hugging Face format: config.json, model.safetensors"
-          f"{', tokenizer.json, tokenizer_config.json' if tok is not None else ''})")
+    model, tok, run_config = _load_for_inference(args.model, "cpu")
+    base = ((run_config or {}).get("model") or {}).get("init_from")  # what a PEFT adapter sits on
+    said = export_model(model, out, tokenizer=tok, fmt=args.format, merge=args.merge, base=base)
+    print(f"wrote {out} ({said})")
     return 0
 
 
@@ -299,6 +345,10 @@ def _export_gguf(args) -> int:
     if out.is_dir():
         raise InputError(f"--out {out}: is a folder; expected a .gguf file path")
     model, tok, _ = _load_for_inference(args.model, "cpu")
+    if args.merge:
+        from lmforge.model.lora import has_lora, merge_lora
+
+        model = merge_lora(model) if has_lora(model) else model
     export_gguf(model, out, tokenizer=tok, dtype=dtype)
     print(f"wrote {out} (GGUF, {dtype}{', tokenizer and chat template' if tok is not None else ''})")
     return 0
@@ -393,6 +443,18 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
+def cmd_serve(args) -> int:
+    from lmforge.serve.command import run_serve
+
+    return run_serve(args)
+
+
+def cmd_judge(args) -> int:
+    from lmforge.serve.command import run_judge
+
+    return run_judge(args)
+
+
 # ----------------------------------------------------------------------------------- table
 def _train_args(p):
     import argparse
@@ -416,7 +478,12 @@ def _train_args(p):
 
 def _eval_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--data", required=True, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
+    p.add_argument("--data", default=None, help="text/JSONL/CSV/Parquet file, folder, glob, builtin:NAME or hf:NAME")
+    p.add_argument("--harness", default=None, metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated, "
+                                                                    "instead of --data (pip install 'lmforge[harness]')")
+    p.add_argument("--num-fewshot", type=int, default=None, help="--harness: few-shot examples per prompt")
+    p.add_argument("--include-path", default=None, help="--harness: a folder of task YAML files")
+    p.add_argument("--output", default=None, help="--harness: write the harness's full results here (JSON)")
     p.add_argument("--text-field", default=None, help="record field with the text (default: text, or the "
                                                       "classifier's training field)")
     p.add_argument("--label-field", default=None, help="classifiers: record field with the label (default: the "
@@ -436,8 +503,9 @@ def _eval_args(p):
 
 def _classify_args(p):
     p.add_argument("--model", required=True, help="a classifier checkpoint or run folder (its best checkpoint)")
-    p.add_argument("--text", default=None, help="one text to classify")
-    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line")
+    p.add_argument("--text", action="append", default=None, help="a text to classify (repeatable: one line of "
+                                                                    "output per text)")
+    p.add_argument("--input", default=None, help="a UTF-8 file with one text per line (- reads standard input)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the training max_length)")
     p.add_argument("--device", default="cpu")
 
@@ -446,7 +514,8 @@ def _generate_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder, run folder (its best checkpoint) "
                                                   "or Hugging Face folder")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200,
+                   help="longest continuation, in tokens (--max-tokens is the same, as in chat)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -474,7 +543,9 @@ def _chat_args(p):
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256,
+                   help="longest answer, in tokens (--max-new-tokens is the same, as in generate)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--context", type=int, default=None, help="token budget of the conversation (default: the model's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -506,8 +577,12 @@ def _presets_args(p):
 
 def _export_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--format", default="hf", choices=["hf", "gguf"])
-    p.add_argument("--dtype", default=None, help="gguf weights: f32 (default), f16 or q8_0")
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
+                   help="hf: a Hugging Face model folder (classifiers as *ForSequenceClassification); peft: a LoRA "
+                        "model's adapter alone, for peft.PeftModel on its base; gguf: one llama.cpp file")
+    p.add_argument("--merge", action="store_true", help="--format hf or gguf of a LoRA model: fold the adapters "
+                                                        "into the weights (W += alpha/r B A)")
+    p.add_argument("--dtype", default=None, help="--format gguf weights: f32 (default), f16 or q8_0")
     p.add_argument("--out", required=True)
 
 
@@ -534,6 +609,18 @@ def _report_args(p):
     add_report_args(p)
 
 
+def _serve_args(p):
+    from lmforge.serve.command import add_serve_args
+
+    add_serve_args(p)
+
+
+def _judge_args(p):
+    from lmforge.serve.command import add_judge_args
+
+    add_judge_args(p)
+
+
 # verb -> (function, argument builder, one-line help)
 VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (cmd_train, _train_args, "train any task (pretrain, mlm, classify, ...) from a YAML recipe"),
@@ -544,12 +631,14 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "chat": (cmd_chat, _chat_args, "chat with a model in the terminal (its chat template, streamed answers)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
-    "export": (cmd_export, _export_args, "export a decoder to Hugging Face format or one GGUF file"),
+    "export": (cmd_export, _export_args, "export to Hugging Face (decoders, classifiers, LoRA merged), PEFT or GGUF"),
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),
     "data": (cmd_data, _data_args, "the named public datasets (catalog:NAME): list them, or print a file's path"),
     "download": (cmd_download, _download_args, "fetch hf:ORG/NAME models and catalog:NAME datasets ahead of use"),
+    "serve": (cmd_serve, _serve_args, "serve a model over HTTP with the OpenAI API (continuous batching, chat page)"),
+    "judge": (cmd_judge, _judge_args, "score answers from 0 to 100 with a judge model behind an OpenAI API endpoint"),
 }
 
 

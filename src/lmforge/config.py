@@ -78,6 +78,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     max_steps: int = 1000
+    epochs: float | None = None  # passes over the training data; sets max_steps at start-up (said there)
     batch_size: int = 16  # micro-batch per process
     grad_accum: int = 1
     lr: float = 1e-3
@@ -101,6 +102,7 @@ class TrainSection:
     keep_last: int | None = 3
     best_metric: str | None = "val_loss"
     best_mode: str = "min"
+    patience: int | None = None  # early stopping: end after this many evaluations without a new best_metric
     resume: str | None = "auto"  # auto (newest valid checkpoint in out_dir), a checkpoint path, or never
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     progress: bool = True
@@ -244,6 +246,12 @@ def _range_problems(cfg: RunConfig, pending: tuple[str, ...] = ()) -> list[str]:
             p.append(msg)
 
     need(t.max_steps > 0, f"train.max_steps: got {t.max_steps}, expected a positive integer")
+    need(t.epochs is None or t.epochs > 0, f"train.epochs: got {t.epochs}, expected a positive number or null")
+    need(t.epochs is None or t.backend == "torch", "train.epochs: the JAX backend trains by train.max_steps; "
+         "expected train.epochs: null with train.backend: jax")
+    need(t.patience is None or (t.patience >= 1 and t.best_metric is not None),
+         f"train.patience: got {t.patience}, expected an integer >= 1 (evaluations without a new best of "
+         f"train.best_metric, which must be set) or null")
     need(t.batch_size > 0, f"train.batch_size: got {t.batch_size}, expected a positive integer")
     need(t.grad_accum > 0, f"train.grad_accum: got {t.grad_accum}, expected a positive integer")
     need(t.lr > 0, f"train.lr: got {t.lr}, expected a positive number")
@@ -288,6 +296,7 @@ def _range_problems(cfg: RunConfig, pending: tuple[str, ...] = ()) -> list[str]:
     need(s.top_k is None or s.top_k >= 1, f"sample.top_k: got {s.top_k}, expected a positive integer or null")
     need(s.top_p is None or 0 < s.top_p <= 1, f"sample.top_p: got {s.top_p}, expected a number in (0, 1] or null")
     p += _device_problems(cfg.run.device)
+    p += _precision_problems(t.precision, cfg.run.device)
     out = Path(cfg.run.out_dir)
     need(not out.exists() or out.is_dir(), f"run.out_dir: {out} exists and is not a folder; expected a folder path")
     return p
@@ -298,6 +307,18 @@ def _trainable_ok(spec: str) -> bool:
         return True
     name, _, n = spec.partition(":")
     return name == "last_blocks" and n.isdigit() and int(n) >= 1
+
+
+def _precision_problems(precision: str, device: str) -> list[str]:
+    """fp16 training (loss scaling) runs on CUDA only: refused here, before any data is read."""
+    if precision != "fp16" or device.startswith("cuda"):
+        return []
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        return []
+    return [f"train.precision: fp16 (autocast + loss scaling) needs a CUDA device and run.device is {device!r}"
+            f"{' with no CUDA device here' if device == 'auto' else ''}; use fp32 (or bf16 where the CPU supports it)"]
 
 
 def _device_problems(device: str) -> list[str]:

@@ -256,7 +256,7 @@ def _fill_rows(model, prompts, cfg, tokenizer, rows: list[list[int]], logits_out
                 if toks[i] == eos:
                     continue
                 rows[i].append(toks[i])
-                if cfg.stop and _find_stop(tokenizer.decode(rows[i]), cfg.stop) >= 0:
+                if cfg.stop and find_stop(tokenizer.decode(rows[i]), cfg.stop) >= 0:
                     continue
                 still.append(i)
             live = still
@@ -267,12 +267,12 @@ def _fill_rows(model, prompts, cfg, tokenizer, rows: list[list[int]], logits_out
         steps.close()  # restores the model's train/eval mode at once
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int:
+def find_stop(text: str, stops: Sequence[str]) -> int:
     """Index of the earliest stop string in ``text``, or -1."""
     return min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
 
 
-def _settled(text: str, stops: Sequence[str]) -> int:
+def settled_length(text: str, stops: Sequence[str]) -> int:
     """How many leading characters of ``text`` later tokens cannot change or turn into a stop
     string: not a trailing unfinished character (U+FFFD), not a tail that starts a stop string."""
     hold = 0
@@ -284,7 +284,7 @@ def _settled(text: str, stops: Sequence[str]) -> int:
 def _before_stop(ids: list[int], tokenizer, stops: Sequence[str]) -> list[int]:
     """The longest prefix of ``ids`` whose text lies wholly before the first stop string."""
     text = tokenizer.decode(ids) if stops else ""
-    cut = _find_stop(text, stops)
+    cut = find_stop(text, stops)
     if cut < 0:
         return ids
     head, k = text[:cut], len(ids)
@@ -330,9 +330,9 @@ def _stream_ids(model, prompts, cfg, tokenizer) -> Iterator[int]:
             sent = len(row)
             continue
         text = tokenizer.decode(row)
-        if _find_stop(text, cfg.stop) >= 0:
+        if find_stop(text, cfg.stop) >= 0:
             break
-        settled = text[:_settled(text, cfg.stop)]
+        settled = text[:settled_length(text, cfg.stop)]
         while sent < len(row) and settled.startswith(tokenizer.decode(row[:sent + 1])):
             yield row[sent]
             sent += 1
@@ -350,7 +350,7 @@ def generate_text(model, tokenizer, prompt: str | list[str], cfg: SamplingConfig
     texts = []
     for r in rows:
         text = tokenizer.decode(r)
-        cut = _find_stop(text, cfg.stop)
+        cut = find_stop(text, cfg.stop)
         texts.append(text if cut < 0 else text[:cut])
     return texts[0] if single else texts
 
@@ -369,12 +369,12 @@ def _stream_text(model, prompts, cfg, tokenizer) -> Iterator[str]:
     sent, text = 0, ""
     for _ in _fill_rows(model, prompts, cfg, tokenizer, [row]):
         text = tokenizer.decode(row)
-        cut = _find_stop(text, cfg.stop)
+        cut = find_stop(text, cfg.stop)
         if cut >= 0:
             if cut > sent:
                 yield text[sent:cut]
             return
-        settled = _settled(text, cfg.stop)
+        settled = settled_length(text, cfg.stop)
         if settled > sent:
             yield text[sent:settled]
             sent = settled

@@ -265,7 +265,7 @@ def _lora(model):
 @pytest.mark.parametrize("make,needle", [
     (lambda v: build(ModelConfig.from_preset("bert-mini", vocab_size=v, n_layer=1)), "model.arch: got 'encoder'"),
     (lambda v: tiny(v, num_classes=3, pooling="last"), "model.num_classes: got 3"),
-    (lambda v: _lora(tiny(v)), "LoRA adapters; merge them first"),
+    (lambda v: _lora(tiny(v)), "LoRA adapters: add --merge"),
     (lambda v: build(ModelConfig.from_preset("baby", vocab_size=v, n_layer=1)), "model.positional: got 'learned'"),
     (lambda v: tiny(v, **dict(_GEMMA, global_every=2)), "every 6th layer global"),
     (lambda v: tiny(v, attn_scale=0.5), "model.attn_scale: got 0.5"),
@@ -305,6 +305,26 @@ def test_cli_export_gguf(tmp_path, saved, capsys):
     ids = ids_for(model.config.vocab_size)
     with torch.no_grad():
         assert (got(ids) - model(ids)).abs().max() < 0.01
+
+
+def test_cli_lora_model_exports_only_merged(tmp_path, bpe, capsys):
+    from lmforge.cli import main
+    from lmforge.store import save_model
+
+    model = _lora(tiny(bpe.vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name:
+                p.normal_(0, 0.3)  # adapters that change the logits
+    folder = save_model(model, tmp_path / "lora", tokenizer=bpe)
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(folder), "--format", "gguf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "add --merge" in err and err.count("\n") == 1 and not out.exists()
+    assert main(["export", "--model", str(folder), "--format", "gguf", "--merge", "--out", str(out)]) == 0
+    ids = ids_for(bpe.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(load_gguf(out)(ids), model(ids), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -464,12 +464,20 @@ def _read_csv(f: Path, delimiter: str, columns: list[str] | None = None,
             if not header:
                 return
             for i, row in enumerate(reader, start=1 if columns else 2):
+                if i == 1 and _is_header(row, columns):  # a header row after all: names, not a record
+                    continue
                 if None in row:  # more cells than names
                     raise DataError(f"{f}:{i}: {len(header) + len(row[None])} cells, expected {len(header)} "
                                     f"({', '.join(header)})")
                 yield {**{k: ("" if v is None else v) for k, v in row.items()}, "_where": f"{f}:{i}"}
     except UnicodeDecodeError as e:
         raise DataError(f"{f}: not valid UTF-8 text (byte {e.start})") from None
+
+
+def _is_header(row: dict[str, Any], columns: list[str]) -> bool:
+    """The first row of a file read with ``columns`` is a header when its cells are those names."""
+    cells = [str(row.get(c) or "").strip().lower() for c in columns]
+    return None not in row and cells == [c.strip().lower() for c in columns]
 
 
 def _read_parquet(f: Path) -> Iterator[dict[str, Any]]:

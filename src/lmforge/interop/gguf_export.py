@@ -136,8 +136,8 @@ def check_exportable(model: nn.Module) -> ModelConfig:
         raise InteropError(f"model: got {type(model).__name__} without an lmforge ModelConfig; expected an "
                            f"lmforge decoder")
     if has_lora(model):
-        raise InteropError("model: has LoRA adapters; merge them first (lmforge.model.lora.merge_lora, or "
-                           "export the merged model) so the GGUF holds plain weights")
+        raise InteropError("this model has LoRA adapters: add --merge to fold them into the weights "
+                           "(lmforge.model.lora.merge_lora); a GGUF file holds plain weights")
     problems = export_problems(cfg)
     if problems:
         raise InteropError("cannot export to GGUF: " + "; ".join(problems))

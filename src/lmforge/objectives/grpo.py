@@ -48,13 +48,16 @@ class GRPO(Objective):
     name = "grpo"
 
     def __init__(self, loss_type: str = "grpo", epsilon_low: float = 0.2, epsilon_high: float | None = None,
-                 beta: float = 0.0, max_completion_length: int | None = None, mask_truncated: bool = False):
+                 beta: float = 0.0, max_completion_length: int | None = None, mask_truncated: bool = False,
+                 entropy_coef: float = 0.0):
         """The clipped surrogate of :func:`~lmforge.objectives.grpo_math.grpo_policy_loss` with
-        these settings; ``beta`` > 0 adds the k3 KL to a frozen reference (built in ``setup``)."""
+        these settings; ``beta`` > 0 adds the k3 KL to a frozen reference (built in ``setup``),
+        ``entropy_coef`` > 0 an entropy bonus on the completion tokens."""
         if loss_type not in LOSS_AGGREGATIONS:
             raise ConfigError(f"loss_type: got {loss_type!r}, expected one of {', '.join(LOSS_AGGREGATIONS)}")
         self.loss_type, self.epsilon_low, self.epsilon_high = loss_type, epsilon_low, epsilon_high
         self.beta, self.max_completion_length, self.mask_truncated = beta, max_completion_length, mask_truncated
+        self.entropy_coef = entropy_coef
         self.policy = None  # the model being trained (set in setup); the rollouts are sampled from it
         self.reference = None
 
@@ -94,12 +97,18 @@ class GRPO(Objective):
         logps, _ = model_completion_logprobs(model, ids, cmask, (logits, keep))  # (N, T-1)
         mask = self._mask(batch)
         ref = self._ref_logps(batch) if self.beta > 0 else None
+        # the policy's entropy where a completion token is predicted (M,): with its gradient only for the bonus
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.entropy_coef > 0):
+            ent = entropy_from_logits(logits.float())
+        per_token_ent = None
+        if self.entropy_coef > 0:  # laid out as the log-probs (N, T-1)
+            per_token_ent = torch.zeros(keep.shape, dtype=ent.dtype, device=ent.device).masked_scatter(keep, ent)
         out = grpo_policy_loss(logps, batch.get("old_logps"), batch["advantages"], mask, ref_logps=ref,
                                beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-                               loss_type=self.loss_type, max_completion_length=self.max_completion_length)
+                               loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+                               entropy=per_token_ent, entropy_coef=self.entropy_coef)
         with torch.no_grad():
-            ent = entropy_from_logits(logits.detach().float())  # (M,)
-            entropy = float((ent * mask[keep]).sum() / mask.sum().clamp(min=1))
+            entropy = float((ent.detach() * mask[keep]).sum() / mask.sum().clamp(min=1))
         return out.loss, {**batch.get("stats", {}), **out.metrics, "entropy": entropy}
 
     def targets_in(self, batch: dict) -> float:

@@ -273,17 +273,26 @@ def grpo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None,
                      ref_logps: torch.Tensor | None = None, beta: float = 0.0,
                      epsilon_low: float = 0.2, epsilon_high: float | None = None,
                      loss_type: str = "grpo", max_completion_length: int | None = None,
-                     num_tokens: float | torch.Tensor | None = None) -> GRPOLoss:
-    """Clipped surrogate + ``beta`` * k3 KL to the reference, aggregated by ``loss_type``.
+                     num_tokens: float | torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                     entropy_coef: float = 0.0) -> GRPOLoss:
+    """Clipped surrogate + ``beta`` * k3 KL to the reference - ``entropy_coef`` * entropy,
+    aggregated by ``loss_type``.
 
     ``logps`` (N, T): completion-token log-probs under the policy being trained (with gradient);
     ``old_logps``: the sampling policy's (None means "this very policy": one update per rollout
-    batch, ratio 1); ``ref_logps``: the frozen reference's, needed when ``beta > 0``.
+    batch, ratio 1); ``ref_logps``: the frozen reference's, needed when ``beta > 0``;
+    ``entropy`` (N, T): the policy's entropy at each completion token (with gradient), needed when
+    ``entropy_coef > 0``: the bonus keeps the policy from collapsing onto one answer too early
+    (the entropy term of PPO's objective, Schulman et al. 2017, eq. 9, with the sign of a loss).
     """
     if beta < 0 or not math.isfinite(beta):
         raise ConfigError(f"grpo.beta: the KL coefficient must be >= 0, got {beta!r}")
     if beta > 0 and ref_logps is None:
         raise ConfigError("grpo.beta: beta > 0 needs reference log-probs (a frozen reference model)")
+    if entropy_coef < 0 or not math.isfinite(entropy_coef):
+        raise ConfigError(f"grpo.entropy_coef: the entropy bonus must be >= 0, got {entropy_coef!r}")
+    if entropy_coef > 0 and entropy is None:
+        raise ConfigError("grpo.entropy_coef: entropy_coef > 0 needs the policy's per-token entropy")
     old = logps.detach() if old_logps is None else old_logps
     per_token = clipped_surrogate(logps, old, advantages, epsilon_low, epsilon_high)  # (N, T)
     metrics = clip_ratio_metrics(importance_ratio(logps.detach(), old), advantages, mask,
@@ -292,5 +301,7 @@ def grpo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor | None,
         kl = k3_kl(logps, ref_logps)  # (N, T)
         per_token = per_token + beta * kl
         metrics["kl"] = float(masked_mean(kl.detach(), mask.to(kl.dtype)))
+    if entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
     loss = aggregate_loss(per_token, mask, loss_type, max_completion_length, num_tokens)
     return GRPOLoss(loss, per_token, metrics)

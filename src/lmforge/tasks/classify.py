@@ -27,7 +27,8 @@ from lmforge.fsutil import atomic_write
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives.classification import Classification
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
 
 
 # ------------------------------------------------------------------------------ options
@@ -37,7 +38,8 @@ class ClassifyOptions:
 
     text_field: str = "text"  # record field holding the text
     label_field: str = "label"  # record field holding the label (string or integer)
-    labels: list[str] | None = None  # label order (class ids); default: the sorted training labels
+    labels: list[str] | None = None  # label order (class ids); default: the sorted training labels. Names
+    # for integer labels: [negative, positive] reads 0 as negative, 1 as positive (and prints names)
     max_length: int = 128  # tokens per example; longer texts are truncated (and counted)
     pooling: str | None = None  # mean, cls, last; default: last for decoders, the model's own for encoders
     class_weights: Any = None  # null, "balanced" (inverse label frequency), or one weight per class
@@ -69,6 +71,8 @@ def encode_classification(records: list[dict], tokenizer, text_field: str, label
                           split: str = "train") -> ClassificationExamples:
     """Tokenize ``records``; a label outside ``label_names`` is a DataError naming the record."""
     index = {n: i for i, n in enumerate(label_names)}
+    if not any(n.lstrip("-").isdigit() for n in label_names):  # named classes (objective.labels): an integer
+        index.update({str(i): i for i in range(len(label_names))})  # label i in the data is the i-th name
     texts = [record_text(r, text_field) for r in records]
     labels = []
     for r in records:
@@ -207,8 +211,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"pooling {mcfg.pooling}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
                   f"before train.trainable={t.trainable}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"examples/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
-                  f"on {dist.device}"])
+                  f"examples/step ({epochs_line(ctx, steps_per_epoch)}) on {dist.device}"])
 
 
 def write_reports(ctx: TaskContext, objective: Classification, model, splits: dict, pad: int) -> dict:

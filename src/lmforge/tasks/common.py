@@ -3,6 +3,7 @@ pieces most tasks need: the run's tokenizer and its model (fresh, or ``model.ini
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -43,6 +44,18 @@ class TaskParts:
     describe: list[str] = field(default_factory=list)  # lines printed at start-up (data, model, batch)
     finish: Callable[[nn.Module, dict], dict] | None = None  # after fit: (best model, summary) -> extra summary
     callbacks: list = field(default_factory=list)  # the task's own trainer callbacks (e.g. sample answers)
+
+
+def epochs_line(ctx: TaskContext, steps_per_epoch: float) -> str:
+    """How the run's steps relate to its data, for the start-up line. With ``train.epochs`` this is
+    where ``train.max_steps`` is set: enough optimizer steps to pass over the training data that
+    many times (rounded up), the same on every start of the run, so a resumed run keeps its
+    schedule and its place in the epoch."""
+    t = ctx.cfg.train
+    if t.epochs is None:
+        return f"{steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs"
+    t.max_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    return f"{steps_per_epoch:.1f} steps/epoch x train.epochs {t.epochs:g} = train.max_steps {t.max_steps}"
 
 
 def source_specs(sections: list[SourceSection] | None) -> list[SourceSpec] | None:

@@ -37,7 +37,9 @@ from lmforge.objectives.dpo import DPO
 from lmforge.objectives.logprobs import shared_prompt_rows
 from lmforge.objectives.preference_losses import LOSS_TYPES, REFERENCE_FREE
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
+from lmforge.train.logging import Phase
 
 BUILTIN_PAIRS = {"builtin:arithmetic": "correct vs wrong answers to generated arithmetic problems"}
 
@@ -358,8 +360,10 @@ def _build(ctx: TaskContext) -> TaskParts:
         reports = {}
         for split in ("val", "test"):
             if split in enc:
+                phase = Phase(f"{split} evaluation of the best model", len(enc[split]), ctx.say, unit="pairs")
+                sized = phase.track(batches[split](), size=lambda b: len(b["pair_index"]))
                 reports[split] = objective.evaluate(best_model, ({k: v.to(device) if torch.is_tensor(v) else v
-                                                                  for k, v in b.items()} for b in batches[split]()))
+                                                                  for k, v in b.items()} for b in sized))
                 reports[split]["pairs"] = len(enc[split])
                 ctx.say(f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in reports[split].items() if k != "pairs"))
         text = json.dumps(reports, indent=2)
@@ -378,8 +382,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters; loss {o.loss_type} beta {o.beta}; "
                   f"reference: {reference_note(objective.kind, model)}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"pairs/step ({steps_per_epoch:.1f} steps/epoch, {t.max_steps / steps_per_epoch:.2f} epochs) "
-                  f"on {dist.device}"])
+                  f"pairs/step ({epochs_line(ctx, steps_per_epoch)}) on {dist.device}"])
 
 
 @torch.no_grad()

@@ -36,7 +36,9 @@ from lmforge.objectives.grpo_math import LOSS_AGGREGATIONS, SCALE_REWARDS, group
 from lmforge.objectives.logprobs import batch_completion_logprobs, shared_prompt_rows
 from lmforge.objectives.rewards import RewardSet, build_rewards, exact_match
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
+from lmforge.train.logging import Phase
 
 
 # ------------------------------------------------------------------------------ options
@@ -56,6 +58,7 @@ class GRPOOptions:
     epsilon_low: float = 0.2
     epsilon_high: float | None = None  # null: epsilon_low
     beta: float = 0.0  # KL to a frozen reference (k3); 0: no reference model
+    entropy_coef: float = 0.0  # entropy bonus on the completion tokens (0: none)
     num_iterations: int = 1  # optimizer steps per rollout batch (1: ratio 1; > 1: clipped ratio to the sampler)
     min_completion_length: int = 0  # rollouts cannot end (eos) before this many tokens
     shared_prompt: bool = True  # the loss runs each prompt once, its K completions packed after it
@@ -85,6 +88,8 @@ def option_problems(o: GRPOOptions) -> list[str]:
         p.append(f"objective.epsilon_low/epsilon_high: got {o.epsilon_low}/{o.epsilon_high}, expected numbers >= 0")
     if o.beta < 0:
         p.append(f"objective.beta: got {o.beta}, expected a number >= 0 (0: no KL term)")
+    if not o.entropy_coef >= 0:
+        p.append(f"objective.entropy_coef: got {o.entropy_coef}, expected a number >= 0 (0: no entropy bonus)")
     if not (isinstance(o.num_iterations, int) and o.num_iterations >= 1):
         p.append(f"objective.num_iterations: got {o.num_iterations!r}, expected an integer >= 1 (optimizer steps "
                  f"per rollout batch)")
@@ -226,25 +231,33 @@ class RolloutBatches:
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate_prompts(model, batches: Iterable[dict], o: GRPOOptions, tokenizer, samples: Path | None = None,
-                     step: int = 0) -> dict[str, float]:
-    """Greedy exact match (and pass@k with sampling) on held-out prompts; with ``samples``, a few
-    completions are appended to that file (``samples.jsonl`` in the run folder), marked ``step``."""
+                     step: int = 0, rewards: RewardSet | None = None) -> dict[str, float]:
+    """Greedy exact match (and pass@k with sampling) on held-out prompts, and with ``rewards`` the
+    mean of the run's configured reward (``reward``, and each function's ``rewards/NAME``) on the
+    same greedy completions; with ``samples``, a few completions are appended to that file
+    (``samples.jsonl`` in the run folder), marked ``step``."""
     was_training = model.training
     model.eval()
     try:
-        return _evaluate_prompts(model, batches, o, tokenizer, samples, step)
+        return _evaluate_prompts(model, batches, o, tokenizer, samples, step, rewards)
     finally:
         model.train(was_training)
         release_packed(model, trainable_only=True)  # generation's packed copies of weights about to change
 
 
-def _evaluate_prompts(model, batches, o: GRPOOptions, tok, samples_path: Path | None, step: int) -> dict:
+def _evaluate_prompts(model, batches, o: GRPOOptions, tok, samples_path: Path | None, step: int,
+                      rewards: RewardSet | None) -> dict:
     eos = tok.eos_id
     correct, n, lengths, passed, samples = 0.0, 0, 0.0, 0.0, []
+    reward_sums: dict[str, float] = {}
     for b in batches:
-        texts = [tok.decode(c) for c in generate(model, b["prompt_ids"], sampling(o, eos, None, greedy=True),
-                                                      tokenizer=tok)]
+        outs = generate(model, b["prompt_ids"], sampling(o, eos, None, greedy=True), tokenizer=tok)
+        texts = [tok.decode(c) for c in outs]
         hits = exact_match(texts, b["answers"])
+        if rewards is not None:  # the configured reward of the greedy answers, summed per function
+            total, per = rewards(b["prompts"], texts, b["answers"], [len(c) for c in outs])
+            for name, r in {"reward": total, **{f"rewards/{k}": v for k, v in per.items()}}.items():
+                reward_sums[name] = reward_sums.get(name, 0.0) + float(r.sum())
         correct += sum(hits)
         n += len(hits)
         lengths += sum(len(tok.encode(t)) for t in texts)
@@ -259,7 +272,8 @@ def _evaluate_prompts(model, batches, o: GRPOOptions, tok, samples_path: Path | 
             passed += sum(max(hit[i * k:(i + 1) * k]) for i in range(len(b["answers"])))
     if n == 0:
         return {}
-    out = {"exact_match": correct / n, "completion_length": lengths / n}
+    out = {"exact_match": correct / n, "completion_length": lengths / n,
+           **{name: total / n for name, total in reward_sums.items()}}
     if o.eval_pass_k > 1:
         out[f"pass_at_{o.eval_pass_k}"] = passed / n
     if samples_path is not None and samples:
@@ -343,7 +357,8 @@ def _build(ctx: TaskContext) -> TaskParts:
                                 f"objective.max_completion_length {o.max_completion_length} that exceeds the model's "
                                 f"context_length {mcfg.context_length}; expected shorter prompts or completions")
     rewards = build_rewards(o.rewards)
-    objective = GRPO(o.loss_type, o.epsilon_low, o.epsilon_high, o.beta, o.max_completion_length, o.mask_truncated)
+    objective = GRPO(o.loss_type, o.epsilon_low, o.epsilon_high, o.beta, o.max_completion_length, o.mask_truncated,
+                     o.entropy_coef)
     sampler = StepSampler(len(splits["train"]), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
     train_data = RolloutBatches(splits["train"], tokenizer, o, rewards, objective, sampler, cfg.run.seed, dist.rank,
                                 ctx.run_dir)
@@ -351,12 +366,14 @@ def _build(ctx: TaskContext) -> TaskParts:
     samples = ctx.run_dir / "samples.jsonl" if dist.is_main else None
 
     def evaluate(model, batches) -> dict:
-        return evaluate_prompts(model, batches, o, tokenizer, samples, train_data.last_step)
+        return evaluate_prompts(model, batches, o, tokenizer, samples, train_data.last_step, rewards)
 
     def finish(best_model, summary: dict) -> dict:
         if not dist.is_main:
             return {}
-        report = evaluate(best_model, held_out_batches(val, tokenizer, t.eval_batch_size)())
+        phase = Phase("held-out evaluation of the best model", len(val), ctx.say, unit="prompts")
+        report = evaluate(best_model, phase.track(held_out_batches(val, tokenizer, t.eval_batch_size)(),
+                                                  size=lambda b: len(b["prompts"])))
         report["prompts"] = len(val)
         ctx.say("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items()))
         text = json.dumps({"val": report}, indent=2)
@@ -364,6 +381,7 @@ def _build(ctx: TaskContext) -> TaskParts:
         return {"eval_report": {"val": report}}
 
     K = o.num_generations
+    epochs = epochs_line(ctx, len(splits["train"]) / sampler.global_batch)  # sets max_steps with train.epochs
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=objective, train_data=train_data,
         eval_data=held_out_batches(val, tokenizer, t.eval_batch_size), evaluate=evaluate,
@@ -373,7 +391,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters; K {K}, max_completion_length "
                   f"{o.max_completion_length}, temperature {o.temperature}, loss {o.loss_type}, beta {o.beta}",
                   f"batch: {t.batch_size} prompts x {K} completions x {t.grad_accum} accum x {dist.world_size} procs "
-                  f"= {sampler.global_batch * K} completions/step on {dist.device}"])
+                  f"= {sampler.global_batch * K} completions/step ({epochs}) on {dist.device}"])
 
 
 def _check(cfg: RunConfig) -> list[str]:

@@ -19,7 +19,8 @@ from lmforge.generate import generate_text
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.objectives import CausalLM, MaskedLM
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
 from lmforge.train.distributed import DistInfo, barrier
 
 MASK = "<|mask|>"
@@ -144,6 +145,7 @@ def _build_lm(ctx: TaskContext, masked: bool) -> TaskParts:
     val_data = eval_batches(store.val, context, t.eval_batch_size, t.eval_batches, objective, cfg.run.seed)
     fpt = flops_per_token(mcfg, context)
     tokens_per_step = t.batch_size * t.grad_accum * dist.world_size * context
+    epochs = epochs_line(ctx, len(store.train) / tokens_per_step)  # an epoch: the training tokens once
 
     def finish(best_model, summary: dict) -> dict:
         if not dist.is_main or summary.get("stopped_early") or cfg.sample.max_new_tokens <= 0:
@@ -162,7 +164,7 @@ def _build_lm(ctx: TaskContext, masked: bool) -> TaskParts:
                   f"({count_parameters(model, exclude_embeddings=True):,} without embeddings), "
                   f"{fpt / 1e6:.2f} MFLOPs/token (train), context {context}, vocab {mcfg.vocab_size}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs x {context} tokens = "
-                  f"{tokens_per_step:,} tokens/step on {dist.device}"])
+                  f"{tokens_per_step:,} tokens/step ({epochs}) on {dist.device}"])
 
 
 def _check_lm(cfg: RunConfig) -> list[str]:

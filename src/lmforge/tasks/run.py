@@ -17,12 +17,15 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from lmforge.config import RunConfig, save_config
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.fsutil import atomic_write, is_disk_full, one_line
 from lmforge.inspect.curves import CurvePlotter
 from lmforge.inspect.report import log_sample, report_after_run
-from lmforge.perf import format_flops, measured_matmul_flops
+from lmforge.perf import fit_threads_to_load, format_flops, measured_matmul_flops
+from lmforge.store import read_config
 from lmforge.tasks import get_task
 from lmforge.tasks.common import TaskContext
 from lmforge.tasks.lm import prepare_lm_data
@@ -41,12 +44,14 @@ def run(cfg: RunConfig, *, progress: bool = True, print_fn=print, callbacks: lis
                               f"(use train.backend=torch)")
         return _run_jax(cfg, progress, print_fn)
     dist = setup(cfg.run.device)
+    threads = torch.get_num_threads()  # _run may lower it on a busy machine: for this run only
     try:
         summary = _run(cfg, dist, progress, print_fn if dist.is_main else (lambda *a, **k: None), callbacks or [])
         barrier(dist)  # rank 0 still plots and samples: leave the process group together (gloo aborts otherwise)
         return summary
     finally:
         teardown()
+        torch.set_num_threads(threads)
 
 
 def _run_jax(cfg: RunConfig, progress: bool, say) -> dict:
@@ -92,6 +97,8 @@ def _prepare_folder(cfg: RunConfig, run_dir: Path, resume_from: Path | None, dis
 def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -> dict:
     t_start = time.time()
     run_dir = Path(cfg.run.out_dir)
+    if dist.device.type == "cpu" and not dist.enabled:  # busy shared cores: one thread, said with the override
+        fit_threads_to_load(say)
     seed_everything(cfg.run.seed)
     task = get_task(cfg.task)
     ctx = TaskContext(cfg=cfg, run_dir=run_dir, dist=dist, progress=progress, say=say)
@@ -128,9 +135,14 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         resumed = resume_from
     if resumed is not None:
         say(f"resumed from {resumed} at step {trainer.step}")
+        before = ((read_config(resumed) or {}).get("train") or {}).get("max_steps")
+        if before is not None and before != cfg.train.max_steps:  # the LR schedule is stretched or cut
+            say(f"note: train.max_steps is {cfg.train.max_steps} now but {before} in the checkpoint resumed from; "
+                f"the learning-rate schedule follows {cfg.train.max_steps} from step {trainer.step} on")
     result: FitResult = trainer.fit()
     summary = {
         "task": cfg.task, "steps": result.step, "stopped_early": result.stopped_early,
+        "early_stopped": result.early_stopped,
         "skipped_steps": result.skipped_steps,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "final_eval": result.evals[-1] if result.evals else None,
@@ -142,6 +154,8 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
     if result.evals:
         say("final: " + "  ".join(f"{k} {v:.4f}" for k, v in result.evals[-1].items() if k != "step"))
     if parts.finish is not None and not result.stopped_early:
+        t_finish = time.time()
+        say(f"after training: task {cfg.task}'s results on the best model ...")
         model = trainer.model
         best = run_dir / "checkpoints" / "best"
         if result.best_checkpoint is not None or (cfg.train.best_metric and best.is_dir()):
@@ -149,6 +163,7 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
             summary["evaluated_checkpoint"] = str(best)
         results = parts.finish(model, summary) or {}
         summary.update(results)
+        say(f"after training: done in {time.time() - t_finish:.0f}s")
         scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars and dist.is_main:  # e.g. sft's test_loss / test_ppl: printed and kept in the run folder
             say("results: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
@@ -157,5 +172,6 @@ def _run(cfg: RunConfig, dist: DistInfo, progress: bool, say, callbacks: list) -
         log_sample(run_dir, result.step, summary["sample"])
     summary["wall_seconds"] = time.time() - t_start
     if dist.is_main and not result.stopped_early and cfg.logging.report:
+        say(f"report: writing {run_dir / 'report.html'} (curves, evaluations, samples) ...")
         report_after_run(run_dir, enabled=True, say=say)
     return summary

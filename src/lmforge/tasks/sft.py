@@ -36,8 +36,10 @@ from lmforge.model import count_parameters, flops_per_token
 from lmforge.model.packed import release_packed
 from lmforge.objectives import CausalLM
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, source_specs
+from lmforge.tasks.common import (TaskContext, TaskParts, build_model, build_tokenizer, epochs_line,
+                                  source_specs)
 from lmforge.train.callbacks import Callback
+from lmforge.train.logging import Phase
 
 
 @dataclass
@@ -136,16 +138,22 @@ class SampleAnswers(Callback):
                                    ensure_ascii=False) + "\n")
 
 
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                   phase: Phase | None = None) -> list[str]:
     """The model's greedy continuation of each prompt, ``batch_size`` prompts per KV-cache decode
     (left-padded), in eval mode; the model's train/eval mode is restored after, and the packed
-    copies generation made of trainable weights are dropped (training changes those weights)."""
+    copies generation made of trainable weights are dropped (training changes those weights).
+    ``phase`` advances by each batch's prompts (progress of a long decode)."""
     was = model.training
     model.eval()
     try:
-        return [a for s in range(0, len(prompts), batch_size)
-                for a in generate_text(model, tokenizer, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
-                                       temperature=0.0)]
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            out += generate_text(model, tokenizer, prompts[s:s + batch_size], max_new_tokens=max_new_tokens,
+                                 temperature=0.0)
+            if phase is not None:
+                phase.advance(len(prompts[s:s + batch_size]))
+        return out
     finally:
         model.train(was)
         release_packed(model, trainable_only=True)
@@ -199,11 +207,14 @@ def split_for_run(cfg: RunConfig) -> tuple[list[dict], list[dict], list[dict]]:
     return train, val, _records(d.test_sources) if d.test_sources else test
 
 
-def write_test_responses(path, model, tokenizer, records: list[dict], o: SFTOptions, batch_size: int) -> int:
+def write_test_responses(path, model, tokenizer, records: list[dict], o: SFTOptions, batch_size: int,
+                         say=None) -> int:
     """Greedy answers to the test records' prompts (batched), one JSON line each beside the
-    reference answer; returns how many were written."""
+    reference answer; returns how many were written. ``say`` shows the progress of the decode."""
     rows = [(r, p) for r in records if (p := prompt_text(r, o, tokenizer))]
-    answers = greedy_answers(model, tokenizer, [p for _, p in rows], o.test_response_tokens, batch_size)
+    phase = Phase("test answers (greedy)", len(rows), say, unit="prompts")
+    answers = greedy_answers(model, tokenizer, [p for _, p in rows], o.test_response_tokens, batch_size, phase)
+    phase.end()
     with open(path, "w", encoding="utf-8") as f:
         for (r, p), a in zip(rows, answers, strict=True):
             f.write(json.dumps({"prompt": p, "reference": r.get("output"), "response": a.strip()},
@@ -245,16 +256,19 @@ def _build(ctx: TaskContext) -> TaskParts:
     def finish(best_model, summary: dict) -> dict:
         """Loss and perplexity on the held-out test examples' response tokens (the best model)."""
         device = next(best_model.parameters()).device
-        batches = ({k: v.to(device) for k, v in b.items()} for b in val_batches(test))
+        phase = Phase("test loss", len(test), ctx.say if dist.is_main else None, unit="examples")
+        batches = ({k: v.to(device) for k, v in b.items()}
+                   for b in phase.track(val_batches(test), size=lambda b: len(b["input_ids"])))
         metrics = CausalLM().evaluate(best_model, batches)
         if o.test_response_tokens > 0 and dist.is_main:
             n = write_test_responses(ctx.run_dir / "test_responses.jsonl", best_model, tokenizer, test_recs, o,
-                                     t.eval_batch_size)
+                                     t.eval_batch_size, say=ctx.say)
             ctx.say(f"test: {n} greedy responses of the best model in {ctx.run_dir / 'test_responses.jsonl'}")
         return {f"test_{k}": v for k, v in metrics.items()}
 
     prompts = [p for p in (prompt_text(r, o, tokenizer) for r in val_recs[:o.sample_prompts]) if p]
     mcfg = model.config
+    epochs = epochs_line(ctx, len(train.examples) / sampler.global_batch)  # sets max_steps with train.epochs
     return TaskParts(
         model=model, tokenizer=tokenizer, objective=CausalLM(), train_data=train_data, eval_data=val_batches,
         flops_per_token=flops_per_token(mcfg, o.max_length),
@@ -264,7 +278,7 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"{'prompt and response' if o.train_on_prompt else 'response tokens only'} train)",
                   f"model: {mcfg.arch} {count_parameters(model):,} parameters, context {mcfg.context_length}",
                   f"batch: {t.batch_size} x {t.grad_accum} accum x {dist.world_size} procs = {sampler.global_batch} "
-                  f"examples/step ({len(train.examples) / sampler.global_batch:.1f} steps/epoch) on {dist.device}"]
+                  f"examples/step ({epochs}) on {dist.device}"]
         + ([packing_line(sampler, [len(e.input_ids) for e in train.examples], o.max_length, t.max_steps)]
            if o.packing else []))
 

@@ -30,7 +30,7 @@ from lmforge.config import TrainSection
 from lmforge.errors import ConfigError, TrainingError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import DistInfo, any_across, barrier, max_across, sum_across
-from lmforge.train.logging import MetricsLogger, Progress, mfu
+from lmforge.train.logging import PROGRESS_EXTRAS, MetricsLogger, Progress, mfu
 from lmforge.train.optim import make_optimizer, make_scheduler
 
 
@@ -43,7 +43,8 @@ class FitResult:
     step: int
     history: list[dict] = field(default_factory=list)  # one entry per optimizer step (main rank)
     evals: list[dict] = field(default_factory=list)
-    stopped_early: bool = False
+    stopped_early: bool = False  # a stop was requested (SIGINT/SIGTERM, a callback): resume continues the run
+    early_stopped: bool = False  # train.patience evaluations passed without a new best: the run is done
     skipped_steps: int = 0
     best_checkpoint: Path | None = None
     last_checkpoint: Path | None = None
@@ -101,6 +102,7 @@ class Trainer:
                                             cfg.best_metric, cfg.best_mode)
         self.step = 0
         self.nonfinite_in_row = 0
+        self.evals_since_best = 0  # evaluations since best_metric last improved (train.patience)
         self.skipped = 0
         self._stop_requested = False
         self._best_checked = False
@@ -139,7 +141,8 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": rng, "policy": self.policy.state_dict(), "data": {"next_step": self.step},
-                "nonfinite_in_row": self.nonfinite_in_row, "skipped": self.skipped}
+                "nonfinite_in_row": self.nonfinite_in_row, "skipped": self.skipped,
+                "evals_since_best": self.evals_since_best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
@@ -149,6 +152,7 @@ class Trainer:
         self.policy.load_state_dict(state["policy"])
         self.nonfinite_in_row = state.get("nonfinite_in_row", 0)
         self.skipped = state.get("skipped", 0)
+        self.evals_since_best = state.get("evals_since_best", 0)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -308,15 +312,22 @@ class Trainer:
                 record = {k: v for k, v in m.items() if k not in ("tokens", "skipped")}
                 record["tokens_per_s"] = tps
                 result.history.append({"step": self.step, **record})
-                progress.update(self.step, m["loss"], m["lr"], tps, util)
+                progress.update(self.step, m["loss"], m["lr"], tps, util,
+                                **{k: m[k] for k in PROGRESS_EXTRAS if k in m})  # e.g. GRPO's reward
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self.logger.log(self.step, {**record, "mfu": util if util is not None else float("nan")})
                     tok_window, time_window = 0, 0.0
                 last = self.step == cfg.max_steps
+                out_of_patience = False
                 if self.step % cfg.eval_every == 0 or last:
                     ev = self._evaluate_and_log(result, progress)
-                    if ev and cfg.best_metric and cfg.best_metric in ev and self.policy.is_best(ev):
-                        result.best_checkpoint = self.save("best", ev)
+                    if ev and cfg.best_metric and cfg.best_metric in ev:
+                        if self.policy.is_best(ev):
+                            result.best_checkpoint = self.save("best", ev)
+                            self.evals_since_best = 0
+                        else:
+                            self.evals_since_best += 1
+                        out_of_patience = bool(cfg.patience) and self.evals_since_best >= cfg.patience
                 saved_now = False
                 if self.policy.due(self.step) or last:
                     result.last_checkpoint = self.save(ckpt.step_name(self.step), {"loss": m["loss"]})
@@ -324,6 +335,13 @@ class Trainer:
                     saved_now = True
                     if self.dist.is_main:
                         self.policy.prune(self.ckpt_root)
+                if out_of_patience and not last:  # every rank saw the same evaluation: they stop together
+                    if not saved_now:
+                        result.last_checkpoint = self.save(ckpt.step_name(self.step), {"loss": m["loss"]})
+                    progress.write(f"early stopping at step {self.step}: no better {cfg.best_metric} in "
+                                   f"{cfg.patience} evaluations (train.patience); the best is kept in checkpoints/best")
+                    result.early_stopped = True
+                    break
                 if any_across(self._stop_requested, self.dist) and not last:
                     if not saved_now:
                         result.last_checkpoint = self.save(ckpt.step_name(self.step), {"loss": m["loss"]})
