@@ -265,3 +265,24 @@ def test_the_verbs_and_the_trainer_build_the_same_module_from_one_checkpoint(tmp
         want = model(x)
         for loaded in (by_verbs, by_trainer, by_name):
             assert torch.equal(loaded(x), want)
+
+
+@pytest.mark.parametrize("kind", ["shared", "separate"])
+def test_value_model_round_trip(tmp_path, kind):
+    """A PPO model (policy + value model) saves its value model's kind in the config; loading
+    rebuilds it, so the weights load strictly and the policy's logits are unchanged."""
+    from lmforge.model.heads import attach_value_model, value_model_of, values_of
+
+    cfg = ModelConfig(arch="decoder", vocab_size=11, n_layer=1, n_head=2, n_embd=8, context_length=8)
+    torch.manual_seed(0)
+    model = attach_value_model(build(cfg), kind, build(cfg) if kind == "separate" else None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_model(model, tmp_path / "m")
+    assert yaml.safe_load((tmp_path / "m" / CONFIG).read_text())["value_model"] == kind
+    back = load_model(tmp_path / "m")
+    ids = torch.tensor([[1, 2, 3]])
+    assert value_model_of(back) == kind
+    torch.testing.assert_close(back(ids), model.eval()(ids))
+    torch.testing.assert_close(values_of(back, ids), values_of(model, ids))

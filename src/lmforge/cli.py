@@ -322,6 +322,12 @@ def _check_output_file(out: Path) -> None:
 def cmd_export(args) -> int:
     from lmforge.interop.hf_export import export_model
 
+    if args.format == "gguf":
+        return _export_gguf(args)
+    if args.dtype is not None:
+        from lmforge.errors import InputError
+
+        raise InputError(f"--dtype {args.dtype}: applies to --format gguf; {args.format} export keeps the weights' dtype")
     out = Path(args.out)
     for p in (out, *out.parents):  # checked before loading the model
         if p.exists() and not p.is_dir():
@@ -336,6 +342,27 @@ def cmd_export(args) -> int:
     write_checksums(out, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                           "adapter_config.json", "adapter_model.safetensors"))  # checked when lmforge loads it
     print(f"wrote {out} ({said})")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    """``export --format gguf``: one llama.cpp file (weights in --dtype, tokenizer, chat template)."""
+    from lmforge.errors import InputError
+    from lmforge.interop.gguf_export import DTYPES, export_gguf
+
+    dtype = args.dtype or "f32"
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: got {dtype!r}, expected one of {', '.join(DTYPES)}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; expected a .gguf file path")
+    model, tok, _ = _load_for_inference(args.model, "cpu")
+    if args.merge:
+        from lmforge.model.lora import has_lora, merge_lora
+
+        model = merge_lora(model) if has_lora(model) else model
+    export_gguf(model, out, tokenizer=tok, dtype=dtype)
+    print(f"wrote {out} (GGUF, {dtype}{', tokenizer and chat template' if tok is not None else ''})")
     return 0
 
 
@@ -562,11 +589,12 @@ def _presets_args(p):
 
 def _export_args(p):
     p.add_argument("--model", required=True, help="checkpoint, model folder or run folder (its best checkpoint)")
-    p.add_argument("--format", default="hf", choices=["hf", "peft"],
+    p.add_argument("--format", default="hf", choices=["hf", "peft", "gguf"],
                    help="hf: a Hugging Face model folder (classifiers as *ForSequenceClassification); peft: a LoRA "
-                        "model's adapter alone, for peft.PeftModel on its base")
-    p.add_argument("--merge", action="store_true", help="--format hf of a LoRA model: fold the adapters into the "
-                                                        "weights (W += alpha/r B A)")
+                        "model's adapter alone, for peft.PeftModel on its base; gguf: one llama.cpp file")
+    p.add_argument("--merge", action="store_true", help="--format hf or gguf of a LoRA model: fold the adapters "
+                                                        "into the weights (W += alpha/r B A)")
+    p.add_argument("--dtype", default=None, help="--format gguf weights: f32 (default), f16 or q8_0")
     p.add_argument("--out", required=True)
 
 
@@ -615,7 +643,7 @@ VERBS: dict[str, tuple[Callable, Callable, str]] = {
     "chat": (cmd_chat, _chat_args, "chat with a model in the terminal (its chat template, streamed answers)"),
     "info": (cmd_info, _info_args, "config, parameter count and FLOPs/token of a model"),
     "tokenizer": (cmd_tokenizer, _tokenizer_args, "train a tokenizer or inspect an encoding"),
-    "export": (cmd_export, _export_args, "export to Hugging Face (decoders, classifiers, LoRA merged) or PEFT"),
+    "export": (cmd_export, _export_args, "export to Hugging Face (decoders, classifiers, LoRA merged), PEFT or GGUF"),
     "presets": (cmd_presets, _presets_args, "list the model presets and the shipped recipes, one line each"),
     "inspect": (cmd_inspect, _inspect_args, "look inside a model: attention, weights, logit lens, per-token loss"),
     "report": (cmd_report, _report_args, "write report.html of a run folder (curves, evals, samples, plots)"),

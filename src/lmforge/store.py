@@ -57,6 +57,7 @@ from lmforge.integrity import check_finite_model, verify_checksums, write_checks
 from lmforge.interop.gguf import load_gguf
 from lmforge.interop.hf import load_hf
 from lmforge.model import ModelConfig, build
+from lmforge.model.heads import attach_value_model, value_model_of
 from lmforge.model.lora import LoraConfig, apply_lora, has_lora, merge_lora
 from lmforge.model.quantize import quantize_model
 from lmforge.tokenizer import load_tokenizer
@@ -147,6 +148,8 @@ def write_model_files(model: nn.Module, folder: str | Path, tokenizer=None,
     lora = getattr(model, "lora_config", None)
     if lora is not None:  # adapters are part of the weights: rebuilt from this section on load
         cfg["lora"] = lora.to_dict()
+    if value_model_of(model) is not None:  # PPO's value head or critic: rebuilt from this key on load
+        cfg["value_model"] = value_model_of(model)
     if tokenizer is not None:  # ties the tokenizer to these weights: a swapped one is refused on load
         cfg["tokenizer_fingerprint"] = tokenizer.fingerprint()
     st_save_model(model, str(folder / WEIGHTS), metadata={"format": "pt", "lmforge": "1"})
@@ -227,6 +230,8 @@ def build_model_from_folder(folder: str | Path, config: dict[str, Any] | None = 
     model = build(ModelConfig.from_dict(cfg["model"]))
     if cfg.get("lora"):
         apply_lora(model, LoraConfig(**cfg["lora"]))
+    if cfg.get("value_model"):  # a PPO run's value model rides along (generation ignores it)
+        attach_value_model(model, cfg["value_model"], build(model.config) if cfg["value_model"] == "separate" else None)
     return load_weights(model, folder / WEIGHTS)
 
 

@@ -81,3 +81,45 @@ def test_mlm_head_matches_transformers_bert_prediction_head(activation):
     h = _hidden().repeat(1, 1, 4)[..., :16]  # (B, T, 16)
     with torch.no_grad():
         torch.testing.assert_close(ours(h), ref(h), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ PPO's value model
+def _decoder():
+    from lmforge.model import build
+
+    torch.manual_seed(0)
+    return build(ModelConfig(arch="decoder", vocab_size=11, n_layer=1, n_head=2, n_embd=8, context_length=8))
+
+
+def test_attach_value_model_shared_and_separate():
+    from lmforge.model.heads import attach_value_model, value_model_of, values_of
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    shared = attach_value_model(_decoder(), "shared")
+    assert value_model_of(shared) == "shared" and attach_value_model(shared, "shared") is shared  # idempotent
+    with torch.no_grad():
+        shared.value_head.out.weight.fill_(0.5)
+    torch.testing.assert_close(values_of(shared, ids), shared.hidden_states(ids).sum(-1) * 0.5)  # (B, T)
+    trunk = _decoder()
+    separate = attach_value_model(_decoder(), "separate", trunk)
+    assert separate.critic.trunk is trunk and values_of(separate, ids).shape == (1, 4)
+    assert any(n.startswith("critic.trunk.") for n, _ in separate.named_parameters())  # the optimizer sees it
+    with pytest.raises(InputError, match="already has a shared value model"):
+        attach_value_model(shared, "separate", trunk)
+    with pytest.raises(InputError, match="value_model: got 'twin'"):
+        attach_value_model(_decoder(), "twin")
+    with pytest.raises(InputError, match="needs a trunk"):
+        attach_value_model(_decoder(), "separate")
+    with pytest.raises(InputError, match="has no value model"):
+        values_of(_decoder(), ids)
+
+
+def test_captured_hidden_states_are_the_forward_pass_trunk_output():
+    from lmforge.model.heads import captured_hidden_states
+
+    model, ids = _decoder(), torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with captured_hidden_states(model) as got:
+        model(ids)
+    torch.testing.assert_close(got["hidden"], model.hidden_states(ids))
+    model(ids[:1])  # the hook is gone after the block
+    assert got["hidden"].shape[0] == 2

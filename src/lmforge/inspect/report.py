@@ -1,8 +1,9 @@
 """One static HTML page per run: ``write_report(run_dir)`` -> ``run_dir/report.html``.
 
 The page holds the resolved config, the run info, one curve per logged metric, the evaluation
-metrics table, samples logged during training (``samples.jsonl``: ``{"step", "text"}`` per line),
-and the attention and weight plots of the best (else newest) checkpoint. Every image is embedded
+metrics table, the expert usage of a mixture-of-experts model (the share of tokens each layer's
+router sent to each expert: ``expert_usage/L{layer}/E{expert}`` metrics), samples logged during
+training (``samples.jsonl``: ``{"step", "text"}`` per line), and the attention and weight plots of the best (else newest) checkpoint. Every image is embedded
 as a data URI and nothing is fetched from the network, so the file opens offline anywhere.
 
 ``report_after_run(run_dir)`` is the variant for the end of a training run: it never raises (a
@@ -138,6 +139,63 @@ def plot_metric_panels(series: dict[str, dict[str, tuple[list[int], list[float]]
     return fig
 
 
+USAGE_PREFIX = "expert_usage/"
+
+
+def expert_usage(series: dict[str, dict[str, tuple[list[int], list[float]]]]) -> dict[int, dict[int, tuple]]:
+    """{layer: {expert: (steps, shares)}} from the ``expert_usage/L{layer}/E{expert}`` training metrics."""
+    out: dict[int, dict[int, tuple]] = {}
+    for name, splits in series.items():
+        if not name.startswith(USAGE_PREFIX) or "train" not in splits:
+            continue
+        try:
+            layer, expert = (int(part[1:]) for part in name[len(USAGE_PREFIX):].split("/"))
+        except ValueError:
+            continue
+        out.setdefault(layer, {})[expert] = splits["train"]
+    return out
+
+
+def plot_expert_usage(usage: dict[int, dict[int, tuple]], last: int = 20):
+    """Left: each layer's share of tokens per expert, averaged over the last ``last`` logged steps
+    (a heatmap; balanced routing is 1/E everywhere). Right: the busiest expert's share per layer
+    over training (1/E when balanced, 1/k, its most with top-k routing, when every token picks it)."""
+    layers = sorted(usage)
+    n_exp = 1 + max(e for row in usage.values() for e in row)
+    grid = [[0.0] * n_exp for _ in layers]
+    for i, layer in enumerate(layers):
+        for e, (_, ys) in usage[layer].items():
+            tail = ys[-last:]
+            grid[i][e] = sum(tail) / len(tail)
+    fig = new_figure(11.0, 0.5 * len(layers) + 2.6)
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1.0]})
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, aspect="auto")
+    top = max(max(row) for row in grid)
+    for i in range(len(layers)):
+        for e in range(n_exp):
+            ax.text(e, i, f"{grid[i][e]:.2f}", ha="center", va="center", fontsize=7,
+                    color="k" if grid[i][e] > 0.6 * top else "w")
+    ax.set_xticks(range(n_exp), [str(e) for e in range(n_exp)], fontsize=8)
+    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers], fontsize=8)
+    ax.set_xlabel("expert", fontsize=8)
+    ax.set_title(f"share of tokens per expert (last {last} logged steps; uniform = {1 / n_exp:.2f})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    for layer in layers:
+        rows = usage[layer]
+        steps = rows[min(rows)][0]
+        busiest = [max(rows[e][1][k] for e in rows) for k in range(len(steps))]
+        ax2.plot(steps, busiest, lw=1.2, label=f"layer {layer}")
+    ax2.axhline(1 / n_exp, color="k", ls="--", lw=0.8, label="uniform")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("step", fontsize=8)
+    ax2.set_title("busiest expert's share of tokens (top-k: at most 1/k)", fontsize=9)
+    ax2.tick_params(labelsize=8)
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _sample_text(run_dir: Path, cfg: dict, tokenizer, n_tokens: int) -> str:
     """A text for the attention plots: a logged sample, else the start of the first training
     file, else the sample prompt; cut to about ``n_tokens`` tokens."""
@@ -241,10 +299,15 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     title = str((cfg.get("run") or {}).get("name") or run.name)
 
     series = metric_series(records)
+    usage = expert_usage(series)  # mixture of experts: one plot for all its per-expert metrics
+    series = {k: v for k, v in series.items() if not k.startswith(USAGE_PREFIX)}
     parts = [f"<h1>run report: {html.escape(title)}</h1>",
              f"<p>{html.escape(str(run.resolve()))} &middot; written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
              "<h2>Metrics</h2>", _img(_png_data_uri(plot_metric_panels(series)), "one panel per logged metric: "
                                       + ", ".join(sorted(series)))]
+    if usage:
+        parts += ["<h2>Expert usage</h2>", _img(_png_data_uri(plot_expert_usage(usage)),
+                                                "the share of tokens each layer's router sent to each expert")]
     cols, rows = eval_table(records)
     parts += ["<h2>Evaluation</h2>", _table(cols, rows) if rows else "<p>no evaluation logged</p>"]
     samples = read_samples(run)

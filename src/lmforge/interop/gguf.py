@@ -6,14 +6,18 @@ GGML type (F32, F16, BF16, or a block quantization such as Q8_0, Q4_0, Q4_1). Th
 it with the ``gguf`` package (llama.cpp's own Python reader) and turns it into lmforge objects in
 three steps:
 
-1. **config**: the ``llama.*`` metadata becomes a :class:`ModelConfig` (GQA, RMSNorm eps, rope
-   theta; the output matrix is tied when the file has no ``output.weight``). Anything lmforge
-   does not implement (another architecture, rope scaling, a partial rotary dimension) is an
-   :class:`InteropError` naming the key.
+1. **config**: the ``llama.*`` (``qwen2.*``, ``qwen3.*``, ``gemma3.*``) metadata becomes a
+   :class:`ModelConfig` (GQA, head size, RMSNorm eps, rope theta, linear RoPE scaling, a llama3
+   scaling read back from the ``rope_freqs`` tensor, Gemma 3's sliding-window layers; the output
+   matrix is tied when the file has no ``output.weight``); ``ARCH_FIELDS`` lists what each
+   architecture always has. Anything lmforge does not implement (another architecture, another
+   rope scaling, a partial rotary dimension) is an :class:`InteropError` naming the key.
 2. **weights**: every tensor is dequantized to float32 (``gguf.quants.dequantize``) and placed
    by name. llama.cpp stores the query and key projections with their rows permuted (its RoPE
    rotates adjacent pairs ``(x0, x1)``, Hugging Face and lmforge rotate halves
-   ``(x_i, x_{i+hs/2})``), so :func:`unpermute_qk` undoes :func:`permute_qk` per head.
+   ``(x_i, x_{i+hs/2})``), so :func:`unpermute_qk` undoes :func:`permute_qk` per head (llama
+   architecture only: qwen2/qwen3/gemma3 rotate halves in llama.cpp too). Gemma's norms are
+   stored as ``1 + weight`` and come back as lmforge's ``weight``.
 3. **tokenizer**: the vocabulary, merges and token types become a Hugging Face ``tokenizers``
    byte-level BPE (``tokenizer.ggml.model == "gpt2"``) with the pre-tokenizer that
    ``tokenizer.ggml.pre`` names; control tokens are special tokens; bos/eos/pad ids and the Jinja
@@ -24,6 +28,7 @@ three steps:
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,22 @@ from lmforge.model.config import ModelConfig
 # package can dequantize (k-quants such as Q6_K, which llama.cpp often keeps for the output
 # matrix of a Q4 file) are accepted as well, the rest is an InteropError naming the type.
 TESTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-ARCHITECTURES = ("llama",)
+# What each GGUF architecture always has, as ModelConfig fields beyond Llama's (RMSNorm, SwiGLU,
+# RoPE, no biases); lmforge.interop.gguf_export picks the architecture of a config from this table.
+ARCH_FIELDS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": dict(qkv_bias=True),  # biases on q, k and v
+    "qwen3": dict(qk_norm=True),  # per-head RMSNorm on q and k, explicit head size
+    "gemma3": dict(activation="geglu_tanh", qk_norm=True, sandwich_norm=True, norm_unit_offset=True,
+                   scale_embeddings=True),  # norms stored as 1 + weight (llama.cpp multiplies by them)
+}
+ARCHITECTURES = tuple(ARCH_FIELDS)
+# llama.cpp rotates adjacent pairs in these architectures, so their q/k rows are stored permuted
+# (the others use the "NeoX" rotate-half RoPE of Hugging Face and lmforge, stored as is)
+PERMUTED_QK = ("llama",)
+# llama.cpp's fixed Gemma 3 layout: layers 0-4 of every 6 slide (base-10000 RoPE), the 6th is global
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA = 6, 10000.0
+ROPE_FREQS = "rope_freqs.weight"  # llama3-scaled RoPE: per-frequency divisors (llama.cpp's freq_factors)
 TOKENIZER_MODELS = ("gpt2",)
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
@@ -48,11 +68,13 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2/2.5/3: one digit a token
 # name -> (split digits one by one first, regex); None regex = GPT-2's built into ByteLevel
-_PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
+PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
     "default": (False, None), "gpt2": (False, None), "gpt-2": (False, None),
     "smollm": (True, None),  # digits one by one, then GPT-2's split (SmolLM/SmolLM2)
     "llama-bpe": (False, _LLAMA3_SPLIT), "llama3": (False, _LLAMA3_SPLIT),
+    "qwen2": (False, _QWEN2_SPLIT),
 }
 
 
@@ -168,14 +190,59 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# ============================================================================ RoPE frequency factors
+def llama3_freq_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    """llama.cpp's ``rope_freqs`` of a llama3-scaled RoPE (hs/2,): what each plain frequency is
+    divided by, computed from lmforge's own scaled frequencies so the two agree exactly."""
+    from lmforge.model.layers import scale_frequencies
+
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hs/2,)
+    return inv_freq / scale_frequencies(inv_freq, scaling)
+
+
+def llama3_scaling_from_factors(factors: torch.Tensor, theta: float, head_dim: int) -> dict[str, Any] | None:
+    """The lmforge ``rope_scaling`` (type llama3) giving ``factors`` (llama.cpp's ``rope_freqs``),
+    None when every factor is 1. Only the two wavelength thresholds (original length over the low
+    and high frequency factors) matter, so low_freq_factor is taken as 1 unless Meta's published
+    values (1, 4, 8192) fit. Factors no llama3 scaling gives are an InteropError."""
+    f = factors.double()
+    if f.dim() != 1 or f.numel() != head_dim // 2:
+        raise InteropError(f"{ROPE_FREQS}: shape {tuple(factors.shape)}, expected ({head_dim // 2},) = head size / 2")
+    factor = float(f.max())
+    if abs(factor - 1.0) < 1e-6:
+        return None
+    candidates = [{"type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    between = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if int(between.sum()) >= 2:  # blended band: smooth = L/(2 pi (hi - lo)) * freq - lo/(hi - lo), a line
+        smooth = (1 / f[between] - 1 / factor) / (1 - 1 / factor)
+        u = inv_freq[between] / (2 * math.pi)
+        a, b = np.polyfit(u.numpy(), smooth.numpy(), 1)
+        if a > 0 and b < 0:
+            high = 1.0 - 1.0 / b  # low_freq_factor 1: hi - lo = -1/b, L = a (hi - lo)
+            candidates.append({"type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                               "high_freq_factor": float(high), "original_max_position_embeddings": float(-a / b)})
+    for scaling in candidates:
+        try:
+            if torch.allclose(llama3_freq_factors(theta, head_dim, scaling).double(), f, rtol=1e-5, atol=0):
+                return scaling
+        except (ZeroDivisionError, ValueError):
+            continue
+    raise InteropError(f"{ROPE_FREQS}: frequency factors {[round(float(x), 4) for x in f[:4]]}... are not a "
+                       f"llama3 RoPE scaling (lmforge implements plain, linear and llama3 RoPE)")
+
+
 # ============================================================================ config
-def config_from_gguf(meta: dict[str, Any], n_vocab: int | None = None) -> ModelConfig:
-    """The lmforge config of GGUF metadata (llama architecture). Every unsupported feature is
-    listed in one :class:`InteropError` naming its key."""
+def config_from_gguf(meta: dict[str, Any], n_vocab: int | None = None,
+                     rope_freqs: torch.Tensor | None = None) -> ModelConfig:
+    """The lmforge config of GGUF metadata (llama, qwen2, qwen3 or gemma3 architecture; a llama3
+    RoPE scaling comes as the ``rope_freqs`` tensor). Every unsupported feature is listed in one
+    :class:`InteropError` naming its key."""
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise InteropError(f"general.architecture: got {arch!r}, expected one of {', '.join(ARCHITECTURES)} "
-                           f"(lmforge imports Llama-architecture GGUF files)")
+                           f"(lmforge imports Llama, Qwen2, Qwen3 and Gemma 3 GGUF files)")
     problems: list[str] = []
 
     def need(key: str) -> Any:
@@ -186,68 +253,105 @@ def config_from_gguf(meta: dict[str, Any], n_vocab: int | None = None) -> ModelC
     n_embd, n_head = need("embedding_length"), need("attention.head_count")
     n_layer, ffn = need("block_count"), need("feed_forward_length")
     n_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        problems.append(f"{arch}.rope.scaling.type: got {scaling!r}, expected 'none' (lmforge implements plain RoPE)")
+    theta = _f32(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    scaling = None
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "linear" and meta.get(f"{arch}.rope.scaling.factor"):
+        scaling = {"type": "linear", "factor": _f32(meta[f"{arch}.rope.scaling.factor"])}
+    elif kind not in ("none", None):
+        problems.append(f"{arch}.rope.scaling.type: got {kind!r}, expected 'none' or 'linear' (llama3 scaling "
+                        f"comes as the {ROPE_FREQS} tensor)")
+    head_size = None
     if isinstance(n_embd, int) and isinstance(n_head, int) and n_head:
-        hd = n_embd // n_head
-        for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        hd = meta.get(f"{arch}.attention.key_length", n_embd // n_head)
+        for key in ("rope.dimension_count", "attention.value_length"):
             v = meta.get(f"{arch}.{key}")
             if v is not None and v != hd:
-                problems.append(f"{arch}.{key}: got {v}, expected embedding_length/head_count = {hd}")
+                problems.append(f"{arch}.{key}: got {v}, expected the head size {hd} (attention.key_length)")
+        if hd != n_embd // n_head or n_embd % n_head:
+            head_size = hd
+        if rope_freqs is not None and isinstance(hd, int):
+            try:
+                scaling = llama3_scaling_from_factors(rope_freqs, theta, hd)
+            except InteropError as e:
+                problems.append(str(e))
     for key in ("expert_count",):
         if meta.get(f"{arch}.{key}"):
             problems.append(f"{arch}.{key}: got {meta[f'{arch}.{key}']}, mixture-of-experts is not implemented")
+    family: dict[str, Any] = dict(ARCH_FIELDS[arch])
+    if arch == "gemma3":  # llama.cpp's layout: every 6th layer global, the rest sliding with base-10k RoPE
+        window = meta.get(f"{arch}.attention.sliding_window") or None
+        hd = head_size or (n_embd // n_head if isinstance(n_embd, int) and isinstance(n_head, int) else 1)
+        scale = (n_embd // n_head) ** -0.5 if n_layer == 62 else hd ** -0.5  # llama.cpp: 27B is the exception
+        family.update(attn_scale=scale, logit_softcap=meta.get(f"{arch}.final_logit_softcapping") or None)
+        if window:
+            family.update(sliding_window=window, global_every=GEMMA3_PATTERN, rope_local_theta=GEMMA3_LOCAL_THETA)
     if problems:
         raise InteropError("GGUF metadata: " + "; ".join(problems))
     vocab = meta.get(f"{arch}.vocab_size") or n_vocab or len(meta.get("tokenizer.ggml.tokens") or [])
     try:
-        return ModelConfig(arch="decoder", vocab_size=int(vocab), context_length=int(meta.get(f"{arch}.context_length", 2048)),
-                           n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=ffn,
-                           activation="swiglu", norm="rmsnorm",
-                           norm_eps=_f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-                           positional="rope", rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-                           bias=False, tie_embeddings=True, dropout=0.0, name=f"gguf-{arch}")
+        fields = dict(arch="decoder", vocab_size=int(vocab), context_length=int(meta.get(f"{arch}.context_length", 2048)),
+                      n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, n_embd=n_embd, mlp_hidden=ffn,
+                      activation="swiglu", norm="rmsnorm",
+                      norm_eps=_f32(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                      positional="rope", rope_theta=theta, rope_scaling=scaling, head_size=head_size,
+                      bias=False, tie_embeddings=True, dropout=0.0, name=f"gguf-{arch}")
+        return ModelConfig(**{**fields, **family})
     except (ConfigError, TypeError, ValueError) as e:
         raise InteropError(f"GGUF metadata does not describe a valid lmforge model ({e})") from None
 
 
 # ============================================================================ weights
-def _names(cfg: ModelConfig) -> dict[str, str]:
-    """lmforge tensor -> GGUF tensor for everything but the fused projections."""
+def tensor_names(cfg: ModelConfig) -> dict[str, str]:
+    """lmforge tensor -> GGUF tensor for everything but the fused projections (q/k/v, gate/up)."""
     m = {"transformer.tok_emb.weight": "token_embd.weight", "transformer.norm.weight": "output_norm.weight"}
     for i in range(cfg.n_layer):
         b, g = f"transformer.blocks.{i}.", f"blk.{i}."
         m[b + "norm1.weight"] = g + "attn_norm.weight"
         m[b + "attn.proj.weight"] = g + "attn_output.weight"
-        m[b + "norm2.weight"] = g + "ffn_norm.weight"
+        m[b + "norm2.weight"] = g + "ffn_norm.weight"  # Gemma 3: the norm before the MLP, same name
         m[b + "mlp.proj.weight"] = g + "ffn_down.weight"
+        if cfg.qk_norm:
+            m[b + "attn.q_norm.weight"] = g + "attn_q_norm.weight"
+            m[b + "attn.k_norm.weight"] = g + "attn_k_norm.weight"
+        if cfg.sandwich_norm:
+            m[b + "post_attn_norm.weight"] = g + "post_attention_norm.weight"
+            m[b + "post_mlp_norm.weight"] = g + "post_ffw_norm.weight"
     if not cfg.tie_embeddings:
         m["lm_head.weight"] = "output.weight"
     return m
 
 
-def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """lmforge tensors from dequantized GGUF tensors: q/k un-permuted, q/k/v fused into
-    ``attn.qkv``, gate/up fused into ``mlp.fc``. Missing or unexpected tensors are errors."""
+def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
+                         arch: str = "llama") -> dict[str, torch.Tensor]:
+    """lmforge tensors from dequantized GGUF tensors: q/k un-permuted (llama), norms back to
+    lmforge's ``weight`` of ``1 + weight`` (Gemma), q/k/v (and their biases) fused into
+    ``attn.qkv``, gate/up into ``mlp.fc``. Missing or unexpected tensors are errors."""
     used: set[str] = set()
 
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
-            raise CheckpointError(f"GGUF tensors: {name} is missing (the llama metadata needs it)")
+            raise CheckpointError(f"GGUF tensors: {name} is missing (the {arch} metadata needs it)")
         used.add(name)
         return tensors[name]
 
-    out = {ours: take(theirs) for ours, theirs in _names(cfg).items()}
+    out = {ours: take(theirs) for ours, theirs in tensor_names(cfg).items()}
+    if cfg.norm_unit_offset:  # llama.cpp's Gemma files hold 1 + weight
+        out = {k: v - 1.0 if "norm" in k.rsplit(".", 2)[-2] else v for k, v in out.items()}
+    permuted = arch in PERMUTED_QK
     for i in range(cfg.n_layer):
         b, g = f"transformer.blocks.{i}.", f"blk.{i}."
-        q = unpermute_qk(take(g + "attn_q.weight"), cfg.n_head)  # (nh*hs, C)
-        k = unpermute_qk(take(g + "attn_k.weight"), cfg.n_kv_head)  # (nkv*hs, C)
-        out[b + "attn.qkv.weight"] = torch.cat([q, k, take(g + "attn_v.weight")], dim=0)
+        q, k, v = take(g + "attn_q.weight"), take(g + "attn_k.weight"), take(g + "attn_v.weight")
+        if permuted:
+            q, k = unpermute_qk(q, cfg.n_head), unpermute_qk(k, cfg.n_kv_head)  # (nh*hs, C), (nkv*hs, C)
+        out[b + "attn.qkv.weight"] = torch.cat([q, k, v], dim=0)
+        if cfg.qkv_has_bias:
+            out[b + "attn.qkv.bias"] = torch.cat([take(g + f"attn_{p}.bias") for p in "qkv"], dim=0)
         out[b + "mlp.fc.weight"] = torch.cat([take(g + "ffn_gate.weight"), take(g + "ffn_up.weight")], dim=0)
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["transformer.tok_emb.weight"]
-    # rope_freqs: llama-3.1 style frequency factors; anything else has no place in lmforge
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "llama3":
+        take(ROPE_FREQS)  # config_from_gguf read the scaling from it
     leftover = sorted(set(tensors) - used)
     if leftover:
         raise InteropError(f"GGUF tensors: {len(leftover)} tensor(s) lmforge has no place for: "
@@ -270,8 +374,8 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
         raise InteropError(f"{where}: tokenizer.ggml.model: got {kind!r}, expected one of "
                            f"{', '.join(TOKENIZER_MODELS)} (byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise InteropError(f"{where}: tokenizer.ggml.pre: got {pre!r}, expected one of {', '.join(_PRE_TOKENIZERS)}")
+    if pre not in PRE_TOKENIZERS:
+        raise InteropError(f"{where}: tokenizer.ggml.pre: got {pre!r}, expected one of {', '.join(PRE_TOKENIZERS)}")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
@@ -282,7 +386,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     backend = Backend(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False,
                                  ignore_merges=pre in ("llama-bpe", "llama3")))
-    digits, regex = _PRE_TOKENIZERS[pre]
+    digits, regex = PRE_TOKENIZERS[pre]
     steps = []
     if digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
@@ -322,12 +426,13 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokeniz
     reader = open_gguf(path)
     meta = read_metadata(reader)
     check_types(reader, str(path))
-    cfg = config_from_gguf(meta)
+    rope_freqs = next((tensor_to_torch(t) for t in reader.tensors if t.name == ROPE_FREQS), None)
+    cfg = config_from_gguf(meta, rope_freqs=rope_freqs)
     names = {t.name for t in reader.tensors}
     if "output.weight" in names:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": False})
     tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
-    state = state_dict_from_gguf(tensors, cfg)
+    state = state_dict_from_gguf(tensors, cfg, meta["general.architecture"])
     model = build(cfg)
     expected = model.state_dict()
     for key, t in state.items():

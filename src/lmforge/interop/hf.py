@@ -1,5 +1,6 @@
 """Hugging Face interop: import GPT-2, Llama-layout (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2,
-Gemma 3 text) and BERT folders; export GPT-2 and those Llama-layout decoders.
+Gemma 3 text; the mixtures of experts Mixtral, Qwen2-MoE and OLMoE) and BERT folders; export GPT-2
+and those Llama-layout decoders.
 
 A Hugging Face model folder is ``config.json`` plus weights (``model.safetensors``, a sharded
 ``model.safetensors.index.json``, or the older ``pytorch_model.bin`` / its index). This module
@@ -19,6 +20,11 @@ Converting is two small steps, in both directions:
    into our fused SwiGLU ``mlp.fc``). :func:`state_dict_from_hf` runs the plan forwards,
    :func:`state_dict_to_hf` backwards (splitting what was concatenated), so an
    HF -> lmforge -> HF round trip gives back the same tensors.
+
+Mixture-of-experts files store each expert as its own gate/up/down tensors (Mixtral:
+``block_sparse_moe.experts.{e}.w1/w3/w2``; Qwen2-MoE, OLMoE: ``mlp.experts.{e}.gate_proj/...``),
+the layout ``save_pretrained`` writes; the router is ``gate``, Qwen2-MoE's always-on expert
+``shared_expert`` with its sigmoid ``shared_expert_gate``.
 
 Llama checkpoints need no q/k permutation: lmforge's RoPE uses the same "rotate half" layout.
 BERT is post-LN with an embedding LayerNorm; its attention-output LayerNorm becomes our
@@ -57,10 +63,13 @@ _GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu":
 _BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 # Hugging Face model_type -> the weight layout lmforge reads it with ("llama": model.layers.{i}.self_attn.q_proj ...)
 _MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-                "gemma2": "llama", "gemma3_text": "llama", "bert": "bert"}
+                "gemma2": "llama", "gemma3_text": "llama", "mixtral": "llama", "qwen2_moe": "llama",
+                "olmoe": "llama", "bert": "bert"}
+# Mixture-of-experts model types (Llama layout with a router and experts in place of some MLPs)
+_MOE_TYPES = ("mixtral", "qwen2_moe", "olmoe")
 # Hugging Face base models (no LM head): their logits come from the tied embeddings.
 _BASE_MODELS = {"GPT2Model", "LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model", "Gemma2Model",
-                "Gemma3TextModel"}
+                "Gemma3TextModel", "MixtralModel", "Qwen2MoeModel", "OlmoeModel"}
 # Where each family's backbone tensors live in a model with a head ("transformer.wte.weight").
 _PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}
 _HEAD_PREFIXES = ("lm_head.", "cls.")
@@ -201,6 +210,8 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     """
     mt = hf["model_type"]
     fixed = dict(_ROPE_DECODERS[mt])
+    if mt == "qwen2_moe":  # its q/k/v biases are a config field (default on)
+        fixed["qkv_bias"] = bool(hf.get("qkv_bias", True))
     gemma = fixed.get("activation") == "geglu_tanh"
     if gemma:
         _require(problems, hf, "hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",),
@@ -243,7 +254,7 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                                 "one, expected rope_type 'default' or the full_attention parameters")
             local_theta = None
     else:
-        if mt == "mistral":
+        if mt in ("mistral", "mixtral"):
             _require(problems, hf, "sliding_window", None, (None,), "lmforge has no sliding-window Mistral")
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers' precedence
         where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
@@ -262,6 +273,8 @@ def _llama_fields(hf: dict[str, Any], problems: list[str]) -> dict[str, Any]:
                       else None)
     else:
         fields = {}
+    if mt in _MOE_TYPES:
+        fields.update(_moe_fields(hf, mt, problems))
     return {**dict(arch="decoder", vocab_size=hf.get("vocab_size", 32000),
                    context_length=hf.get("max_position_embeddings", 2048), n_layer=n_layer,
                    n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
@@ -283,7 +296,38 @@ _ROPE_DECODERS: dict[str, dict[str, Any]] = {
     # Gemma 3 text: q/k norm, four norms per block, tanh-GeGLU, sqrt(C)-scaled embeddings, (1 + w) RMSNorm
     "gemma3_text": dict(activation="geglu_tanh", qk_norm=True, sandwich_norm=True, norm_unit_offset=True,
                         scale_embeddings=True),
+    # mixtures of experts (the expert fields come from _moe_fields)
+    "mixtral": {},
+    "qwen2_moe": dict(qkv_bias=True),  # (or false: its config's qkv_bias)
+    "olmoe": dict(qk_norm=True, qk_norm_span="all"),  # one RMSNorm over all query heads, one over all key heads
 }
+
+
+def _moe_fields(hf: dict[str, Any], mt: str, problems: list[str]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral, Qwen2-MoE or OLMoE ``config.json``.
+
+    Dropless top-k routing as transformers runs it. ``router_jitter_noise`` (Mixtral: noise on
+    the router input while training) is a training choice and, like dropout, not imported.
+    """
+    if mt == "mixtral":
+        return dict(n_experts=hf.get("num_local_experts", 8), n_experts_per_token=hf.get("num_experts_per_tok", 2),
+                    moe_hidden=hf.get("intermediate_size", 14336), norm_topk_prob=True,
+                    router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+    if mt == "olmoe":
+        _require(problems, hf, "clip_qkv", None, (None,), "lmforge does not clamp q/k/v")
+        return dict(n_experts=hf.get("num_experts", 64), n_experts_per_token=hf.get("num_experts_per_tok", 8),
+                    moe_hidden=hf.get("intermediate_size", 2048), norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01))
+    # qwen2_moe: dense layers (mlp_only_layers, decoder_sparse_step) keep intermediate_size
+    _require(problems, hf, "use_sliding_window", False, (False,), "lmforge has no sliding-window Qwen2-MoE")
+    dense = hf.get("mlp_only_layers") or None
+    return dict(n_experts=hf.get("num_experts", 60), n_experts_per_token=hf.get("num_experts_per_tok", 4),
+                moe_hidden=hf.get("moe_intermediate_size", 1408),
+                shared_expert_hidden=hf.get("shared_expert_intermediate_size", 5632),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)), moe_every=hf.get("decoder_sparse_step", 1),
+                dense_layers=list(dense) if dense else None, router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001))
+
+
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}  # not scaling parameters
 
 
@@ -318,7 +362,7 @@ def _layer_types_from_hf(hf: dict[str, Any], mt: str, n_layer: Any, problems: li
     """'global'/'local' per layer from ``layer_types`` (transformers 5), else from the older keys
     (Gemma 3: every ``sliding_window_pattern``-th layer global; Qwen: layers from
     ``max_window_layers`` on slide when ``use_sliding_window``). None: every layer global."""
-    if mt in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3", "qwen2_moe") and not hf.get("use_sliding_window", False):
         return None  # transformers ignores layer_types then (sliding_window is None)
     names = hf.get("layer_types")
     if names is None and isinstance(n_layer, int):
@@ -335,7 +379,7 @@ def _layer_types_from_hf(hf: dict[str, Any], mt: str, n_layer: Any, problems: li
         problems.append(f"layer_types: got {names!r:.80}, expected a list of 'full_attention' or "
                         f"'sliding_attention'")
         return None
-    if mt in ("llama", "mistral") and "sliding_attention" in names:
+    if mt in ("llama", "mistral", *_MOE_TYPES) and "sliding_attention" in names:
         problems.append("layer_types: sliding_attention layers in a Llama/Mistral config are not implemented")
         return None
     if "sliding_attention" in names and not isinstance(hf.get("sliding_window"), int):
@@ -377,8 +421,12 @@ def _family_of(cfg: ModelConfig) -> str:
     raise InteropError(f"model.arch: got {cfg.arch!r}; Hugging Face conversion covers decoders and encoders")
 
 
-def _plan(cfg: ModelConfig, family: str) -> Plan:
+def _plan(cfg: ModelConfig, family: str, moe_layout: str | None = None) -> Plan:
+    """``moe_layout``: how expert tensors are named, "mixtral" (block_sparse_moe.experts.{e}.w1/w2/w3)
+    or "qwen" (mlp.experts.{e}.gate_proj/up_proj/down_proj: Qwen2-MoE, OLMoE); None: from the config."""
     plan: Plan = []
+    if moe_layout is None and cfg.n_experts:
+        moe_layout = "mixtral" if _rope_export_type(cfg) == "mixtral" else "qwen"
 
     def add(ours: str, hf: str | list[str], op: str = "copy", sizes: list[int] | None = None) -> None:
         plan.append((ours, op, [hf] if isinstance(hf, str) else hf, sizes))
@@ -415,9 +463,12 @@ def _plan(cfg: ModelConfig, family: str) -> Plan:
                 add(b + "post_mlp_norm.weight", h + "post_feedforward_layernorm.weight")
             else:  # Llama's "post-attention" norm is the one before the MLP
                 add(b + "norm2.weight", h + "post_attention_layernorm.weight")
-            add(b + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], "cat",
-                [cfg.mlp_hidden, cfg.mlp_hidden])
-            add(b + "mlp.proj.weight", h + "mlp.down_proj.weight")
+            if cfg.is_moe_layer(i):
+                _plan_experts(add, cfg, b + "mlp.", h, moe_layout)
+            else:
+                add(b + "mlp.fc.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], "cat",
+                    [cfg.mlp_hidden, cfg.mlp_hidden])
+                add(b + "mlp.proj.weight", h + "mlp.down_proj.weight")
         else:  # bert
             h = f"encoder.layer.{i}."
             for kind in ("weight", "bias"):
@@ -453,6 +504,30 @@ def _plan(cfg: ModelConfig, family: str) -> Plan:
     return plan
 
 
+def _plan_experts(add, cfg: ModelConfig, ours: str, h: str, layout: str) -> None:
+    """Plan entries of one MoE layer: the router, each expert's fused gate/up and down projections,
+    and (Qwen2-MoE) the shared expert and its gate."""
+    hid = [cfg.expert_hidden, cfg.expert_hidden]
+    if layout == "mixtral":  # w1: gate, w3: up, w2: down
+        add(ours + "router.weight", h + "block_sparse_moe.gate.weight")
+        for e in range(cfg.n_experts):
+            x = f"{h}block_sparse_moe.experts.{e}."
+            add(f"{ours}experts.{e}.fc.weight", [x + "w1.weight", x + "w3.weight"], "cat", hid)
+            add(f"{ours}experts.{e}.proj.weight", x + "w2.weight")
+        return
+    add(ours + "router.weight", h + "mlp.gate.weight")
+    for e in range(cfg.n_experts):
+        x = f"{h}mlp.experts.{e}."
+        add(f"{ours}experts.{e}.fc.weight", [x + "gate_proj.weight", x + "up_proj.weight"], "cat", hid)
+        add(f"{ours}experts.{e}.proj.weight", x + "down_proj.weight")
+    if cfg.shared_expert_hidden:
+        x = h + "mlp.shared_expert."
+        add(ours + "shared.fc.weight", [x + "gate_proj.weight", x + "up_proj.weight"], "cat",
+            [cfg.shared_expert_hidden, cfg.shared_expert_hidden])
+        add(ours + "shared.proj.weight", x + "down_proj.weight")
+        add(ours + "shared_gate.weight", h + "mlp.shared_expert_gate.weight")
+
+
 def _tied_keys(cfg: ModelConfig) -> list[str]:
     """lmforge tensors that are the token embedding itself when weights are tied."""
     if not cfg.tie_embeddings:
@@ -485,7 +560,10 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig) -
     """
     family = _family_of(config)
     src = _normalise(hf_state, family)
-    plan = _plan(config, family)
+    layout = None
+    if config.n_experts:  # the file's own naming of expert tensors
+        layout = "mixtral" if any(".block_sparse_moe." in k for k in src) else "qwen"
+    plan = _plan(config, family, layout)
     needed = [n for _, _, names, _ in plan for n in names]
     missing = [n for n in needed if n not in src]
     if missing:
@@ -542,7 +620,8 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer
 
     Supported: GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``), Llama-family (``LlamaForCausalLM``,
     ``LlamaModel``, plain Mistral; GQA, tied or untied head, llama3/linear RoPE scaling),
-    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM`` (and their base models), BERT (``BertModel``,
+    ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``Gemma3ForCausalLM``, ``MixtralForCausalLM``,
+    ``Qwen2MoeForCausalLM``, ``OlmoeForCausalLM`` (and their base models), BERT (``BertModel``,
     ``BertForMaskedLM``, ``BertForPreTraining``). A BERT masked-LM head (``cls.predictions.*``)
     is loaded when the file has one (``mlm_head`` is False otherwise). ``BertModel``'s pooler
     (CLS -> dense -> tanh) and BERT's next-sentence head are not used by lmforge and are
@@ -626,6 +705,9 @@ def _export_problems(cfg: ModelConfig) -> list[str]:
                      f"gelu_tanh, gelu or relu")
         if not cfg.bias:
             p.append("model.bias: got false with learned positions; GPT-2 has biases (expected true)")
+        if cfg.n_experts:
+            p.append(f"model.n_experts: got {cfg.n_experts} with learned positions; GPT-2 has no experts "
+                     f"(expected 0, or rope positions for Mixtral/Qwen2-MoE/OLMoE)")
         if cfg.n_kv_head != cfg.n_head:
             p.append(f"model.n_kv_head: got {cfg.n_kv_head} with learned positions; GPT-2 has no grouped-query "
                      f"attention (expected n_head={cfg.n_head})")
@@ -639,11 +721,19 @@ def _export_problems(cfg: ModelConfig) -> list[str]:
 # Export targets of RoPE decoders: the Hugging Face class, and what it fixes (ModelConfig field -> value;
 # the family is picked by _rope_export_type from the fields only one of them has).
 _EXPORT_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-_EXPORT_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}
+                   "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                   "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+_EXPORT_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3",
+                 "mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "olmoe": "OLMoE"}
 
 
 def _rope_export_type(c: ModelConfig) -> str:
+    if c.n_experts:  # OLMoE's q/k norm, else Qwen2-MoE's shared expert / dense layers / plain weights, else Mixtral
+        if c.qk_norm:
+            return "olmoe"
+        if c.shared_expert_hidden or c.qkv_has_bias or not c.norm_topk_prob or c.moe_every != 1 or c.dense_layers:
+            return "qwen2_moe"
+        return "mixtral"
     if c.sandwich_norm or c.norm_unit_offset or c.scale_embeddings or c.activation == "geglu_tanh" \
             or c.logit_softcap is not None or c.attn_scale is not None or c.rope_local_theta is not None \
             or c.attn_softcap is not None:
@@ -662,6 +752,8 @@ def _rope_export_problems(c: ModelConfig) -> list[str]:
     want = {"norm": "rmsnorm", "bias": False, "qkv_has_bias": mt == "qwen2",
             "activation": "geglu_tanh" if mt.startswith("gemma") else "swiglu",
             **{k: v for k, v in _ROPE_DECODERS[mt].items() if k not in ("activation", "qkv_bias")}}
+    if mt == "qwen2_moe":
+        del want["qkv_has_bias"]  # a config field of Qwen2-MoE, either way
     p = []
     for field, value in want.items():
         got = getattr(c, field)
@@ -682,8 +774,28 @@ def _rope_export_problems(c: ModelConfig) -> list[str]:
         if _query_pre_attn_scalar(c) is None:
             p.append(f"model.attn_scale: got {c.attn_scale!r}; {name} scales by query_pre_attn_scalar**-0.5 "
                      f"with an integer scalar")
-    if mt == "qwen2" and c.head_size not in (None, c.n_embd // c.n_head):
-        p.append(f"model.head_size: got {c.head_size}; Qwen2 derives it as n_embd/n_head = {c.n_embd // c.n_head}")
+    if mt in ("qwen2", "qwen2_moe", "olmoe") and c.head_size not in (None, c.n_embd // c.n_head):
+        p.append(f"model.head_size: got {c.head_size}; {name} derives it as n_embd/n_head = {c.n_embd // c.n_head}")
+    if c.qk_norm_span != "head" and mt != "olmoe":
+        p.append(f"model.qk_norm_span: got {c.qk_norm_span!r}; {name} norms each head (expected 'head')")
+    if mt in _MOE_TYPES:
+        p += _moe_export_problems(c, mt, name)
+    return p
+
+
+def _moe_export_problems(c: ModelConfig, mt: str, name: str) -> list[str]:
+    """Mixture-of-experts fields the Hugging Face class ``mt`` cannot express."""
+    p = []
+    if c.has_local_layers:
+        p.append(f"model.layer_types: {name} export has no sliding-window layers (expected all global)")
+    if mt == "qwen2_moe":
+        if not c.shared_expert_hidden:
+            p.append(f"model.shared_expert_hidden: got 0; {name} always has a shared expert (expected > 0)")
+        return p
+    if c.moe_every != 1 or c.dense_layers:
+        p.append(f"model.moe_every/dense_layers: {name} has experts in every layer (expected 1 and null)")
+    if mt == "mixtral" and not c.norm_topk_prob:
+        p.append(f"model.norm_topk_prob: got false; {name} renormalises the top-k weights (expected true)")
     return p
 
 
@@ -732,6 +844,11 @@ def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch
     if mt == "llama":
         return {**shape, "hidden_act": "silu", "rope_theta": c.rope_theta, "rope_scaling": None,
                 "rope_parameters": rope, "attention_bias": False, "mlp_bias": False, **common}
+    if mt in _MOE_TYPES:
+        if mt != "mixtral":
+            del shape["head_dim"]  # Qwen2-MoE and OLMoE derive it
+        return {**shape, **_moe_to_hf(c, mt), "hidden_act": "silu", "rope_parameters": rope,
+                "output_router_logits": False, **common}
     if mt in ("qwen2", "qwen3"):
         if mt == "qwen2":
             del shape["head_dim"]  # Qwen2 derives it
@@ -747,6 +864,22 @@ def config_to_hf(config: ModelConfig, tokenizer=None, dtype: torch.dtype = torch
             "rope_parameters": rope, "sliding_window": c.sliding_window or c.context_length, "layer_types": types,
             "final_logit_softcapping": c.logit_softcap, "attn_logit_softcapping": c.attn_softcap,
             "use_bidirectional_attention": False, "attention_bias": False, **common}
+
+
+def _moe_to_hf(c: ModelConfig, mt: str) -> dict[str, Any]:
+    """The mixture-of-experts keys of a Mixtral, Qwen2-MoE or OLMoE ``config.json``."""
+    common = {"num_experts_per_tok": c.n_experts_per_token, "router_aux_loss_coef": c.router_aux_loss_coef}
+    if mt == "mixtral":
+        return {**common, "num_local_experts": c.n_experts, "intermediate_size": c.expert_hidden,
+                "router_jitter_noise": 0.0, "sliding_window": None}
+    if mt == "olmoe":
+        return {**common, "num_experts": c.n_experts, "intermediate_size": c.expert_hidden,
+                "norm_topk_prob": c.norm_topk_prob, "attention_bias": False, "clip_qkv": None}
+    return {**common, "num_experts": c.n_experts, "intermediate_size": c.mlp_hidden,
+            "moe_intermediate_size": c.expert_hidden, "shared_expert_intermediate_size": c.shared_expert_hidden,
+            "norm_topk_prob": c.norm_topk_prob, "decoder_sparse_step": c.moe_every,
+            "mlp_only_layers": list(c.dense_layers or []), "qkv_bias": c.qkv_has_bias, "use_sliding_window": False,
+            "sliding_window": None, "max_window_layers": c.n_layer}
 
 
 def state_dict_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -790,7 +923,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
     become ``GPT2LMHeadModel``; RoPE decoders the class with their fields: ``LlamaForCausalLM``
     (RMSNorm, SwiGLU, no biases, GQA, llama3/linear RoPE scaling), ``Qwen2ForCausalLM`` (q/k/v
     biases), ``Qwen3ForCausalLM`` (q/k norm, explicit head size), ``Gemma3ForCausalLM`` (Gemma 3's
-    norms, GeGLU, embedding scale, local/global layers); the head is tied or not as in lmforge. Anything else is an
+    norms, GeGLU, embedding scale, local/global layers), and for a mixture of experts
+    ``MixtralForCausalLM`` (top-k renormalised, experts in every layer), ``Qwen2MoeForCausalLM``
+    (shared expert, dense layers) or ``OlmoeForCausalLM`` (q/k norm over all heads); the head is
+    tied or not as in lmforge. Anything else is an
     :class:`InteropError` naming the fields. The tokenizer, of any kind, is written as a Hugging
     Face ``tokenizer.json`` plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained``
     loads the folder and gives the same ids.

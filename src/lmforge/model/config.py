@@ -3,7 +3,8 @@
 GPT-2, Llama, Qwen, Gemma and BERT are not separate classes: they are presets of the same fields,
 built from the same layers (``layers.py``). Each family's peculiarity is a named field (``qk_norm``,
 ``sandwich_norm``, ``sliding_window``, ...), off by default, so older configs mean what they meant.
-``ModelConfig.validate`` collects every problem and raises one
+A mixture of experts is the same kind of option (``n_experts`` > 0: Mixtral, Qwen2-MoE, OLMoE; see
+``moe.py``). ``ModelConfig.validate`` collects every problem and raises one
 :class:`~lmforge.errors.ConfigError` that names each field.
 """
 
@@ -75,6 +76,17 @@ class ModelConfig:
     rope_local_theta: float | None = None  # local layers' own plain RoPE base (Gemma 3: 10k vs 1e6); None: shared
     rope_scaling: dict[str, Any] | None = None  # RoPE frequencies rescaled, {"type": "llama3"|"linear", ...}: all
     #                                           layers', or only global ones' when local layers have rope_local_theta
+    qk_norm_span: str = "head"  # qk_norm over each head (Qwen3, Gemma 3) or over all heads at once ("all": OLMoE)
+    # ---- mixture of experts (n_experts 0: every MLP dense). See moe.py; routing is dropless (no capacity).
+    n_experts: int = 0  # experts per MoE layer (Mixtral 8, Qwen1.5-MoE 60, OLMoE 64)
+    n_experts_per_token: int = 2  # top-k: experts each token is sent to
+    moe_hidden: int | None = None  # one expert's SwiGLU width; None -> mlp_hidden
+    shared_expert_hidden: int = 0  # > 0: an always-on expert of this width behind a sigmoid gate (Qwen2-MoE)
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum 1 (Mixtral; Qwen2-MoE/OLMoE: no)
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch/Mixtral) in the training loss
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss mean(logsumexp(logits)^2) (ST-MoE)
+    moe_every: int = 1  # layer i has experts when (i + 1) % moe_every == 0 (Qwen2-MoE decoder_sparse_step)
+    dense_layers: list[int] | None = None  # layers kept dense whatever moe_every says (Qwen2-MoE mlp_only_layers)
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -109,6 +121,14 @@ class ModelConfig:
         if self.global_every is not None:
             return "global" if (i + 1) % self.global_every == 0 else "local"
         return "global"
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is a mixture of experts (else the dense MLP of mlp_hidden)."""
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0 and i not in (self.dense_layers or ())
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden if self.moe_hidden is not None else self.mlp_hidden
 
     @property
     def has_local_layers(self) -> bool:
@@ -145,6 +165,7 @@ class ModelConfig:
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             bad("type_vocab_size", f"got {self.type_vocab_size!r}, expected an integer >= 0")
         p += self._family_problems()
+        p += self._moe_problems()
         if p:  # divisibility checks need valid integers
             return p
         if self.head_size is None and self.n_embd % self.n_head:
@@ -242,6 +263,44 @@ class ModelConfig:
                         and not rs["high_freq_factor"] > rs["low_freq_factor"]:
                     bad("rope_scaling.high_freq_factor", f"got {rs['high_freq_factor']!r}, expected more than "
                                                          f"low_freq_factor={rs['low_freq_factor']!r}")
+        return p
+
+    def _moe_problems(self) -> list[str]:
+        """Checks of the mixture-of-experts fields (n_experts ... dense_layers) and qk_norm_span."""
+        p: list[str] = []
+
+        def bad(name: str, msg: str) -> None:
+            p.append(f"model.{name}: {msg}")
+
+        def count(v, low: int) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+        if self.qk_norm_span not in ("head", "all"):
+            bad("qk_norm_span", f"got {self.qk_norm_span!r}, expected head or all")
+        if not count(self.n_experts, 0):
+            bad("n_experts", f"got {self.n_experts!r}, expected an integer >= 0 (0: dense MLPs)")
+            return p
+        if not count(self.n_experts_per_token, 1):
+            bad("n_experts_per_token", f"got {self.n_experts_per_token!r}, expected a positive integer")
+        elif self.n_experts and self.n_experts_per_token > self.n_experts:
+            bad("n_experts_per_token", f"got {self.n_experts_per_token}, expected at most n_experts={self.n_experts}")
+        if self.moe_hidden is not None and not count(self.moe_hidden, 1):
+            bad("moe_hidden", f"got {self.moe_hidden!r}, expected a positive integer or null (mlp_hidden)")
+        if not count(self.shared_expert_hidden, 0):
+            bad("shared_expert_hidden", f"got {self.shared_expert_hidden!r}, expected an integer >= 0 (0: none)")
+        if not isinstance(self.norm_topk_prob, bool):
+            bad("norm_topk_prob", f"got {self.norm_topk_prob!r}, expected true or false")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+                bad(name, f"got {v!r}, expected a number >= 0")
+        if not count(self.moe_every, 1):
+            bad("moe_every", f"got {self.moe_every!r}, expected a positive integer")
+        dl = self.dense_layers
+        if dl is not None and (not isinstance(dl, list) or not all(count(i, 0) for i in dl)):
+            bad("dense_layers", f"got {dl!r:.80}, expected a list of layer indices or null")
+        if self.n_experts and self.arch != "decoder":
+            bad("n_experts", f"experts are implemented for decoders; got arch={self.arch!r}")
         return p
 
     def validate(self) -> "ModelConfig":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -68,3 +70,72 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.out(hidden).squeeze(-1)  # (B, T)
+
+
+# ------------------------------------------------------------------------------ PPO's value model
+VALUE_MODELS = ("shared", "separate")
+
+
+class Critic(nn.Module):
+    """A separate value network: its own transformer trunk (a copy of the policy's at the start)
+    and a :class:`ValueHead` on its hidden states."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk  # a decoder with ``hidden_states`` (its LM head is unused)
+        self.head = ValueHead(trunk.config.n_embd)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk.hidden_states(input_ids))  # (B, T)
+
+
+def attach_value_model(model: nn.Module, kind: str, trunk: nn.Module | None = None) -> nn.Module:
+    """Give a decoder a value model, as a submodule (so the optimizer that trains the model trains
+    it, and checkpoints carry it): ``shared``: ``model.value_head``, a :class:`ValueHead` on the
+    policy's own hidden states; ``separate``: ``model.critic``, a :class:`Critic` on ``trunk``
+    (a decoder of the same config). ``model.value_model`` records the kind (checkpoints write it
+    to their config, so loading rebuilds the module). A model that has one already is returned
+    as it is."""
+    if kind not in VALUE_MODELS:
+        raise InputError(f"value_model: got {kind!r}, expected one of {', '.join(VALUE_MODELS)}")
+    have = value_model_of(model)
+    if have is not None:
+        if have != kind:
+            raise InputError(f"value_model: the model already has a {have} value model; expected {kind}")
+        return model
+    if kind == "shared":
+        model.value_head = ValueHead(model.config.n_embd)
+    else:
+        if trunk is None:
+            raise InputError("value_model separate: needs a trunk (a decoder of the policy's config)")
+        model.critic = Critic(trunk)
+    model.value_model = kind
+    return model
+
+
+def value_model_of(model: nn.Module) -> str | None:
+    """``shared``, ``separate`` or None: the value model :func:`attach_value_model` gave ``model``."""
+    return getattr(model, "value_model", None)
+
+
+@contextlib.contextmanager
+def captured_hidden_states(model: nn.Module):
+    """Inside the block, each forward of ``model`` leaves its trunk's hidden states (B, T, C) in
+    the yielded dict under ``"hidden"`` (with their gradient): the shared value head reads the very
+    pass that gave the logits, instead of a second pass through the trunk."""
+    got: dict[str, torch.Tensor] = {}
+    handle = model.transformer.register_forward_hook(lambda module, args, out: got.__setitem__("hidden", out))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+def values_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The value model's estimate at every position of ``input_ids`` (B, T) -> (B, T)."""
+    kind = value_model_of(model)
+    if kind == "shared":
+        return model.value_head(model.hidden_states(input_ids))  # (B, T)
+    if kind == "separate":
+        return model.critic(input_ids)  # (B, T)
+    raise InputError("this model has no value model; expected one attached with attach_value_model")

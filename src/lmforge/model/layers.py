@@ -202,8 +202,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_has_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.proj.is_residual_proj = True  # scaled init
-        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None  # Qwen3, Gemma 3
-        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        # Qwen3, Gemma 3: a norm per head; OLMoE (qk_norm_span "all"): one over all query, one over all key heads
+        self.qk_norm_all = cfg.qk_norm and cfg.qk_norm_span == "all"
+        q_dim, k_dim = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim) if self.qk_norm_all else \
+            (cfg.head_dim, cfg.head_dim)
+        self.q_norm = make_norm(cfg, q_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, k_dim) if cfg.qk_norm else None
         self.scale = cfg.attn_scale  # None: 1/sqrt(head size)
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
@@ -211,9 +215,13 @@ class Attention(nn.Module):
     def forward(self, x, rope=None, mask=None, is_causal=False, cache: KVCache | None = None):
         B, T, _ = x.shape
         nh, nkv = self.n_head, self.n_kv_head
-        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hs)
+        h = self.qkv(x)  # (B, T, (nh+2nkv)*hs)
+        if self.qk_norm_all:  # OLMoE: all query heads normed together, all key heads together
+            q, k, v = h.split([nh * self.head_dim, nkv * self.head_dim, nkv * self.head_dim], dim=-1)
+            h = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        qkv = h.view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh+2nkv, T, hs)
         qk, v = qkv.split([nh + nkv, nkv], dim=1)  # v: (B, nkv, T, hs)
-        if self.q_norm is not None:  # each head's query and key normed on its own, before RoPE
+        if self.q_norm is not None and not self.qk_norm_all:  # each head's query and key normed on its own
             q, k = qk.split([nh, nkv], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)  # (B, nh+nkv, T, hs)
         if rope is not None:  # rotate queries and keys together: one pass instead of two
@@ -238,14 +246,16 @@ class Attention(nn.Module):
 # ---------------------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
     """Position-wise feed-forward: act(x W_in) W_out, or gated act(x W_g) * (x W_u) W_out with
-    silu (SwiGLU: Llama, Qwen) or tanh-approximated GELU (GeGLU: Gemma)."""
+    silu (SwiGLU: Llama, Qwen) or tanh-approximated GELU (GeGLU: Gemma). ``hidden`` overrides
+    cfg.mlp_hidden (an expert of a mixture, moe.py)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
         self.gated = cfg.gated
-        n_in = 2 * cfg.mlp_hidden if self.gated else cfg.mlp_hidden  # gate and up fused in one matmul
+        hidden = hidden or cfg.mlp_hidden
+        n_in = 2 * hidden if self.gated else hidden  # gate and up fused in one matmul
         self.fc = nn.Linear(cfg.n_embd, n_in, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.proj.is_residual_proj = True
         self.activation = cfg.activation
         self.drop = nn.Dropout(cfg.dropout)
@@ -271,13 +281,13 @@ class Block(nn.Module):
     Llama) or after the residual sum (post-LN: BERT). ``sandwich_norm`` (Gemma 3) also norms each
     sublayer's output before it joins the residual: four norms per block."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, mlp: nn.Module | None = None):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
         self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp if mlp is not None else MLP(cfg)  # mlp: a mixture of experts (moe.py) in its place
         self.post_attn_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.post_mlp_norm = make_norm(cfg) if cfg.sandwich_norm else None
         self.drop = nn.Dropout(cfg.dropout)

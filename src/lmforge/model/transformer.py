@@ -16,6 +16,7 @@ from lmforge.errors import InputError
 from lmforge.model.config import ModelConfig
 from lmforge.model.heads import ClassificationHead, MLMHead, pool
 from lmforge.model.layers import Block, KVCache, RotaryEmbedding, dropout, init_weights, make_norm
+from lmforge.model.moe import MoE, router_stats
 
 
 class Transformer(nn.Module):
@@ -35,7 +36,9 @@ class Transformer(nn.Module):
         # Gemma: embeddings times sqrt(C), rounded to the weights' dtype as transformers does
         self.embed_scale = math.sqrt(cfg.n_embd) if cfg.scale_embeddings else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        # a mixture of experts replaces the MLP of the layers the config names (moe.py)
+        self.blocks = nn.ModuleList(Block(cfg, i, MoE(cfg) if cfg.is_moe_layer(i) else None)
+                                    for i in range(cfg.n_layer))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else None  # post-LN ends normed
         self.check_inputs = True  # validate ids/lengths; the trainer turns it off once data is checked
         self.unpad = True  # encoders skip padding tokens (see _unpadded_blocks); False: the padded path
@@ -216,6 +219,8 @@ class DecoderLM(nn.Module):
         response tokens skips the head's cost at prompt and padding tokens."""
         h = self.transformer(input_ids, attention_mask, position_ids, cache=cache,
                              segment_ids=segment_ids)  # (B, T, C)
+        if self.config.n_experts and cache is None:  # router losses and usage, for the objective (moe.py)
+            self.router_stats = router_stats(self.transformer.blocks, self.config, attention_mask)
         if head is not None:
             return _classify(self, h, attention_mask, head)
         if last_only:  # generation needs only the next-token distribution

@@ -32,6 +32,7 @@ TASKS: dict[str, str] = {
     "sft": "lmforge.tasks.sft:SFT",
     "dpo": "lmforge.tasks.dpo:DPO_TASK",
     "grpo": "lmforge.tasks.grpo:GRPO_TASK",
+    "ppo": "lmforge.tasks.ppo:PPO_TASK",
 }
 
 
