@@ -13,11 +13,10 @@ import pickle
 import shutil
 
 import pytest
-import torch
 
 from lmforge.cli import main
 from lmforge.errors import CheckpointError
-from lmforge.statefile import load_state, save_state
+from lmforge.statefile import save_state
 from tests.faults import faultkit
 
 
