@@ -31,6 +31,7 @@ layout, so at most one tensor is ever in fp32.
 
 from __future__ import annotations
 
+import mmap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,11 @@ def _blocks(t, block_bytes: int) -> np.ndarray:
     return data.reshape(data.shape[0], -1, block_bytes)
 
 
+def _owned(b: np.ndarray, dtype=np.uint8) -> torch.Tensor:
+    """Bytes (rows, blocks, n) of the file mapping copied once into a tensor (rows, blocks * n)."""
+    return torch.from_numpy(np.ascontiguousarray(b).reshape(b.shape[0], -1).view(dtype))
+
+
 def _half(b: np.ndarray) -> torch.Tensor:
     """Little-endian fp16 fields (..., 2) bytes -> a float16 tensor (...)."""
     return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0].copy())
@@ -284,14 +290,14 @@ def int4_parts(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     name = t.tensor_type.name
     if name == "Q4_1":  # block: d (fp16), m (fp16), 16 bytes of codes
         b = _blocks(t, 20)
-        return torch.from_numpy(b[..., 4:].reshape(b.shape[0], -1).copy()), _half(b[..., 0:2]), _half(b[..., 2:4])
+        return _owned(b[..., 4:]), _half(b[..., 0:2]), _half(b[..., 2:4])
     if name == "Q4_0":  # block: d (fp16), 16 bytes of codes
         b = _blocks(t, 18)
         d = _half(b[..., 0:2])
         offset = d * -8  # a power-of-two multiple: exact unless it overflows fp16
         if not torch.isfinite(offset).all():
             raise InteropError(f"{t.name}: a Q4_0 scale times 8 overflows fp16; load without quantize")
-        return torch.from_numpy(b[..., 2:].reshape(b.shape[0], -1).copy()), d, offset
+        return _owned(b[..., 2:]), d, offset
     return None
 
 
@@ -300,7 +306,7 @@ def int8_parts(t) -> tuple[torch.Tensor, torch.Tensor] | None:
     if t.tensor_type.name != "Q8_0":  # block: d (fp16), 32 int8 codes
         return None
     b = _blocks(t, 34)
-    return torch.from_numpy(b[..., 2:].reshape(b.shape[0], -1).copy().view(np.int8)), _half(b[..., 0:2])
+    return _owned(b[..., 2:], np.int8), _half(b[..., 0:2])
 
 
 def quantized_parts(t, kind: str) -> tuple[str, tuple[torch.Tensor, ...]]:
@@ -319,6 +325,23 @@ def quantized_parts(t, kind: str) -> tuple[str, tuple[torch.Tensor, ...]]:
     except InputError as e:
         raise InteropError(f"{t.name}: {e}") from None
     return "int8", quantize_int8(tensor_to_torch(t), group)
+
+
+def release_pages(t) -> None:
+    """Tell the kernel that a tensor's bytes in the file mapping are no longer needed: its pages
+    leave this process's resident memory (they stay in the page cache), so loading a model holds
+    at most the tensor at hand of the mapped file, not every tensor read so far."""
+    obj = t.data
+    while obj is not None and not isinstance(obj, mmap.mmap):
+        obj = getattr(obj, "base", None)
+    if obj is None or not hasattr(obj, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    begin = np.frombuffer(obj, dtype=np.uint8).ctypes.data
+    start = t.data.ctypes.data - begin
+    aligned = start - start % mmap.PAGESIZE
+    length = min(len(obj) - aligned, start + t.data.nbytes - aligned)
+    if length > 0:
+        obj.madvise(mmap.MADV_DONTNEED, aligned, length)
 
 
 def _fused(pieces: list[tuple[str, tuple[torch.Tensor, ...]]]) -> tuple[str, tuple[torch.Tensor, ...]]:
@@ -349,6 +372,7 @@ def _quantized_model(reader, cfg: ModelConfig, kind: str, path: Path):
 
     def parts(name: str, layer_kind: str, n_head: int | None = None):
         got = quantized_parts(take(name), layer_kind)
+        release_pages(tensors[name])  # the layer holds its own copy now
         if n_head is not None:  # llama.cpp's interleaved q/k rows back to rotate-half: a row order
             got = (got[0], tuple(unpermute_qk(p, n_head) for p in got[1]))
         return got
