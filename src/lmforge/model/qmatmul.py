@@ -162,7 +162,7 @@ void lmf_q8_matmul(const float *x, int64_t M, int64_t K, int64_t N, int64_t G, c
 int lmf_simd(void) { return Q8_STEP == 16; }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cache_dir() -> Path:
@@ -182,14 +182,17 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-@lru_cache(maxsize=1)
-def kernel():
+@lru_cache(maxsize=4)
+def kernel(march: str = "native"):
     """The compiled kernel library (ctypes), or None where it cannot be built (said once as a
-    warning; the products then dequantize blocks of weights and use ``F.linear``)."""
+    warning; the products then dequantize blocks of weights and use ``F.linear``). ``march`` is
+    gcc's -march: "native" for this CPU; the tests also build "x86-64-v3" (AVX2/FMA, no AVX-512)
+    and "x86-64" (the portable C path) to check both on any x86 machine."""
     if os.environ.get("LMFORGE_NO_QKERNEL"):
         return None
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *_FLAGS, _cpu_signature(), sys.platform]).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, f"-march={march}"]
+    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_signature(), sys.platform]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"lmforge_qmatmul_{key}.so"
     if not path.is_file():
         try:
@@ -197,7 +200,7 @@ def kernel():
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 c_file, so_file = Path(tmp) / "qmatmul.c", Path(tmp) / "qmatmul.so"
                 c_file.write_text(SOURCE)
-                subprocess.run([cc, *_FLAGS, str(c_file), "-o", str(so_file)], check=True, capture_output=True,
+                subprocess.run([cc, *flags, str(c_file), "-o", str(so_file)], check=True, capture_output=True,
                                timeout=120)
                 os.replace(so_file, path)  # atomic: a concurrent build writes the same bytes
         except (OSError, subprocess.SubprocessError) as e:
@@ -211,6 +214,7 @@ def kernel():
     lib.lmf_q4_matmul.argtypes = [p, i64, i64, i64, p, p, p, p, ctypes.c_int]
     lib.lmf_q8_matmul.argtypes = [p, i64, i64, i64, i64, p, p, p, ctypes.c_int]
     lib.lmf_q4_matmul.restype = lib.lmf_q8_matmul.restype = None
+    lib.lmf_simd.restype = ctypes.c_int
     return lib
 
 
