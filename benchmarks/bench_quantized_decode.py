@@ -93,7 +93,8 @@ def rss_child(path: Path, mode: str, new: int, threads: int) -> dict:
     after_load = rss_mb()
     ids = tok.encode(render([{"role": "user", "content": PROMPT}], tok, add_generation_prompt=True))
     generate(model, ids, max_new_tokens=new, temperature=0)
-    weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # a tied weight once
+    weights = sum(t.numel() * t.element_size() for t in unique.values())
     return {"rss_at_start_mb": round(start, 1), "peak_rss_after_load_mb": round(after_load, 1),
             "peak_rss_mb": round(rss_mb(), 1), "model_tensors_mb": round(weights / 2**20, 1),
             "load_s": round(load_s, 2)}
@@ -194,7 +195,8 @@ def main() -> int:
         print(f"{k:<6} {med[k]:7.1f} {med[k] / med['fp32']:7.2f} {m['peak_rss_mb']:9.0f} "
               f"{m['peak_rss_mb'] - memory['metadata']['peak_rss_mb']:8.0f} "
               f"{results['weights_peak_rss_over_file'][k]:6.2f} {m['model_tensors_mb']:8.0f} "
-              f"{results['greedy_tokens_equal_to_fp32'][k]:10d} {results['greedy_tokens_before_first_difference'][k]:7d} "
+              f"{results['greedy_tokens_equal_to_fp32'][k]:10d} "
+              f"{results['greedy_tokens_before_first_difference'][k]:7d} "
               f"{results['mean_kl_from_fp32'][k]:9.2e}")
     print("speed over fp32, median of the rounds' ratios: "
           + ", ".join(f"{k} {v:.2f}" for k, v in results["speed_over_fp32_median_of_rounds"].items()))

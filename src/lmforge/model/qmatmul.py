@@ -16,8 +16,9 @@ Layouts (``K`` = in_features, ``N`` = out_features; groups run along ``K``):
   scale per row, for a K not divisible by 32): ``w = code * scale``.
 
 PyTorch's own weight-only CPU ops (``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``)
-run fp32 activations through scalar code: on this project's CPU they took 6x (int8) and 15x
-(int4) as long as the oneDNN-packed fp32 product for one row. The kernel below is ~60 lines of C
+are slow here with fp32 activations (and no faster with fp16/bf16 ones): on this project's CPU
+(576 x 960, one row, torch 2.13) they took 6x (int8) and 15x (int4) as long as the oneDNN-packed
+fp32 product, and 8 rows took 8x as long as one. The kernel below is ~100 lines of C
 (AVX2/FMA intrinsics, a portable loop elsewhere), compiled once with the system C compiler into
 ``~/.cache/lmforge/kernels`` and called through ctypes; it threads with OpenMP (the libgomp that
 PyTorch has already loaded). For more than :data:`KERNEL_ROWS` input rows (a prompt) and where no
