@@ -129,11 +129,14 @@ def test_generate_quantized_weights(trained, tmp_path):
     fp32 = lmforge(*args, cwd=tmp_path)
     fp16 = lmforge(*args, "--quantize", "fp16", cwd=tmp_path)
     int8 = lmforge(*args, "--quantize", "int8", cwd=tmp_path)
-    assert fp32.returncode == fp16.returncode == int8.returncode == 0, (fp16.stderr[-2000:], int8.stderr[-2000:])
+    int4 = lmforge(*args, "--quantize", "int4", cwd=tmp_path)
+    assert fp32.returncode == fp16.returncode == int8.returncode == int4.returncode == 0, \
+        (fp16.stderr[-2000:], int8.stderr[-2000:], int4.stderr[-2000:])
     assert fp16.stdout == fp32.stdout  # greedy, same tokens
-    assert int8.stdout.startswith("Once") and len(int8.stdout.strip()) > len("Once")
-    bad = lmforge(*args, "--quantize", "int4", cwd=tmp_path)  # an argparse usage error, like any bad choice
-    assert bad.returncode == 2 and "invalid choice: 'int4'" in bad.stderr and "Traceback" not in bad.stderr
+    for q in (int8, int4):
+        assert q.stdout.startswith("Once") and len(q.stdout.strip()) > len("Once")
+    bad = lmforge(*args, "--quantize", "int3", cwd=tmp_path)  # an argparse usage error, like any bad choice
+    assert bad.returncode == 2 and "invalid choice: 'int3'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_generate_with_corrupt_weights(trained, tmp_path):

@@ -544,10 +544,11 @@ def _generate_args(p):
 
 
 def _quantize_arg(p):
-    p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"],
+    p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8", "int4"],
                    help="linear weights in fewer bytes for faster decoding: none (fp32, oneDNN-packed on a "
-                        "CPU), fp16 (half the bytes, same greedy text in our checks) or int8 (a quarter, "
-                        "CPU int8 GEMM, lossy)")
+                        "CPU), fp16 (half the bytes, same greedy text in our checks), int8 or int4 (8- or "
+                        "4-bit weights in groups of 32, fp32 activations; a GGUF file's Q8_0/Q4_0/Q4_1 "
+                        "blocks load as they are)")
 
 
 def _chat_args(p):

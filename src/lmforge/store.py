@@ -255,10 +255,13 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", with_toke
     return (model, tok) if with_tokenizer else model
 
 
-def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None):
+def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None, quantize: str = "none"):
     """Load a model from any name :func:`resolve_model_path` knows: an lmforge checkpoint or model
     folder, a run folder, a Hugging Face folder, a ``.gguf`` file (dequantised to float32, with
-    its tokenizer and chat template) or ``python:PACKAGE/sub``.
+    its tokenizer and chat template) or ``python:PACKAGE/sub``. With ``quantize`` ("fp16", "int8",
+    "int4") the linear layers are stored in fewer bytes: a GGUF file's Q4/Q8 blocks go straight
+    into the int4/int8 layouts (no float32 copy), other models are quantized once loaded (LoRA
+    adapters merged first).
 
     Returns the model in eval mode (and its tokenizer, or None, with ``with_tokenizer=True``). The
     note saying which checkpoint of a run folder was taken goes to ``say`` (default: a warning).
@@ -271,34 +274,37 @@ def from_pretrained(path, device="cpu", with_tokenizer: bool = False, say=None):
                               f"a run folder or a .gguf file")
     if p.is_file() and p.suffix.lower() == ".gguf":
         with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN blocks: refused just below, by name
-            loaded = load_gguf(p, device=device, with_tokenizer=with_tokenizer)
-    elif p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
+            loaded = load_gguf(p, device=device, with_tokenizer=with_tokenizer, quantize=quantize)
+        check_finite_model(loaded[0] if with_tokenizer else loaded, p)
+        return loaded
+    if p.is_dir() and (p / "config.json").is_file() and not (p / CONFIG).is_file():
         verify_checksums(p)  # an `lmforge export` folder carries checksums.json (others have none)
         loaded = load_hf(p, device=device, with_tokenizer=with_tokenizer)
+        check_finite_model(loaded[0] if with_tokenizer else loaded, p)
     else:
-        return load_model(p, device=device, with_tokenizer=with_tokenizer)  # load_weights checked it
-    check_finite_model(loaded[0] if with_tokenizer else loaded, p)
+        loaded = load_model(p, device=device, with_tokenizer=with_tokenizer)  # load_weights checked it
+    model = loaded[0] if with_tokenizer else loaded
+    if quantize != "none":
+        if has_lora(model):
+            merge_lora(model)
+        quantize_model(model, quantize)
     return loaded
 
 
 def load_for_inference(path, device="cpu", quantize: str = "none", need_tokenizer: str | None = None):
     """``(model, tokenizer, run config, folder)`` for the verbs that use a trained model (eval,
-    classify, generate, chat, serve): the note on a run folder goes to stderr; with ``quantize``
-    ("fp16", "int8") LoRA adapters are merged and the linear weights stored in fewer bytes;
+    classify, generate, chat, serve): the note on a run folder goes to stderr; ``quantize`` as in
+    :func:`from_pretrained`;
     ``need_tokenizer`` names the verb that cannot work without the tokenizer. ``device`` may be
     "auto", "cpu", "cuda[:N]" or a torch.device."""
     device = resolve_device(device, key="--device")
     folder, note = resolve_model_path(path)
     if note:
         print(note, file=sys.stderr)
-    model, tok = from_pretrained(folder, device=device, with_tokenizer=True)
+    model, tok = from_pretrained(folder, device=device, with_tokenizer=True, quantize=quantize)
     if tok is None and need_tokenizer:
         raise CheckpointError(f"{path}: no tokenizer.json beside the weights; {need_tokenizer} needs the model's "
                               f"tokenizer")
-    if quantize != "none":
-        if has_lora(model):
-            merge_lora(model)
-        quantize_model(model, quantize)
     run_config = read_config(folder) if (folder.is_dir() and (folder / CONFIG).is_file()) else {}
     return model, tok, run_config, folder
 

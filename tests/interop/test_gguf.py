@@ -435,3 +435,62 @@ def test_cli_generate_chat_and_chat_on_a_gguf(tmp_path, bpe, capsys, monkeypatch
     assert "context 128 tokens" in out and "[max_tokens = 3]" in out
     assert main(["chat", "--model", path, "--top-p", "1.5"]) == 2
     assert "--top-p: got '1.5', expected a number in (0, 1]" in capsys.readouterr().err
+
+
+# ============================================================================ quantized loading
+def _linear_weights(model) -> dict[str, torch.Tensor]:
+    """Every linear layer's fp32 weight: a plain layer's own, a quantized one's dequantized."""
+    from lmforge.model.quantize import Int4Linear, Int8Linear
+
+    return {name: m.dequantized() if isinstance(m, (Int4Linear, Int8Linear)) else m.weight
+            for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Int4Linear, Int8Linear))}
+
+
+@pytest.mark.parametrize("qtype,kind", [(Q.Q4_0, "int4"), (Q.Q4_1, "int4"), (Q.Q8_0, "int8")],
+                         ids=["Q4_0-int4", "Q4_1-int4", "Q8_0-int8"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_gguf_blocks_load_into_quantized_layers_exactly(tmp_path, bpe, qtype, kind, tie):
+    """The int4/int8 layers made from a file's blocks dequantize to exactly gguf's values (the fp32
+    load dequantizes with ``gguf.quants.dequantize``), and the models' logits agree to fp32 rounding."""
+    from lmforge.model.quantize import Int4Linear, Int8Embedding, Int8Linear
+
+    model = _tiny_model(bpe.vocab_size, tie=tie)
+    path = write_gguf(tmp_path / "tiny.gguf", model, bpe, qtype)
+    ref, got = load_gguf(path), load_gguf(path, quantize=kind)
+    block = Int4Linear if kind == "int4" else Int8Linear
+    assert isinstance(got.transformer.blocks[0].mlp.fc, block) and isinstance(got.lm_head, Int8Linear)
+    assert isinstance(got.transformer.tok_emb, Int8Embedding) == tie
+    want = _linear_weights(ref)
+    for name, w in _linear_weights(got).items():
+        if name == "lm_head" and kind == "int4" and qtype != Q.Q8_0:
+            continue  # the output matrix is rounded to int8 (Q4 blocks do not fit the int8 layout)
+        assert torch.equal(w, want[name]), name
+    ids = torch.randint(0, bpe.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours, theirs = got(ids), ref(ids)
+    tol = 1e-4 if kind == "int8" or qtype == Q.Q8_0 else 0.05 * theirs.abs().max()  # int4: the head re-rounded
+    torch.testing.assert_close(ours, theirs, atol=float(tol), rtol=0)
+
+
+def test_quantize_on_gguf_rejects_unknown_modes(tmp_path, bpe):
+    path = write_gguf(tmp_path / "tiny.gguf", _tiny_model(bpe.vocab_size, tie=True), bpe, Q.Q8_0)
+    with pytest.raises(InteropError, match="quantize: got 'int3'"):
+        load_gguf(path, quantize="int3")
+
+
+def test_smollm2_q4_1_loads_into_int4_exactly(smollm2):
+    """The real Q4_1 file: every block layer's int4 weights and the Q8_0 embedding/head's int8 ones
+    dequantize to exactly what gguf.quants.dequantize gives (the fp32 load), and greedy decoding
+    gives the fp32 model's tokens."""
+    from lmforge.generate import generate
+    from lmforge.model.quantize import Int4Linear, Int8Embedding, Int8Linear
+
+    path, ref, tok = smollm2
+    got = load_gguf(path, quantize="int4")
+    assert isinstance(got.transformer.blocks[3].attn.qkv, Int4Linear) and isinstance(got.lm_head, Int8Linear)
+    assert isinstance(got.transformer.tok_emb, Int8Embedding)
+    want = _linear_weights(ref)
+    for name, w in _linear_weights(got).items():
+        assert torch.equal(w, want[name]), name
+    ids = tok.encode(PROMPTS[0])
+    assert generate(got, ids, max_new_tokens=16, temperature=0) == generate(ref, ids, max_new_tokens=16, temperature=0)

@@ -84,3 +84,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, args, needle):
     code = main(["serve", *[a.format(tiny=folder) for a in args], "--port", str(free_port())])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "error" in lines[0] and needle in lines[0], lines
+
+
+def test_quantize_choices_are_the_library_methods():
+    """serve and the CLI list the modes literally (their parsers must not import torch): the
+    library's list and theirs are the same."""
+    import argparse
+
+    from lmforge.cli import _quantize_arg
+    from lmforge.model.quantize import METHODS
+    from lmforge.serve.command import add_serve_args
+
+    for add in (add_serve_args, _quantize_arg):
+        p = argparse.ArgumentParser()
+        add(p)
+        action = next(a for a in p._actions if a.dest == "quantize")
+        assert tuple(action.choices) == METHODS

@@ -24,11 +24,19 @@ three steps:
    chat template come from the metadata.
 
     model, tok = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", with_tokenizer=True)
+
+With ``quantize="int4"`` or ``"int8"`` step 2 builds no fp32 model: the model is laid out on
+PyTorch's meta device and each linear layer is made straight from its tensor's blocks
+(:mod:`lmforge.model.quantize`'s layouts are GGUF's: a Q4_0/Q4_1 block becomes an int4 group, a
+Q8_0 block an int8 group, bytes copied and dequantizing to exactly ``gguf``'s values); a tensor
+of another type (F32, F16, a k-quant, or Q4 for int8) is dequantized alone and rounded to the
+layout, so at most one tensor is ever in fp32.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,8 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.errors import CheckpointError, ConfigError, InteropError
+from lmforge.errors import CheckpointError, ConfigError, InputError, InteropError
 from lmforge.model.config import ModelConfig
+from lmforge.model.layers import RotaryEmbedding
+from lmforge.model.quantize import (GROUP, METHODS, Int4Linear, Int8Embedding, Int8Linear, int8_group,
+                                    quantize_int4, quantize_int8, quantize_model)
 
 # GGML types this module dequantizes and tests against closed forms; other types the ``gguf``
 # package can dequantize (k-quants such as Q6_K, which llama.cpp often keeps for the output
@@ -359,6 +370,160 @@ def state_dict_from_gguf(tensors: dict[str, torch.Tensor], cfg: ModelConfig,
     return out
 
 
+# ============================================================================ quantized weights
+def _blocks(t, block_bytes: int) -> np.ndarray:
+    """A quantized tensor's raw bytes as (rows, blocks per row, block bytes)."""
+    data = np.asarray(t.data).view(np.uint8)
+    return data.reshape(data.shape[0], -1, block_bytes)
+
+
+def _owned(b: np.ndarray, dtype=np.uint8) -> torch.Tensor:
+    """Bytes (rows, blocks, n) of the file mapping copied once into a tensor (rows, blocks * n)."""
+    return torch.from_numpy(np.ascontiguousarray(b).reshape(b.shape[0], -1).view(dtype))
+
+
+def _half(b: np.ndarray) -> torch.Tensor:
+    """Little-endian fp16 fields (..., 2) bytes -> a float16 tensor (...)."""
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0].copy())
+
+
+def int4_parts(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A Q4_0 or Q4_1 tensor as int4 codes (N, K/2), scale and offset (N, K/32) fp16, exactly:
+    Q4_1's ``q * d + m`` is ``scale = d, offset = m``; Q4_0's ``(q - 8) * d`` is ``offset = -8 d``
+    (exact in fp16). None for any other type."""
+    name = t.tensor_type.name
+    if name == "Q4_1":  # block: d (fp16), m (fp16), 16 bytes of codes
+        b = _blocks(t, 20)
+        return _owned(b[..., 4:]), _half(b[..., 0:2]), _half(b[..., 2:4])
+    if name == "Q4_0":  # block: d (fp16), 16 bytes of codes
+        b = _blocks(t, 18)
+        d = _half(b[..., 0:2])
+        offset = d * -8  # a power-of-two multiple: exact unless it overflows fp16
+        if not torch.isfinite(offset).all():
+            raise InteropError(f"{t.name}: a Q4_0 scale times 8 overflows fp16; load without quantize")
+        return _owned(b[..., 2:]), d, offset
+    return None
+
+
+def int8_parts(t) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A Q8_0 tensor as int8 codes (N, K) and scales (N, K/32) fp16, exactly; None for another type."""
+    if t.tensor_type.name != "Q8_0":  # block: d (fp16), 32 int8 codes
+        return None
+    b = _blocks(t, 34)
+    return _owned(b[..., 2:], np.int8), _half(b[..., 0:2])
+
+
+def quantized_parts(t, kind: str) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """One GGUF weight in an lmforge quantized layout: ``("int4", (codes, scale, offset))`` or
+    ``("int8", (codes, scale))``; its own blocks where they are the layout, else dequantized
+    (this tensor alone) and rounded. int4 on rows not a multiple of 32 gives int8."""
+    k = int(t.shape[0])  # in_features (GGUF lists the innermost dimension first)
+    if kind == "int4" and k % GROUP == 0:
+        parts = int4_parts(t)
+        return "int4", parts if parts is not None else quantize_int4(tensor_to_torch(t))
+    parts = int8_parts(t)
+    if parts is not None:
+        return "int8", parts
+    try:
+        group = int8_group(k)
+    except InputError as e:
+        raise InteropError(f"{t.name}: {e}") from None
+    return "int8", quantize_int8(tensor_to_torch(t), group)
+
+
+def release_pages(t) -> None:
+    """Tell the kernel that a tensor's bytes in the file mapping are no longer needed: its pages
+    leave this process's resident memory (they stay in the page cache), so loading a model holds
+    at most the tensor at hand of the mapped file, not every tensor read so far."""
+    obj = t.data
+    while obj is not None and not isinstance(obj, mmap.mmap):
+        obj = getattr(obj, "base", None)
+    if obj is None or not hasattr(obj, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    begin = np.frombuffer(obj, dtype=np.uint8).ctypes.data
+    start = t.data.ctypes.data - begin
+    aligned = start - start % mmap.PAGESIZE
+    length = min(len(obj) - aligned, start + t.data.nbytes - aligned)
+    if length > 0:
+        obj.madvise(mmap.MADV_DONTNEED, aligned, length)
+
+
+def _fused(pieces: list[tuple[str, tuple[torch.Tensor, ...]]]) -> tuple[str, tuple[torch.Tensor, ...]]:
+    """Row-wise concatenation of quantized pieces of one layout (q/k/v, gate/up)."""
+    kinds = {kind for kind, _ in pieces}
+    if len(kinds) > 1:
+        raise InteropError(f"fused projection mixes quantized layouts {sorted(kinds)}")
+    return pieces[0][0], tuple(torch.cat(ts, dim=0) for ts in zip(*(p for _, p in pieces)))
+
+
+def _layer(kind: str, parts: tuple[torch.Tensor, ...]):
+    return Int4Linear(*parts) if kind == "int4" else Int8Linear(*parts)
+
+
+def _quantized_model(reader, cfg: ModelConfig, kind: str, path: Path):
+    """The lmforge model of a GGUF reader with int4/int8 linear layers, built without an fp32
+    copy: the module tree on the meta device, then every weight made from its own tensor."""
+    from lmforge.model import build
+
+    tensors = {t.name: t for t in reader.tensors}
+    used: set[str] = set()
+
+    def take(name: str):
+        if name not in tensors:
+            raise CheckpointError(f"GGUF tensors: {name} is missing (the llama metadata needs it)")
+        used.add(name)
+        return tensors[name]
+
+    def parts(name: str, layer_kind: str, n_head: int | None = None):
+        got = quantized_parts(take(name), layer_kind)
+        release_pages(tensors[name])  # the layer holds its own copy now
+        if n_head is not None:  # llama.cpp's interleaved q/k rows back to rotate-half: a row order
+            got = (got[0], tuple(unpermute_qk(p, n_head) for p in got[1]))
+        return got
+
+    def fused(names: list[tuple[str, int | None]]):
+        pieces = [parts(n, kind, h) for n, h in names]
+        if len({k for k, _ in pieces}) > 1:  # e.g. a Q8_0 v beside Q4 q/k: one layout for the layer
+            pieces = [parts(n, "int8", h) for n, h in names]
+        return _layer(*_fused(pieces))
+
+    with torch.device("meta"):
+        model = build(cfg)
+    t = model.transformer
+    for i, block in enumerate(t.blocks):
+        g = f"blk.{i}."
+        block.attn.qkv = fused([(g + "attn_q.weight", cfg.n_head), (g + "attn_k.weight", cfg.n_kv_head),
+                                (g + "attn_v.weight", None)])
+        block.attn.proj = _layer(*parts(g + "attn_output.weight", kind))
+        block.mlp.fc = fused([(g + "ffn_gate.weight", None), (g + "ffn_up.weight", None)])
+        block.mlp.proj = _layer(*parts(g + "ffn_down.weight", kind))
+    # the output matrix keeps 8 bits (lmforge.model.quantize); a tied one is also the embedding
+    model.lm_head = _layer(*parts("token_embd.weight" if cfg.tie_embeddings else "output.weight", "int8"))
+    if cfg.tie_embeddings:
+        t.tok_emb = Int8Embedding(model.lm_head)
+    t.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta) if t.rope is not None else None
+    small = {ours: theirs for ours, theirs in tensor_names(cfg).items()
+             if not ours.endswith(("attn.proj.weight", "mlp.proj.weight", "lm_head.weight"))
+             and not (cfg.tie_embeddings and ours == "transformer.tok_emb.weight")}
+    with torch.no_grad():
+        for ours, theirs in small.items():  # norms (and an untied embedding): materialized from the file
+            module_name, _, attr = ours.rpartition(".")
+            module = model.get_submodule(module_name)
+            value = tensor_to_torch(take(theirs))
+            if tuple(value.shape) != tuple(getattr(module, attr).shape):
+                raise CheckpointError(f"{path}: {ours}: shape {tuple(value.shape)} in the file, expected "
+                                      f"{tuple(getattr(module, attr).shape)} from its metadata")
+            setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise InteropError(f"GGUF tensors: {len(leftover)} tensor(s) lmforge has no place for: "
+                           f"{', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
+    meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if meta:
+        raise CheckpointError(f"{path}: no weights in the file for {', '.join(meta[:5])}")
+    return model
+
+
 # ============================================================================ tokenizer
 def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
     """An lmforge :class:`~lmforge.tokenizer.HFTokenizer` from the ``tokenizer.*`` metadata,
@@ -414,8 +579,11 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
 
 
 # ============================================================================ import
-def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False):
-    """Build the lmforge model of a ``.gguf`` file and load its weights (float32, eval mode).
+def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokenizer: bool = False,
+              quantize: str = "none"):
+    """Build the lmforge model of a ``.gguf`` file and load its weights (float32, eval mode;
+    with ``quantize`` "int8" or "int4", linear layers in those layouts, made from the file's
+    blocks without an fp32 copy of the model; "fp16" quantizes the fp32 model's layers).
 
     With ``with_tokenizer`` returns ``(model, tokenizer)``, the tokenizer carrying the file's
     chat template (``tokenizer.chat_template``) and bos/eos ids.
@@ -431,16 +599,27 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokeniz
     names = {t.name for t in reader.tensors}
     if "output.weight" in names:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "tie_embeddings": False})
-    tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
-    state = state_dict_from_gguf(tensors, cfg, meta["general.architecture"])
-    model = build(cfg)
-    expected = model.state_dict()
-    for key, t in state.items():
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{path}: {key}: shape {tuple(t.shape)} in the file, expected "
-                                  f"{tuple(expected[key].shape)} from its metadata")
-    with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+    if quantize not in METHODS:
+        raise InteropError(f"quantize: got {quantize!r}, expected one of {', '.join(METHODS)}")
+    arch = meta["general.architecture"]
+    if quantize in ("int8", "int4") and arch in PERMUTED_QK and rope_freqs is None:
+        # llama blocks straight into the int4/int8 layouts, no fp32 copy (the other families'
+        # extra tensors go through the fp32 path below and are rounded after)
+        model = _quantized_model(reader, cfg, quantize, path)
+    else:
+        tensors = {t.name: tensor_to_torch(t) for t in reader.tensors}
+        state = state_dict_from_gguf(tensors, cfg, arch)
+        del tensors
+        model = build(cfg)
+        expected = model.state_dict()
+        for key, t in state.items():
+            if tuple(t.shape) != tuple(expected[key].shape):
+                raise CheckpointError(f"{path}: {key}: shape {tuple(t.shape)} in the file, expected "
+                                      f"{tuple(expected[key].shape)} from its metadata")
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+        del state
+        quantize_model(model, quantize)
     model.to(device).eval()
     if not with_tokenizer:
         return model

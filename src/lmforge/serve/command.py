@@ -17,7 +17,7 @@ def add_serve_args(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the file or "
                                                               "folder name)")
-    p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8"],
+    p.add_argument("--quantize", default="none", choices=["none", "fp16", "int8", "int4"],  # model.quantize.METHODS
                    help="linear weights in fewer bytes for faster decoding (as lmforge chat --quantize)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
