@@ -345,7 +345,7 @@ def test_smollm2_reexported_matches_llama_cpps_own_file(tmp_path):
     """SmolLM2's Q4_1 file (written by llama.cpp's converter), dequantized by lmforge and exported
     as f32: the same tokenizer metadata as llama.cpp wrote, the same config keys, and lmforge
     reads back exactly the model it exported."""
-    from smollm2_file import require_smollm2
+    from tests.smollm2_file import require_smollm2
 
     src = require_smollm2()
     model, tok = load_gguf(src, with_tokenizer=True)

@@ -44,11 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.errors import CheckpointError, ConfigError, InputError, InteropError
+from lmforge.errors import CheckpointError, ConfigError, InputError, InteropError, TokenizerError
+from lmforge.model import build
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers import RotaryEmbedding
-from lmforge.model.quantize import (GROUP, METHODS, Int4Linear, Int8Embedding, Int8Linear, int8_group,
+from lmforge.model.layers import RotaryEmbedding, scale_frequencies
+from lmforge.model.quantize import (GROUP, Int4Linear, Int8Embedding, Int8Linear, METHODS, int8_group,
                                     quantize_int4, quantize_int8, quantize_model)
+from lmforge.tokenizer import HFTokenizer
 
 # GGML types this module dequantizes and tests against closed forms; other types the ``gguf``
 # package can dequantize (k-quants such as Q6_K, which llama.cpp often keeps for the output
@@ -205,8 +207,6 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def llama3_freq_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> torch.Tensor:
     """llama.cpp's ``rope_freqs`` of a llama3-scaled RoPE (hs/2,): what each plain frequency is
     divided by, computed from lmforge's own scaled frequencies so the two agree exactly."""
-    from lmforge.model.layers import scale_frequencies
-
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hs/2,)
     return inv_freq / scale_frequencies(inv_freq, scaling)
 
@@ -463,8 +463,6 @@ def _layer(kind: str, parts: tuple[torch.Tensor, ...]):
 def _quantized_model(reader, cfg: ModelConfig, kind: str, path: Path):
     """The lmforge model of a GGUF reader with int4/int8 linear layers, built without an fp32
     copy: the module tree on the meta device, then every weight made from its own tensor."""
-    from lmforge.model import build
-
     tensors = {t.name: t for t in reader.tensors}
     used: set[str] = set()
 
@@ -531,9 +529,6 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: str = "GGUF"):
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
 
-    from lmforge.errors import TokenizerError
-    from lmforge.tokenizer import HFTokenizer
-
     kind = meta.get("tokenizer.ggml.model")
     if kind not in TOKENIZER_MODELS:
         raise InteropError(f"{where}: tokenizer.ggml.model: got {kind!r}, expected one of "
@@ -588,8 +583,6 @@ def load_gguf(path: str | Path, device: str | torch.device = "cpu", with_tokeniz
     With ``with_tokenizer`` returns ``(model, tokenizer)``, the tokenizer carrying the file's
     chat template (``tokenizer.chat_template``) and bos/eos ids.
     """
-    from lmforge.model import build
-
     path = Path(path)
     reader = open_gguf(path)
     meta = read_metadata(reader)

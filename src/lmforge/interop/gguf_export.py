@@ -38,23 +38,12 @@ import torch.nn as nn
 
 from lmforge.errors import InputError, InteropError
 from lmforge.fsutil import atomic_write
-from lmforge.interop.gguf import (
-    ARCH_FIELDS,
-    CONTROL,
-    GEMMA3_LOCAL_THETA,
-    GEMMA3_PATTERN,
-    NORMAL,
-    PERMUTED_QK,
-    PRE_TOKENIZERS,
-    ROPE_FREQS,
-    UNUSED,
-    USER_DEFINED,
-    llama3_freq_factors,
-    permute_qk,
-    tensor_names,
-)
+from lmforge.interop.gguf import (ARCH_FIELDS, CONTROL, GEMMA3_LOCAL_THETA, GEMMA3_PATTERN, NORMAL, PERMUTED_QK,
+                                  PRE_TOKENIZERS, ROPE_FREQS, UNUSED, USER_DEFINED, llama3_freq_factors,
+                                  permute_qk, tensor_names)
 from lmforge.model.config import ModelConfig
 from lmforge.model.lora import has_lora
+from lmforge.tokenizer import ByteTokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
 Q8_BLOCK = 32  # values per Q8_0 block: a row must be a whole number of them
@@ -237,8 +226,6 @@ def tokenizer_metadata(tok, n_vocab: int) -> dict[str, Any]:
 
 
 def _char_vocab(vocab: dict[str, int], special_ids: set[int]) -> dict[str, int]:
-    from lmforge.tokenizer import ByteTokenizer
-
     # GPT-2's byte -> symbol table, as lmforge's byte tokenizer writes it (symbol id == byte value)
     byte_vocab = json.loads(ByteTokenizer(specials=[]).to_hf_json())["model"]["vocab"]
     table = {b: ch for ch, b in byte_vocab.items()}

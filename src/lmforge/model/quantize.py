@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import InputError
+from lmforge.model.lora import LoraLinear
 from lmforge.model.qmatmul import dequantize_int4, dequantize_int8, int4_matmul, int8_matmul
 
 METHODS = ("none", "fp16", "int8", "int4")
@@ -203,7 +204,6 @@ def quantize_model(model: nn.Module, method: str = "int8") -> nn.Module:
         raise InputError(f"unknown quantization {method!r}; expected one of {', '.join(METHODS)}")
     if method == "none":
         return model
-    from lmforge.model.lora import LoraLinear
 
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if any(isinstance(m, LoraLinear) for _, m in targets):

@@ -3,6 +3,9 @@
 ``lmforge serve`` loads the model, starts the decode thread and runs uvicorn until Ctrl-C or
 SIGTERM; then it stops taking connections, lets the answers in flight finish (up to
 ``--drain-timeout`` seconds) and exits.
+
+The CLI imports this module to build its parser: what the verbs run (FastAPI, the model, the
+batcher) is imported inside the functions, so `lmforge --help` stays light.
 """
 
 from __future__ import annotations
