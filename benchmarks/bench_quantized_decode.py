@@ -79,10 +79,10 @@ def rss_child(path: Path, mode: str, new: int, threads: int) -> dict:
     qmatmul.kernel()  # built or found beforehand, as a decoding process would have it
     start = current_rss_mb()
     if mode == "metadata":
-        from lmforge.interop.gguf import _reader, config_from_gguf, read_metadata, tokenizer_from_gguf
+        from lmforge.interop.gguf import open_gguf, config_from_gguf, read_metadata, tokenizer_from_gguf
         from lmforge.model import build
 
-        meta = read_metadata(_reader(path))
+        meta = read_metadata(open_gguf(path))
         with torch.device("meta"):  # no weights: the modules (and what building them imports) only
             build(config_from_gguf(meta))
         tokenizer_from_gguf(meta)
@@ -111,7 +111,7 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128, help="new tokens per decode")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results/quantized_decode.json")
+    ap.add_argument("--out", default="runs/bench/results/quantized_decode.json")
     ap.add_argument("--rss-child", choices=(*MODES, "metadata"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     path = smollm2_path()

@@ -673,8 +673,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    """Ctrl-C: one line, exit code 130; a second Ctrl-C while exiting is ignored (it would end the
+    interpreter with a traceback of whatever shutdown code it lands in)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("interrupted", file=sys.stderr)
+    return 130
 
 
 def _main(argv: list[str] | None) -> int:
@@ -737,8 +746,7 @@ def _run_verb(args) -> int:
             return 2
         raise
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
 
 
 if __name__ == "__main__":
