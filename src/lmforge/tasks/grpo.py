@@ -398,16 +398,17 @@ def _build(ctx: TaskContext) -> TaskParts:
                   f"= {sampler.global_batch * K} completions/step ({epochs}) on {dist.device}"])
 
 
-def _check(cfg: RunConfig) -> list[str]:
-    o = cfg.objective
-    p = option_problems(o)
+def rollout_problems(cfg: RunConfig, task: str) -> list[str]:
+    """What every rollout task (grpo, ppo) checks beside its options: the metric it evaluates, a
+    causal decoder with room for a prompt, and reward functions that build."""
+    o, p = cfg.objective, []
     if cfg.train.best_metric == "val_loss":
-        p.append("train.best_metric: task grpo evaluates val_exact_match (greedy), not val_loss; expected "
-                 "val_exact_match with best_mode max, or null")
+        p.append(f"train.best_metric: task {task} evaluates val_exact_match (greedy), not val_loss; expected "
+                 f"val_exact_match with best_mode max, or null")
     if not cfg.init_from:
         mcfg = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
         if mcfg.arch != "decoder":
-            p.append(f"model.arch: task grpo trains a causal decoder; got {mcfg.arch!r}")
+            p.append(f"model.arch: task {task} trains a causal decoder; got {mcfg.arch!r}")
         elif o.max_completion_length >= mcfg.context_length:
             p.append(f"objective.max_completion_length: {o.max_completion_length} leaves no room for a prompt within "
                      f"model.context_length {mcfg.context_length}")
@@ -416,6 +417,10 @@ def _check(cfg: RunConfig) -> list[str]:
     except ConfigError as e:
         p += e.problems
     return p
+
+
+def _check(cfg: RunConfig) -> list[str]:
+    return option_problems(cfg.objective) + rollout_problems(cfg, "grpo")
 
 
 GRPO_TASK = Task("grpo", "reinforcement learning with checkable rewards (GRPO): K sampled completions per prompt",

@@ -36,7 +36,8 @@ from lmforge.objectives.ppo_math import KL_ESTIMATORS
 from lmforge.objectives.rewards import build_rewards, exact_match
 from lmforge.tasks import Task
 from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, epochs_line
-from lmforge.tasks.grpo import (RolloutBatches, evaluate_prompts, held_out_batches, render_prompts, rollout_rows,
+from lmforge.tasks.grpo import (RolloutBatches, evaluate_prompts, held_out_batches, render_prompts, rollout_problems,
+                                rollout_rows,
                                 sampling, split_for_run)
 from lmforge.train.logging import Phase
 
@@ -211,26 +212,12 @@ def _build(ctx: TaskContext) -> TaskParts:
 def _check(cfg: RunConfig) -> list[str]:
     o = cfg.objective
     p = option_problems(o)
-    if cfg.train.best_metric == "val_loss":
-        p.append("train.best_metric: task ppo evaluates val_exact_match (greedy), not val_loss; expected "
-                 "val_exact_match with best_mode max, or null")
-    if not cfg.init_from:
-        mcfg = cfg.model_config(vocab_size=cfg.model.get("vocab_size") or 1)
-        if mcfg.arch != "decoder":
-            p.append(f"model.arch: task ppo trains a causal decoder; got {mcfg.arch!r}")
-        elif o.max_completion_length >= mcfg.context_length:
-            p.append(f"objective.max_completion_length: {o.max_completion_length} leaves no room for a prompt within "
-                     f"model.context_length {mcfg.context_length}")
     if cfg.train.trainable != "all" and not cfg.model.get("lora"):
         p.append(f"train.trainable: got {cfg.train.trainable!r}; task ppo trains its value model beside the policy, "
                  f"which a partial freeze would leave frozen; expected all (or model.lora)")
     if o.value_model == "separate" and cfg.model.get("lora"):
         p.append("objective.value_model: separate with model.lora is not supported; expected shared")
-    try:
-        build_rewards(o.rewards)
-    except ConfigError as e:
-        p += e.problems
-    return p
+    return p + rollout_problems(cfg, "ppo")
 
 
 PPO_TASK = Task("ppo", "PPO with a value model (shared value head or separate critic), GAE and a per-token KL "
