@@ -749,5 +749,18 @@ def _run_verb(args) -> int:
         return _interrupted()
 
 
+def run() -> None:
+    """The console entry point (``lmforge``, ``python -m lmforge.cli``): :func:`main`, then exit with
+    its code. An interrupted run leaves through ``os._exit(130)``: when Ctrl-C lands inside code an
+    extension evaluates while importing (torch at start-up), CPython marks the interrupt as
+    unhandled even though :func:`main` caught it, and would re-raise SIGINT at exit."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
