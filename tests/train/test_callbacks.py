@@ -2,71 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
-from lmforge.train.trainer import Trainer
-
-import torch.nn.functional as F
-
-from lmforge.config import TrainSection
-from lmforge.data.sampler import ExampleBatches, StepSampler
-from lmforge.model import ModelConfig, build
-from lmforge.objectives.base import Objective
 from lmforge.train.callbacks import Callback
-
-
-# ------------------------------------------------------------------------------ toy objective
-class MaskedTokens(Objective):
-    """A toy masked-label objective: next-token loss on the real (unpadded) targets only."""
-
-    name = "toy"
-
-    def __init__(self):
-        self.setup_calls = 0
-
-    def setup(self, model, device):
-        self.setup_calls += 1
-
-    def loss(self, model, batch):
-        logits = model(batch["input_ids"])  # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1),
-                               ignore_index=-100), {}
-
-    def evaluate(self, model, batches):
-        return {"toy_metric": 1.0}
-
-
-def _examples(n=16, vocab=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def _collate(examples):
-    def collate(idx):
-        rows = [examples[i] for i in idx]
-        T = max(len(r) for r in rows) - 1
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        tgt = torch.full((len(rows), T), -100, dtype=torch.long)
-        for i, r in enumerate(rows):  # right padding: padded targets are -100
-            ids[i, :len(r) - 1] = torch.tensor(r[:-1])
-            tgt[i, :len(r) - 1] = torch.tensor(r[1:])
-        return {"input_ids": ids, "targets": tgt}
-    return collate
-
-
-def _fit(tmp_path, batch, accum, steps=3, callbacks=None, best_metric=None):
-    torch.manual_seed(0)
-    model = build(ModelConfig(vocab_size=11, context_length=16, n_layer=1, n_head=2, n_embd=16, bias=False))
-    ex = _examples()
-    cfg = TrainSection(max_steps=steps, batch_size=batch, grad_accum=accum, lr=1e-2, warmup_steps=0,
-                       checkpoint_every=None, best_metric=best_metric, eval_every=steps, progress=False)
-    src = ExampleBatches(StepSampler(len(ex), batch, accum, 1, seed=3), _collate(ex))
-    obj = MaskedTokens()
-    trainer = Trainer(model, obj, src, cfg, run_dir=tmp_path / f"r{batch}x{accum}", callbacks=callbacks,
-                      eval_data=lambda: [{}])
-    result = trainer.fit()
-    return model, result, obj
+from tests.train.toy_fit import fit_toy
 
 
 def test_callbacks_see_every_step_and_evaluation(tmp_path):
@@ -89,9 +26,9 @@ def test_callbacks_see_every_step_and_evaluation(tmp_path):
             self.events.append(f"end{result.step}")
 
     rec = Record()
-    _, result, _ = _fit(tmp_path, 4, 1, steps=5, callbacks=[rec])
+    _, result, _ = fit_toy(tmp_path, 4, 1, steps=5, callbacks=[rec])
     assert result.stopped_early and result.step == 2
     assert rec.events == ["start", "step1", "step2", "end2"]
     rec2 = Record()
-    _fit(tmp_path / "b", 4, 1, steps=1, callbacks=[rec2])
+    fit_toy(tmp_path / "b", 4, 1, steps=1, callbacks=[rec2])
     assert rec2.events == ["start", "step1", "eval['val_toy_metric']", "end1"]

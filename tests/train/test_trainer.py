@@ -17,20 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from lmforge.config import TrainSection
-from lmforge.data.sampler import ExampleBatches, StepSampler
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmforge.model import ModelConfig, build
 from lmforge.objectives import CausalLM
-from lmforge.objectives.base import Objective
 from lmforge.tasks import load_config
 from lmforge.tasks.run import run as pretrain
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.logging import read_metrics
 from lmforge.train.trainer import Trainer
+from tests.train.toy_fit import fit_toy
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "causal_lm_tiny.json"
 
@@ -367,62 +363,8 @@ def test_bf16_autocast_on_cpu_in_a_subprocess(tiny_yaml, tmp_path):
     assert "final: val_loss" in proc.stdout
 
 
-# ------------------------------------------------------------------------------ toy objective
-class MaskedTokens(Objective):
-    """A toy masked-label objective: next-token loss on the real (unpadded) targets only."""
-
-    name = "toy"
-
-    def __init__(self):
-        self.setup_calls = 0
-
-    def setup(self, model, device):
-        self.setup_calls += 1
-
-    def loss(self, model, batch):
-        logits = model(batch["input_ids"])  # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1),
-                               ignore_index=-100), {}
-
-    def evaluate(self, model, batches):
-        return {"toy_metric": 1.0}
-
-
-def _examples(n=16, vocab=11, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (int(torch.randint(3, 12, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
-def _collate(examples):
-    def collate(idx):
-        rows = [examples[i] for i in idx]
-        T = max(len(r) for r in rows) - 1
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        tgt = torch.full((len(rows), T), -100, dtype=torch.long)
-        for i, r in enumerate(rows):  # right padding: padded targets are -100
-            ids[i, :len(r) - 1] = torch.tensor(r[:-1])
-            tgt[i, :len(r) - 1] = torch.tensor(r[1:])
-        return {"input_ids": ids, "targets": tgt}
-    return collate
-
-
-def _fit(tmp_path, batch, accum, steps=3, callbacks=None, best_metric=None):
-    torch.manual_seed(0)
-    model = build(ModelConfig(vocab_size=11, context_length=16, n_layer=1, n_head=2, n_embd=16, bias=False))
-    ex = _examples()
-    cfg = TrainSection(max_steps=steps, batch_size=batch, grad_accum=accum, lr=1e-2, warmup_steps=0,
-                       checkpoint_every=None, best_metric=best_metric, eval_every=steps, progress=False)
-    src = ExampleBatches(StepSampler(len(ex), batch, accum, 1, seed=3), _collate(ex))
-    obj = MaskedTokens()
-    trainer = Trainer(model, obj, src, cfg, run_dir=tmp_path / f"r{batch}x{accum}", callbacks=callbacks,
-                      eval_data=lambda: [{}])
-    result = trainer.fit()
-    return model, result, obj
-
-
 def test_global_target_normalisation_makes_accumulation_exact(tmp_path):
-    runs = [_fit(tmp_path, b, a) for b, a in ((8, 1), (4, 2), (1, 8))]
+    runs = [fit_toy(tmp_path, b, a) for b, a in ((8, 1), (4, 2), (1, 8))]
     ref_model, ref, obj = runs[0]
     assert obj.setup_calls == 1
     for model, result, _ in runs[1:]:
@@ -434,4 +376,4 @@ def test_global_target_normalisation_makes_accumulation_exact(tmp_path):
 
 def test_best_metric_typo_lists_the_real_metric_names(tmp_path):
     with pytest.raises(ConfigError, match="train.best_metric: got 'val_acc'.*val_toy_metric"):
-        _fit(tmp_path, 4, 1, steps=1, best_metric="val_acc")
+        fit_toy(tmp_path, 4, 1, steps=1, best_metric="val_acc")
