@@ -344,29 +344,32 @@ def render_prompts(records: list[dict], tokenizer, o: GRPOOptions) -> list[dict]
 
 
 # ------------------------------------------------------------------------------ builder
-def _build(ctx: TaskContext) -> TaskParts:
-    cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
+def rollout_setup(ctx: TaskContext, task: str):
+    """What every rollout task (grpo, ppo) builds first: the train/held-out prompts (rendered in
+    the chat template when asked), the tokenizer and the model, with every prompt checked to
+    leave room for a completion. Returns (splits, tokenizer, model)."""
+    cfg, o = ctx.cfg, ctx.cfg.objective
     splits = split_for_run(cfg)
     tokenizer = build_tokenizer(ctx, lambda: (f"{r['prompt']} {r['answer']}" for r in splits["train"]))
     splits = {s: render_prompts(recs, tokenizer, o) for s, recs in splits.items()}
     model = build_model(ctx, tokenizer.vocab_size)
     mcfg = model.config
     if mcfg.arch != "decoder":
-        raise ConfigError(f"task: grpo trains a causal decoder; model.arch is {mcfg.arch!r}")
+        raise ConfigError(f"task: {task} trains a causal decoder; model.arch is {mcfg.arch!r}")
     for split, recs in splits.items():
         for i, r in enumerate(recs):
             n = len(tokenizer.encode(r["prompt"]))
             if n + o.max_completion_length > mcfg.context_length:
-                raise DataError(f"task grpo: {split} prompt {i} ({r['prompt'][:40]!r}...) has {n} tokens; with "
+                raise DataError(f"task {task}: {split} prompt {i} ({r['prompt'][:40]!r}...) has {n} tokens; with "
                                 f"objective.max_completion_length {o.max_completion_length} that exceeds the model's "
                                 f"context_length {mcfg.context_length}; expected shorter prompts or completions")
-    rewards = build_rewards(o.rewards)
-    objective = GRPO(o.loss_type, o.epsilon_low, o.epsilon_high, o.beta, o.max_completion_length, o.mask_truncated,
-                     o.entropy_coef)
-    sampler = StepSampler(len(splits["train"]), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
-    train_data = RolloutBatches(splits["train"], tokenizer, o, rewards, objective, sampler, cfg.run.seed, dist.rank,
-                                ctx.run_dir)
-    val = splits["val"]
+    return splits, tokenizer, model
+
+
+def held_out_evaluation(ctx: TaskContext, tokenizer, val: list[dict], train_data: RolloutBatches, rewards: RewardSet):
+    """The rollout tasks' ``evaluate`` (held-out prompts during training, samples.jsonl) and
+    ``finish`` (the best model on every held-out prompt, eval_report.json)."""
+    o, t, dist = ctx.cfg.objective, ctx.cfg.train, ctx.dist
     samples = ctx.run_dir / "samples.jsonl" if dist.is_main else None
 
     def evaluate(model, batches) -> dict:
@@ -383,6 +386,22 @@ def _build(ctx: TaskContext) -> TaskParts:
         text = json.dumps({"val": report}, indent=2)
         atomic_write(ctx.run_dir / "eval_report.json", lambda p: p.write_text(text))
         return {"eval_report": {"val": report}}
+
+    return evaluate, finish
+
+
+def _build(ctx: TaskContext) -> TaskParts:
+    cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
+    splits, tokenizer, model = rollout_setup(ctx, "grpo")
+    mcfg = model.config
+    rewards = build_rewards(o.rewards)
+    objective = GRPO(o.loss_type, o.epsilon_low, o.epsilon_high, o.beta, o.max_completion_length, o.mask_truncated,
+                     o.entropy_coef)
+    sampler = StepSampler(len(splits["train"]), t.batch_size, t.grad_accum, dist.world_size, cfg.run.seed)
+    train_data = RolloutBatches(splits["train"], tokenizer, o, rewards, objective, sampler, cfg.run.seed, dist.rank,
+                                ctx.run_dir)
+    val = splits["val"]
+    evaluate, finish = held_out_evaluation(ctx, tokenizer, val, train_data, rewards)
 
     K = o.num_generations
     epochs = epochs_line(ctx, len(splits["train"]) / sampler.global_batch)  # sets max_steps with train.epochs

@@ -17,7 +17,6 @@ its checkpoints hold it (their config says ``value_model:``, and loading rebuild
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +24,7 @@ import torch
 
 from lmforge.config import RunConfig
 from lmforge.data.sampler import StepSampler
-from lmforge.errors import ConfigError, DataError
-from lmforge.fsutil import atomic_write
+from lmforge.errors import ConfigError
 from lmforge.generate import generate
 from lmforge.model import count_parameters, flops_per_token
 from lmforge.model.heads import VALUE_MODELS, attach_value_model, value_model_of
@@ -35,11 +33,9 @@ from lmforge.objectives.ppo import PPO
 from lmforge.objectives.ppo_math import KL_ESTIMATORS
 from lmforge.objectives.rewards import build_rewards, exact_match
 from lmforge.tasks import Task
-from lmforge.tasks.common import TaskContext, TaskParts, build_model, build_tokenizer, epochs_line
-from lmforge.tasks.grpo import (RolloutBatches, evaluate_prompts, held_out_batches, render_prompts, rollout_problems,
-                                rollout_rows,
-                                sampling, split_for_run)
-from lmforge.train.logging import Phase
+from lmforge.tasks.common import TaskContext, TaskParts, epochs_line
+from lmforge.tasks.grpo import (RolloutBatches, held_out_batches, held_out_evaluation, rollout_problems, rollout_rows,
+                                rollout_setup, sampling)
 
 
 # ------------------------------------------------------------------------------ options
@@ -155,20 +151,8 @@ def with_value_model(model, kind: str):
 
 def _build(ctx: TaskContext) -> TaskParts:
     cfg, o, t, dist = ctx.cfg, ctx.cfg.objective, ctx.cfg.train, ctx.dist
-    splits = split_for_run(cfg)
-    tokenizer = build_tokenizer(ctx, lambda: (f"{r['prompt']} {r['answer']}" for r in splits["train"]))
-    splits = {s: render_prompts(recs, tokenizer, o) for s, recs in splits.items()}
-    model = build_model(ctx, tokenizer.vocab_size)
+    splits, tokenizer, model = rollout_setup(ctx, "ppo")
     mcfg = model.config
-    if mcfg.arch != "decoder":
-        raise ConfigError(f"task: ppo trains a causal decoder; model.arch is {mcfg.arch!r}")
-    for split, recs in splits.items():
-        for i, r in enumerate(recs):
-            n = len(tokenizer.encode(r["prompt"]))
-            if n + o.max_completion_length > mcfg.context_length:
-                raise DataError(f"task ppo: {split} prompt {i} ({r['prompt'][:40]!r}...) has {n} tokens; with "
-                                f"objective.max_completion_length {o.max_completion_length} that exceeds the model's "
-                                f"context_length {mcfg.context_length}; expected shorter prompts or completions")
     model = with_value_model(model, o.value_model)
     rewards = build_rewards(o.rewards)
     objective = PPO(o.cliprange, o.cliprange_value, o.vf_coef, o.kl_coef, o.kl_estimator, o.gamma, o.lam,
@@ -177,22 +161,7 @@ def _build(ctx: TaskContext) -> TaskParts:
     train_data = PPORollouts(splits["train"], tokenizer, o, rewards, objective, sampler, cfg.run.seed, dist.rank,
                              ctx.run_dir)
     val = splits["val"]
-    samples = ctx.run_dir / "samples.jsonl" if dist.is_main else None
-
-    def evaluate(model, batches) -> dict:
-        return evaluate_prompts(model, batches, o, tokenizer, samples, train_data.last_step, rewards)
-
-    def finish(best_model, summary: dict) -> dict:
-        if not dist.is_main:
-            return {}
-        phase = Phase("held-out evaluation of the best model", len(val), ctx.say, unit="prompts")
-        report = evaluate(best_model, phase.track(held_out_batches(val, tokenizer, t.eval_batch_size)(),
-                                                  size=lambda b: len(b["prompts"])))
-        report["prompts"] = len(val)
-        ctx.say("held-out: " + "  ".join(f"{k} {v:.4f}" for k, v in report.items()))
-        text = json.dumps({"val": report}, indent=2)
-        atomic_write(ctx.run_dir / "eval_report.json", lambda p: p.write_text(text))
-        return {"eval_report": {"val": report}}
+    evaluate, finish = held_out_evaluation(ctx, tokenizer, val, train_data, rewards)
 
     epochs = epochs_line(ctx, len(splits["train"]) / sampler.global_batch)
     critic = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("value_head.", "critic.")))
