@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,7 +14,6 @@ import torch
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 jax = pytest.importorskip("jax")  # the extra is part of `make test`'s install; skipped only without it
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -24,39 +22,7 @@ from lmforge.jax import (  # noqa: E402
     build, from_state_dict, load_jax, save_jax, to_jax, to_torch, torch_state_dict,
 )
 from lmforge.model import ModelConfig, build as torch_build  # noqa: E402
-TOL = 1e-4
-
-GPT2 = dict(arch="decoder", vocab_size=53, context_length=24, n_layer=2, n_head=4, n_embd=32,
-            activation="gelu_tanh", norm="layernorm", positional="learned", bias=True, tie_embeddings=True)
-LLAMA = dict(arch="decoder", vocab_size=53, context_length=24, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-             activation="swiglu", norm="rmsnorm", norm_eps=1e-6, positional="rope", bias=False,
-             tie_embeddings=False)
-STYLES = {"gpt2": GPT2, "llama": LLAMA}
-
-
-def torch_model(fields: dict, seed: int = 0, scale: float = 1.0):
-    torch.manual_seed(seed)
-    m = torch_build(ModelConfig(**fields)).eval()
-    if scale != 1.0:  # larger weights: decisive logits (greedy ties cannot flip on rounding)
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() > 1:
-                    p.mul_(scale)
-    return m
-
-
-@nnx.jit
-def fwd(model, ids, mask=None):
-    """Logits under jit: one compiled program instead of op-by-op dispatch (much faster on CPU)."""
-    return model(ids, attention_mask=mask)
-
-
-def t2n(x: torch.Tensor) -> np.ndarray:
-    return x.detach().numpy()
-
-
-def max_diff(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+from tests.jax.jax_helpers import TOL, GPT2, LLAMA, STYLES, torch_model, fwd, t2n, max_diff  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ weights both ways
