@@ -150,3 +150,16 @@ def loss_metrics_grads(objective, model, batches: list[dict]) -> list[tuple]:
         loss.backward()
         out.append((loss.detach(), m, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     return out
+
+
+@pytest.fixture(scope="session")
+def arithmetic_lm(run_dict, tmp_path_factory) -> str:
+    """A tiny causal LM pretrained on built-in arithmetic text (4 steps): the starting point of the
+    GRPO and PPO task tests; its run folder (read only: tests start from it with init_from)."""
+    from lmforge.tasks import config_from_dict
+    from lmforge.tasks.run import run
+
+    out = tmp_path_factory.mktemp("arithmetic") / "lm"
+    d = run_dict(out, data={"sources": [{"path": "builtin:arithmetic", "num_docs": 400, "seed": 0}]},
+                 model={"context_length": 40}, train={"max_steps": 4, "checkpoint_every": 4})
+    return run(config_from_dict(d), progress=False, print_fn=lambda *a, **k: None)["run_dir"]

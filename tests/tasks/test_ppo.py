@@ -34,17 +34,8 @@ def _run(d):
     return run(config_from_dict(d), progress=False, print_fn=quiet)
 
 
-@pytest.fixture(scope="module")
-def lm_run(run_dict, tmp_path_factory):
-    """A tiny causal LM pretrained on built-in arithmetic text: the PPO starting point."""
-    out = tmp_path_factory.mktemp("ppo") / "lm"
-    d = run_dict(out, data={"sources": [{"path": "builtin:arithmetic", "num_docs": 400, "seed": 0}]},
-                 model={"context_length": 40}, train={"max_steps": 4, "checkpoint_every": 4})
-    return _run(d)["run_dir"]
-
-
 @pytest.fixture
-def ppo_dict(lm_run, tiny_dict):
+def ppo_dict(arithmetic_lm, tiny_dict):
     def make(name="ppo", **sections):
         base = tiny_dict(name, task="ppo",
                          data={"sources": [{"path": "builtin:arithmetic", "num_docs": 40, "seed": 3}],
@@ -52,7 +43,7 @@ def ppo_dict(lm_run, tiny_dict):
                          objective={"max_completion_length": 6, "kl_coef": 0.1},
                          train={"max_steps": 2, "batch_size": 4, "lr": 1e-3, "eval_every": 2, "eval_batch_size": 8,
                                 "best_metric": "val_exact_match", "best_mode": "max"})
-        base["model"] = {"init_from": lm_run}
+        base["model"] = {"init_from": arithmetic_lm}
         return deep_merge(base, sections)
     return make
 
